@@ -1,0 +1,81 @@
+// Autocast rules for the detkit ops, so they run inside torch.autocast.
+//
+// Under CUDA autocast the ops behave like conv2d: every floating input is cast
+// to the autocast dtype (float16 or bfloat16) and the kernels accumulate in
+// float32. The CPU kernels are float32/float64 only, so under CPU autocast the
+// inputs are cast to float32 instead.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+namespace detkit {
+namespace {
+
+template <c10::DeviceType device>
+at::ScalarType autocast_target() {
+  if constexpr (device == c10::DeviceType::CUDA) return at::autocast::get_autocast_dtype(device);
+  return at::kFloat;
+}
+
+template <c10::DeviceType device>
+c10::optional<at::Tensor> cast_optional(at::ScalarType dtype, const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return at::autocast::cached_cast(dtype, *t, device);
+}
+
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& offset,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("detkit::deform_conv2d", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&, at::IntArrayRef,
+                                         at::IntArrayRef, at::IntArrayRef)>();
+  const at::ScalarType dtype = autocast_target<device>();
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, offset, device),
+                 at::autocast::cached_cast(dtype, weight, device),
+                 cast_optional<device>(dtype, mask), cast_optional<device>(dtype, bias), stride,
+                 padding, dilation);
+}
+
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor deform_roi_pool_autocast(const at::Tensor& input, const at::Tensor& rois,
+                                    const c10::optional<at::Tensor>& offset,
+                                    const c10::optional<at::Tensor>& mask, int64_t pooled_height,
+                                    int64_t pooled_width, double spatial_scale,
+                                    int64_t sampling_ratio, double gamma) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("detkit::deform_roi_pool", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&, int64_t, int64_t,
+                                         double, int64_t, double)>();
+  const at::ScalarType dtype = autocast_target<device>();
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, rois, device), cast_optional<device>(dtype, offset),
+                 cast_optional<device>(dtype, mask), pooled_height, pooled_width, spatial_scale,
+                 sampling_ratio, gamma);
+}
+
+}  // namespace
+}  // namespace detkit
+
+TORCH_LIBRARY_IMPL(detkit, AutocastCUDA, m) {
+  m.impl("deform_conv2d",
+         &detkit::deform_conv2d_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("deform_roi_pool",
+         &detkit::deform_roi_pool_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+}
+
+TORCH_LIBRARY_IMPL(detkit, AutocastCPU, m) {
+  m.impl("deform_conv2d",
+         &detkit::deform_conv2d_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("deform_roi_pool",
+         &detkit::deform_roi_pool_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+}

@@ -1,0 +1,370 @@
+// CPU kernels of detkit::deform_conv2d and its backward.
+//
+// Layout choices (why this is fast):
+//  * The input is copied once per call into a zero-padded, channels-last
+//    buffer `in_pad` [B, H+2, W+2, C]. Every sample inside (-1, H) x (-1, W)
+//    then has its four bilinear corners inside the buffer (corners that fall
+//    outside the image read the zero border), so there is no per-corner bounds
+//    test, and the four corners are contiguous channel vectors that the inner
+//    loops process with SIMD.
+//  * Columns are laid out [groups, P, K, Cg] (P output positions, K = kh*kw
+//    taps, Cg = channels per conv group): one sample writes Cg contiguous
+//    values, and each group's block is a [P, K*Cg] matrix for MKL's GEMM.
+//  * Work is split over output positions (im2col, offset/mask gradients) or
+//    over channel ranges (col2im), so no two threads ever write one element.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "channel_loops.h"
+
+namespace detkit {
+namespace cpu {
+namespace {
+
+struct DeformConvShape {
+  int64_t batch, in_channels, height, width;
+  int64_t out_channels, kernel_h, kernel_w, out_h, out_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t groups, offset_groups;
+
+  int64_t taps() const { return kernel_h * kernel_w; }
+  int64_t positions() const { return out_h * out_w; }
+  int64_t group_in() const { return in_channels / groups; }
+  int64_t group_out() const { return out_channels / groups; }
+  int64_t offset_group_in() const { return in_channels / offset_groups; }
+  int64_t padded_width() const { return width + 2; }
+  int64_t padded_plane() const { return (height + 2) * (width + 2); }
+};
+
+void check_same(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "deform_conv2d: ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "deform_conv2d: ", name, " has dtype ",
+              t.scalar_type(), " but input has dtype ", input.scalar_type());
+}
+
+DeformConvShape describe(const at::Tensor& input, const at::Tensor& offset,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(input.dim() == 4, "deform_conv2d: input must be [B, C, H, W], got shape ",
+              input.sizes());
+  TORCH_CHECK(weight.dim() == 4, "deform_conv2d: weight must be [C_out, C_in/groups, kh, kw], got ",
+              weight.sizes());
+  TORCH_CHECK(offset.dim() == 4, "deform_conv2d: offset must be [B, 2*G*kh*kw, H_out, W_out], got ",
+              offset.sizes());
+  TORCH_CHECK(input.is_cpu(), "deform_conv2d (CPU kernel): input must be a CPU tensor");
+  check_same(offset, input, "offset");
+  check_same(weight, input, "weight");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "deform_conv2d: stride, padding and dilation must have 2 entries");
+  DeformConvShape s{};
+  s.batch = input.size(0);
+  s.in_channels = input.size(1);
+  s.height = input.size(2);
+  s.width = input.size(3);
+  s.out_channels = weight.size(0);
+  s.kernel_h = weight.size(2);
+  s.kernel_w = weight.size(3);
+  s.stride_h = stride[0];
+  s.stride_w = stride[1];
+  s.pad_h = padding[0];
+  s.pad_w = padding[1];
+  s.dil_h = dilation[0];
+  s.dil_w = dilation[1];
+  TORCH_CHECK(s.stride_h > 0 && s.stride_w > 0, "deform_conv2d: stride must be positive");
+  TORCH_CHECK(s.pad_h >= 0 && s.pad_w >= 0, "deform_conv2d: padding must be non-negative");
+  TORCH_CHECK(s.dil_h > 0 && s.dil_w > 0, "deform_conv2d: dilation must be positive");
+  TORCH_CHECK(weight.size(1) > 0 && s.in_channels % weight.size(1) == 0,
+              "deform_conv2d: input channels (", s.in_channels,
+              ") must be a multiple of weight.size(1) (", weight.size(1), ")");
+  s.groups = s.in_channels / weight.size(1);
+  TORCH_CHECK(s.out_channels % s.groups == 0, "deform_conv2d: weight.size(0) (", s.out_channels,
+              ") must be a multiple of the conv groups (", s.groups, ")");
+  const int64_t taps = s.taps();
+  TORCH_CHECK(offset.size(1) > 0 && offset.size(1) % (2 * taps) == 0,
+              "deform_conv2d: offset.size(1) must be a positive multiple of 2*kh*kw = ", 2 * taps,
+              ", got ", offset.size(1));
+  s.offset_groups = offset.size(1) / (2 * taps);
+  TORCH_CHECK(s.in_channels % s.offset_groups == 0, "deform_conv2d: input channels (",
+              s.in_channels, ") must be a multiple of the offset groups (", s.offset_groups, ")");
+  s.out_h = (s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1)) / s.stride_h + 1;
+  s.out_w = (s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1)) / s.stride_w + 1;
+  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "deform_conv2d: the output would be empty (",
+              s.out_h, " x ", s.out_w, ")");
+  TORCH_CHECK(offset.size(0) == s.batch && offset.size(2) == s.out_h && offset.size(3) == s.out_w,
+              "deform_conv2d: offset must be [", s.batch, ", ", offset.size(1), ", ", s.out_h, ", ",
+              s.out_w, "], got ", offset.sizes());
+  if (mask.has_value()) {
+    check_same(*mask, input, "mask");
+    TORCH_CHECK(mask->dim() == 4 && mask->size(0) == s.batch &&
+                    mask->size(1) == s.offset_groups * taps && mask->size(2) == s.out_h &&
+                    mask->size(3) == s.out_w,
+                "deform_conv2d: mask must be [", s.batch, ", ", s.offset_groups * taps, ", ",
+                s.out_h, ", ", s.out_w, "], got ", mask->sizes());
+  }
+  if (bias.has_value()) {
+    check_same(*bias, input, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.out_channels,
+                "deform_conv2d: bias must be [", s.out_channels, "], got ", bias->sizes());
+  }
+  return s;
+}
+
+// Where one deformed tap samples the padded channels-last input.
+template <typename T>
+struct PaddedSample {
+  int64_t corner;  // pixel index of corner (y0, x0) in the padded plane
+  T ly, lx;        // fractional position inside the pixel cell
+  bool inside;     // false: the sample is entirely outside the image and reads 0
+};
+
+template <typename T>
+inline PaddedSample<T> locate(T y, T x, const DeformConvShape& s) {
+  // Written as a negated conjunction so NaN coordinates land outside.
+  if (!(y > -1 && y < s.height && x > -1 && x < s.width)) return {0, T(0), T(0), false};
+  const T y0 = std::floor(y), x0 = std::floor(x);
+  const int64_t corner =
+      (static_cast<int64_t>(y0) + 1) * s.padded_width() + static_cast<int64_t>(x0) + 1;
+  return {corner, y - y0, x - x0, true};
+}
+
+// Calls fn(p, g, k, sample, m) for output positions p in [p_begin, p_end),
+// offset groups g and taps k. offset: [2*G*K, P], mask: [G*K, P] or null.
+template <typename T, typename Fn>
+inline void for_each_sample(const DeformConvShape& s, const T* offset, const T* mask,
+                            int64_t p_begin, int64_t p_end, Fn&& fn) {
+  const int64_t taps = s.taps(), positions = s.positions();
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const int64_t ho = p / s.out_w, wo = p % s.out_w;
+    const T y_base = static_cast<T>(ho * s.stride_h - s.pad_h);
+    const T x_base = static_cast<T>(wo * s.stride_w - s.pad_w);
+    for (int64_t g = 0; g < s.offset_groups; ++g) {
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t gk = g * taps + k;
+        const T y = y_base + static_cast<T>((k / s.kernel_w) * s.dil_h) + offset[2 * gk * positions + p];
+        const T x = x_base + static_cast<T>((k % s.kernel_w) * s.dil_w) + offset[(2 * gk + 1) * positions + p];
+        const T m = mask ? mask[gk * positions + p] : T(1);
+        fn(p, g, k, locate(y, x, s), m);
+      }
+    }
+  }
+}
+
+// Calls fn(c0, c1, conv_group) for the channels of offset group g inside
+// [c_lo, c_hi), split where a conv group ends.
+template <typename Fn>
+inline void for_each_channel_run(const DeformConvShape& s, int64_t g, int64_t c_lo,
+                                 int64_t c_hi, Fn&& fn) {
+  const int64_t per_offset_group = s.offset_group_in(), per_group = s.group_in();
+  int64_t begin = std::max(g * per_offset_group, c_lo);
+  const int64_t end = std::min((g + 1) * per_offset_group, c_hi);
+  while (begin < end) {
+    const int64_t conv_group = begin / per_group;
+    const int64_t run_end = std::min(end, (conv_group + 1) * per_group);
+    fn(begin, run_end, conv_group);
+    begin = run_end;
+  }
+}
+
+// Index of column element (conv_group, p, k, c) in the [groups, P, K, Cg] buffer.
+inline int64_t column_index(const DeformConvShape& s, int64_t conv_group, int64_t p, int64_t k,
+                            int64_t c) {
+  return ((conv_group * s.positions() + p) * s.taps() + k) * s.group_in() +
+         (c - conv_group * s.group_in());
+}
+
+inline int64_t position_grain(const DeformConvShape& s) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.taps() * s.in_channels));
+}
+
+// columns[groups, P, K, Cg] = mask * bilinear(input) at the deformed taps.
+// in_pad: [H+2, W+2, C] of one image; offset: [2GK, P]; mask: [GK, P] or null.
+template <typename T>
+void deformable_im2col(const DeformConvShape& s, const T* in_pad, const T* offset, const T* mask,
+                       T* columns) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  at::parallel_for(0, s.positions(), position_grain(s), [&](int64_t p0, int64_t p1) {
+    for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
+                                                 const PaddedSample<T>& at, T m) {
+      for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
+        T* dst = columns + column_index(s, cg, p, k, c0);
+        if (!at.inside) {
+          std::fill(dst, dst + (c1 - c0), T(0));
+          return;
+        }
+        const T* s00 = in_pad + at.corner * channels + c0;
+        const T hy = 1 - at.ly, hx = 1 - at.lx;
+        gather_bilinear(dst, s00, s00 + channels, s00 + row, s00 + row + channels, c1 - c0,
+                        m * hy * hx, m * hy * at.lx, m * at.ly * hx, m * at.ly * at.lx, false);
+      });
+    });
+  });
+}
+
+// grad_in_pad[H+2, W+2, C] += scatter of grad_columns through the bilinear taps.
+template <typename T>
+void deformable_col2im(const DeformConvShape& s, const T* grad_columns, const T* offset,
+                       const T* mask, T* grad_in_pad) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  // Threads own disjoint channel ranges, so their scatters never collide.
+  at::parallel_for(0, channels, 16, [&](int64_t c_lo, int64_t c_hi) {
+    for_each_sample(s, offset, mask, 0, s.positions(), [&](int64_t p, int64_t g, int64_t k,
+                                                           const PaddedSample<T>& at, T m) {
+      if (!at.inside) return;
+      for_each_channel_run(s, g, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t cg) {
+        T* d00 = grad_in_pad + at.corner * channels + c0;
+        const T hy = 1 - at.ly, hx = 1 - at.lx;
+        scatter_bilinear(grad_columns + column_index(s, cg, p, k, c0), d00, d00 + channels,
+                         d00 + row, d00 + row + channels, c1 - c0, m * hy * hx, m * hy * at.lx,
+                         m * at.ly * hx, m * at.ly * at.lx);
+      });
+    });
+  });
+}
+
+// grad_offset[2GK, P] and grad_mask[GK, P] (or null) of one image.
+template <typename T>
+void deformable_offset_grad(const DeformConvShape& s, const T* grad_columns, const T* in_pad,
+                            const T* offset, const T* mask, T* grad_offset, T* grad_mask) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  const int64_t taps = s.taps(), positions = s.positions();
+  at::parallel_for(0, positions, position_grain(s), [&](int64_t p0, int64_t p1) {
+    for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
+                                                 const PaddedSample<T>& at, T m) {
+      T sums[3] = {0, 0, 0};  // value, d/dy, d/dx, each weighted by the column gradient
+      if (at.inside) {
+        for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
+          const T* s00 = in_pad + at.corner * channels + c0;
+          reduce_bilinear_grad(grad_columns + column_index(s, cg, p, k, c0), s00,
+                               s00 + channels, s00 + row, s00 + row + channels, c1 - c0, at.ly,
+                               at.lx, sums);
+        });
+      }
+      const int64_t gk = g * taps + k;
+      grad_offset[2 * gk * positions + p] = m * sums[1];
+      grad_offset[(2 * gk + 1) * positions + p] = m * sums[2];
+      if (grad_mask) grad_mask[gk * positions + p] = sums[0];
+    });
+  });
+}
+
+at::Tensor padded_channels_last(const at::Tensor& input) {
+  return at::constant_pad_nd(input, {1, 1, 1, 1}, 0).permute({0, 2, 3, 1}).contiguous();
+}
+
+// weight [Cout, Cg, kh, kw] -> [groups, Cout/groups, K*Cg], matching the column order.
+at::Tensor weight_as_rows(const at::Tensor& weight, const DeformConvShape& s) {
+  return weight.reshape({s.groups, s.group_out(), s.group_in(), s.taps()})
+      .permute({0, 1, 3, 2})
+      .contiguous()
+      .view({s.groups, s.group_out(), s.taps() * s.group_in()});
+}
+
+at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
+                             const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const DeformConvShape s = describe(input, offset, weight, mask, bias, stride, padding, dilation);
+  at::Tensor output = at::zeros({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
+  if (s.batch == 0 || s.out_channels == 0 || s.in_channels == 0) {
+    if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
+    return output;
+  }
+  const at::Tensor in_pad = padded_channels_last(input);
+  const at::Tensor offset_c = offset.contiguous();
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const at::Tensor weight_rows = weight_as_rows(weight, s);
+  at::Tensor columns = at::empty({s.groups, s.positions(), s.taps() * s.group_in()}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
+    for (int64_t b = 0; b < s.batch; ++b) {
+      deformable_im2col<scalar_t>(
+          s, in_pad.data_ptr<scalar_t>() + b * s.padded_plane() * s.in_channels,
+          offset_c.data_ptr<scalar_t>() + b * offset_c.stride(0),
+          mask_c.defined() ? mask_c.data_ptr<scalar_t>() + b * mask_c.stride(0) : nullptr,
+          columns.data_ptr<scalar_t>());
+      at::Tensor out_b = output.select(0, b).view({s.groups, s.group_out(), s.positions()});
+      at::bmm_out(out_b, weight_rows, columns.transpose(1, 2));
+    }
+  });
+  if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation) {
+  const DeformConvShape s = describe(input, offset, weight, mask, bias, stride, padding, dilation);
+  check_same(grad_output, input, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.batch, s.out_channels, s.out_h, s.out_w}),
+              "deform_conv2d_backward: grad_output has shape ", grad_output.sizes());
+  const auto options = input.options();
+  at::Tensor grad_input = at::zeros(input.sizes(), options);
+  at::Tensor grad_offset = at::zeros(offset.sizes(), options);
+  at::Tensor grad_mask = mask.has_value() ? at::zeros(mask->sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_bias = bias.has_value() ? grad_output.sum({0, 2, 3}) : at::empty({0}, options);
+  if (s.batch == 0 || s.out_channels == 0 || s.in_channels == 0) {
+    return {grad_input, grad_offset, at::zeros(weight.sizes(), options), grad_mask, grad_bias};
+  }
+
+  const at::Tensor in_pad = padded_channels_last(input);
+  const at::Tensor grad_out_c = grad_output.contiguous();
+  const at::Tensor offset_c = offset.contiguous();
+  const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const at::Tensor weight_rows = weight_as_rows(weight, s);
+  at::Tensor grad_weight_rows = at::zeros_like(weight_rows);
+  const int64_t column_width = s.taps() * s.group_in();
+  at::Tensor columns = at::empty({s.groups, s.positions(), column_width}, options);
+  at::Tensor grad_columns = at::empty({s.groups, s.positions(), column_width}, options);
+  at::Tensor grad_in_pad = at::empty({s.height + 2, s.width + 2, s.in_channels}, options);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const scalar_t* in_pad_b = in_pad.data_ptr<scalar_t>() + b * s.padded_plane() * s.in_channels;
+      const scalar_t* offset_b = offset_c.data_ptr<scalar_t>() + b * offset_c.stride(0);
+      const scalar_t* mask_b =
+          mask_c.defined() ? mask_c.data_ptr<scalar_t>() + b * mask_c.stride(0) : nullptr;
+      const at::Tensor grad_out_b =
+          grad_out_c.select(0, b).view({s.groups, s.group_out(), s.positions()});
+
+      // Weight gradient: grad_out [groups, Cout_g, P] @ columns [groups, P, K*Cg].
+      deformable_im2col<scalar_t>(s, in_pad_b, offset_b, mask_b, columns.data_ptr<scalar_t>());
+      grad_weight_rows.baddbmm_(grad_out_b, columns);
+
+      // Column gradient: grad_out^T [groups, P, Cout_g] @ weight [groups, Cout_g, K*Cg].
+      at::bmm_out(grad_columns, grad_out_b.transpose(1, 2), weight_rows);
+
+      grad_in_pad.zero_();
+      deformable_col2im<scalar_t>(s, grad_columns.data_ptr<scalar_t>(), offset_b, mask_b,
+                                  grad_in_pad.data_ptr<scalar_t>());
+      grad_input.select(0, b).copy_(grad_in_pad.slice(0, 1, s.height + 1)
+                                        .slice(1, 1, s.width + 1)
+                                        .permute({2, 0, 1}));
+
+      deformable_offset_grad<scalar_t>(
+          s, grad_columns.data_ptr<scalar_t>(), in_pad_b, offset_b, mask_b,
+          grad_offset.data_ptr<scalar_t>() + b * grad_offset.stride(0),
+          mask.has_value() ? grad_mask.data_ptr<scalar_t>() + b * grad_mask.stride(0) : nullptr);
+    }
+  });
+  at::Tensor grad_weight = grad_weight_rows.view({s.groups, s.group_out(), s.taps(), s.group_in()})
+                               .permute({0, 1, 3, 2})
+                               .reshape(weight.sizes());
+  return {grad_input, grad_offset, grad_weight, grad_mask, grad_bias};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace detkit
+
+TORCH_LIBRARY_IMPL(detkit, CPU, m) {
+  m.impl("deform_conv2d", &detkit::cpu::deform_conv2d_cpu);
+  m.impl("deform_conv2d_backward", &detkit::cpu::deform_conv2d_backward_cpu);
+}

@@ -1,0 +1,22 @@
+"""Deformable ops: functions over the compiled kernels, the layers that use them.
+
+- `deform_conv2d`: deformable / modulated deformable convolution (DCNv1 / DCNv2).
+- `deform_roi_pool`: deformable / modulated deformable RoI pooling.
+- `DeformConv2d`, `DeformRoIPool`: layers owning their zero-initialised offset branches.
+- `offset_branch_parameters`: finds those branches' parameters for lr multipliers.
+- `detkit.ops.reference`: slow float64-friendly references used by the tests.
+"""
+from detkit.ops._extension import cuda_kernels_built, require_ops
+from detkit.ops.deform_conv import deform_conv2d
+from detkit.ops.deform_roi_pool import deform_roi_pool
+from detkit.ops.modules import DeformConv2d, DeformRoIPool, offset_branch_parameters
+
+__all__ = [
+    "DeformConv2d",
+    "DeformRoIPool",
+    "cuda_kernels_built",
+    "deform_conv2d",
+    "deform_roi_pool",
+    "offset_branch_parameters",
+    "require_ops",
+]

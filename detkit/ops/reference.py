@@ -1,0 +1,149 @@
+"""Slow, plain-PyTorch references of the deformable ops, written for clarity.
+
+They define what the compiled kernels compute and are what the tests compare
+them against (in float64, gradients through autograd). They are never used as a
+fallback: they are orders of magnitude slower.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from detkit.ops._checks import as_pair
+
+
+def _bilinear_zero_padded(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Bilinear samples of image [B, C, H, W] at y, x [B, Ho, Wo] -> [B, C, Ho, Wo].
+
+    Corners outside the image read zero; a point with y or x outside (-1, H) /
+    (-1, W), or not finite, reads zero (deformable convolution's convention).
+    """
+    batch, channels, height, width = image.shape
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x = torch.where(inside, x, torch.zeros_like(x))
+    y0, x0 = torch.floor(y).detach(), torch.floor(x).detach()
+    ly, lx = y - y0, x - x0
+    flat = image.reshape(batch, channels, height * width)
+
+    def corner(cy: Tensor, cx: Tensor) -> Tensor:
+        valid = inside & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
+        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long()
+        values = torch.gather(flat, 2, index.reshape(batch, 1, -1).expand(-1, channels, -1))
+        return values.reshape(batch, channels, *y.shape[1:]) * valid.unsqueeze(1)
+
+    return ((1 - ly) * (1 - lx)).unsqueeze(1) * corner(y0, x0) \
+        + ((1 - ly) * lx).unsqueeze(1) * corner(y0, x0 + 1) \
+        + (ly * (1 - lx)).unsqueeze(1) * corner(y0 + 1, x0) \
+        + (ly * lx).unsqueeze(1) * corner(y0 + 1, x0 + 1)
+
+
+def deform_conv2d_reference(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+                            stride=1, padding=0, dilation=1, mask: Tensor | None = None) -> Tensor:
+    """Same arguments and result as `detkit.ops.deform_conv2d`, one kernel tap at a time."""
+    (sh, sw), (ph, pw), (dh, dw) = as_pair(stride, "stride"), as_pair(padding, "padding"), \
+        as_pair(dilation, "dilation")
+    batch, in_channels, _, _ = input.shape
+    out_channels, group_in, kh, kw = weight.shape
+    groups, taps = in_channels // group_in, kh * kw
+    offset_groups = offset.shape[1] // (2 * taps)
+    per_offset_group = in_channels // offset_groups
+    out_h, out_w = offset.shape[2], offset.shape[3]
+    rows = torch.arange(out_h, dtype=input.dtype, device=input.device).view(1, -1, 1) * sh - ph
+    cols = torch.arange(out_w, dtype=input.dtype, device=input.device).view(1, 1, -1) * sw - pw
+
+    sampled = []  # per tap: [B, C_in, Ho, Wo]
+    for k in range(taps):
+        i, j = divmod(k, kw)
+        per_group = []
+        for g in range(offset_groups):
+            gk = g * taps + k
+            y = rows + i * dh + offset[:, 2 * gk]
+            x = cols + j * dw + offset[:, 2 * gk + 1]
+            channels = input[:, g * per_offset_group:(g + 1) * per_offset_group]
+            value = _bilinear_zero_padded(channels, y, x)
+            if mask is not None:
+                value = value * mask[:, gk].unsqueeze(1)
+            per_group.append(value)
+        sampled.append(torch.cat(per_group, dim=1))
+    columns = torch.stack(sampled, dim=2)  # [B, C_in, K, Ho, Wo]
+
+    group_out = out_channels // groups
+    outputs = []
+    for g in range(groups):
+        w = weight[g * group_out:(g + 1) * group_out].reshape(group_out, group_in, taps)
+        c = columns[:, g * group_in:(g + 1) * group_in]
+        outputs.append(torch.einsum("oik,bikhw->bohw", w, c))
+    out = torch.cat(outputs, dim=1)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out
+
+
+def _roi_align_bilinear(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """RoIAlign's bilinear sample of plane [C, H, W] at scalar tensors y, x -> [C].
+
+    Outside [-1, H] x [-1, W] it reads zero; positions below 0 clamp to 0 and
+    positions past the last pixel clamp to it (no gradient where clamped).
+    """
+    _, height, width = plane.shape
+    if not (-1 <= float(y) <= height and -1 <= float(x) <= width):
+        return plane.new_zeros(plane.shape[0])
+    if float(y) <= 0:
+        y = torch.zeros_like(y)
+    if float(x) <= 0:
+        x = torch.zeros_like(x)
+    y0, x0 = int(y), int(x)
+    if y0 >= height - 1:
+        y0 = y1 = height - 1
+        y = torch.full_like(y, float(y0))
+    else:
+        y1 = y0 + 1
+    if x0 >= width - 1:
+        x0 = x1 = width - 1
+        x = torch.full_like(x, float(x0))
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    return hy * hx * plane[:, y0, x0] + hy * lx * plane[:, y0, x1] \
+        + ly * hx * plane[:, y1, x0] + ly * lx * plane[:, y1, x1]
+
+
+def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Tensor | None = None,
+                              mask: Tensor | None = None, output_size=7, spatial_scale: float = 1.0,
+                              sampling_ratio: int = 0, gamma: float = 0.1) -> Tensor:
+    """Same arguments and result as `detkit.ops.deform_roi_pool`, one sample at a time."""
+    pooled_h, pooled_w = as_pair(output_size, "output_size")
+    pooled = []
+    for k in range(rois.shape[0]):
+        image = input[int(rois[k, 0])]
+        start_x = rois[k, 1] * spatial_scale - 0.5
+        start_y = rois[k, 2] * spatial_scale - 0.5
+        roi_w = (rois[k, 3] - rois[k, 1]) * spatial_scale
+        roi_h = (rois[k, 4] - rois[k, 2]) * spatial_scale
+        bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_h) / pooled_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_w) / pooled_w)
+        count = max(grid_h * grid_w, 1)
+        bins = []
+        for i in range(pooled_h):
+            for j in range(pooled_w):
+                shift_x = gamma * offset[k, 0, i, j] * roi_w if offset is not None else 0.0
+                shift_y = gamma * offset[k, 1, i, j] * roi_h if offset is not None else 0.0
+                total = input.new_zeros(input.shape[1])
+                for iy in range(grid_h):
+                    y = start_y + i * bin_h + shift_y + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = start_x + j * bin_w + shift_x + (ix + 0.5) * bin_w / grid_w
+                        total = total + _roi_align_bilinear(image, y, x)
+                value = total / count
+                if mask is not None:
+                    value = value * mask[k, 0, i, j]
+                bins.append(value)
+        pooled.append(torch.stack(bins, dim=1).reshape(-1, pooled_h, pooled_w))
+    if not pooled:
+        return input.new_zeros(0, input.shape[1], pooled_h, pooled_w)
+    return torch.stack(pooled)
