@@ -1,9 +1,11 @@
 // Autocast rules for the detkit ops, so they run inside torch.autocast.
 //
-// Under CUDA autocast the ops behave like conv2d: every floating input is cast
-// to the autocast dtype (float16 or bfloat16) and the kernels accumulate in
-// float32. The CPU kernels are float32/float64 only, so under CPU autocast the
-// inputs are cast to float32 instead.
+// Under CUDA autocast deform_conv2d behaves like conv2d: every floating input
+// is cast to the autocast dtype (float16 or bfloat16) and the kernels
+// accumulate in float32. deform_roi_pool runs in float32 (as torchvision's
+// roi_align does): its RoI coordinates, hundreds of pixels, would lose whole
+// pixels in bfloat16. The CPU kernels are float32/float64 only, so under CPU
+// autocast both ops run in float32.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
@@ -56,7 +58,7 @@ at::Tensor deform_roi_pool_autocast(const at::Tensor& input, const at::Tensor& r
                                          const c10::optional<at::Tensor>&,
                                          const c10::optional<at::Tensor>&, int64_t, int64_t,
                                          double, int64_t, double)>();
-  const at::ScalarType dtype = autocast_target<device>();
+  const at::ScalarType dtype = at::kFloat;
   return op.call(at::autocast::cached_cast(dtype, input, device),
                  at::autocast::cached_cast(dtype, rois, device), cast_optional<device>(dtype, offset),
                  cast_optional<device>(dtype, mask), pooled_height, pooled_width, spatial_scale,

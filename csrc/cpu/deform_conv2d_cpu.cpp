@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "channel_loops.h"
 
@@ -92,10 +93,14 @@ DeformConvShape describe(const at::Tensor& input, const at::Tensor& offset,
   s.offset_groups = offset.size(1) / (2 * taps);
   TORCH_CHECK(s.in_channels % s.offset_groups == 0, "deform_conv2d: input channels (",
               s.in_channels, ") must be a multiple of the offset groups (", s.offset_groups, ")");
-  s.out_h = (s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1)) / s.stride_h + 1;
-  s.out_w = (s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1)) / s.stride_w + 1;
-  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "deform_conv2d: the output would be empty (",
-              s.out_h, " x ", s.out_w, ")");
+  // Checked before dividing: C++ division truncates toward zero, so a negative
+  // span would otherwise give one output row.
+  const int64_t span_h = s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1);
+  const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "deform_conv2d: input of size ", s.height, "x",
+              s.width, " is smaller than the dilated kernel with padding");
+  s.out_h = span_h / s.stride_h + 1;
+  s.out_w = span_w / s.stride_w + 1;
   TORCH_CHECK(offset.size(0) == s.batch && offset.size(2) == s.out_h && offset.size(3) == s.out_w,
               "deform_conv2d: offset must be [", s.batch, ", ", offset.size(1), ", ", s.out_h, ", ",
               s.out_w, "], got ", offset.sizes());
@@ -171,10 +176,17 @@ inline void for_each_channel_run(const DeformConvShape& s, int64_t g, int64_t c_
   }
 }
 
-// Index of column element (conv_group, p, k, c) in the [groups, P, K, Cg] buffer.
-inline int64_t column_index(const DeformConvShape& s, int64_t conv_group, int64_t p, int64_t k,
-                            int64_t c) {
-  return ((conv_group * s.positions() + p) * s.taps() + k) * s.group_in() +
+// A run of output positions [begin, begin + size) whose columns are in the
+// buffer at once. Tiling keeps the buffer in cache between the gather that
+// writes it and the GEMM that reads it.
+struct Tile {
+  int64_t begin, size;
+};
+
+// Index of column element (conv_group, p, k, c) in a tile's [groups, tile, K, Cg] buffer.
+inline int64_t column_index(const DeformConvShape& s, const Tile& tile, int64_t conv_group,
+                            int64_t p, int64_t k, int64_t c) {
+  return ((conv_group * tile.size + (p - tile.begin)) * s.taps() + k) * s.group_in() +
          (c - conv_group * s.group_in());
 }
 
@@ -182,17 +194,26 @@ inline int64_t position_grain(const DeformConvShape& s) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.taps() * s.in_channels));
 }
 
-// columns[groups, P, K, Cg] = mask * bilinear(input) at the deformed taps.
+// Positions per tile: about 2 MB of columns, and at least 128 positions so the
+// GEMMs stay efficient.
+inline int64_t tile_positions(const DeformConvShape& s, size_t element_size) {
+  const int64_t row_bytes = s.taps() * s.in_channels * static_cast<int64_t>(element_size);
+  static const int64_t budget = std::getenv("DETKIT_TILE_KB") ? std::atoll(std::getenv("DETKIT_TILE_KB")) * 1024 : (int64_t{2} << 20);
+  static const int64_t min_pos = std::getenv("DETKIT_TILE_MIN") ? std::atoll(std::getenv("DETKIT_TILE_MIN")) : 128;
+  return std::min(s.positions(), std::max<int64_t>(min_pos, budget / row_bytes));
+}
+
+// columns[groups, tile, K, Cg] = mask * bilinear(input) at the deformed taps.
 // in_pad: [H+2, W+2, C] of one image; offset: [2GK, P]; mask: [GK, P] or null.
 template <typename T>
-void deformable_im2col(const DeformConvShape& s, const T* in_pad, const T* offset, const T* mask,
-                       T* columns) {
+void deformable_im2col(const DeformConvShape& s, const Tile& tile, const T* in_pad,
+                       const T* offset, const T* mask, T* columns) {
   const int64_t channels = s.in_channels, row = s.padded_width() * channels;
-  at::parallel_for(0, s.positions(), position_grain(s), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(tile.begin, tile.begin + tile.size, position_grain(s), [&](int64_t p0, int64_t p1) {
     for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
                                                  const PaddedSample<T>& at, T m) {
       for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
-        T* dst = columns + column_index(s, cg, p, k, c0);
+        T* dst = columns + column_index(s, tile, cg, p, k, c0);
         if (!at.inside) {
           std::fill(dst, dst + (c1 - c0), T(0));
           return;
@@ -206,20 +227,22 @@ void deformable_im2col(const DeformConvShape& s, const T* in_pad, const T* offse
   });
 }
 
-// grad_in_pad[H+2, W+2, C] += scatter of grad_columns through the bilinear taps.
+// grad_in_pad[H+2, W+2, C] += scatter of a tile's grad_columns through the bilinear taps.
 template <typename T>
-void deformable_col2im(const DeformConvShape& s, const T* grad_columns, const T* offset,
-                       const T* mask, T* grad_in_pad) {
+void deformable_col2im(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
+                       const T* offset, const T* mask, T* grad_in_pad) {
   const int64_t channels = s.in_channels, row = s.padded_width() * channels;
   // Threads own disjoint channel ranges, so their scatters never collide.
-  at::parallel_for(0, channels, 16, [&](int64_t c_lo, int64_t c_hi) {
-    for_each_sample(s, offset, mask, 0, s.positions(), [&](int64_t p, int64_t g, int64_t k,
+  const int64_t work_per_channel = tile.size * s.taps();
+  const int64_t channel_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, work_per_channel));
+  at::parallel_for(0, channels, channel_grain, [&](int64_t c_lo, int64_t c_hi) {
+    for_each_sample(s, offset, mask, tile.begin, tile.begin + tile.size, [&](int64_t p, int64_t g, int64_t k,
                                                            const PaddedSample<T>& at, T m) {
       if (!at.inside) return;
       for_each_channel_run(s, g, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t cg) {
         T* d00 = grad_in_pad + at.corner * channels + c0;
         const T hy = 1 - at.ly, hx = 1 - at.lx;
-        scatter_bilinear(grad_columns + column_index(s, cg, p, k, c0), d00, d00 + channels,
+        scatter_bilinear(grad_columns + column_index(s, tile, cg, p, k, c0), d00, d00 + channels,
                          d00 + row, d00 + row + channels, c1 - c0, m * hy * hx, m * hy * at.lx,
                          m * at.ly * hx, m * at.ly * at.lx);
       });
@@ -227,20 +250,21 @@ void deformable_col2im(const DeformConvShape& s, const T* grad_columns, const T*
   });
 }
 
-// grad_offset[2GK, P] and grad_mask[GK, P] (or null) of one image.
+// grad_offset[2GK, P] and grad_mask[GK, P] (or null) of one image, for a tile's positions.
 template <typename T>
-void deformable_offset_grad(const DeformConvShape& s, const T* grad_columns, const T* in_pad,
-                            const T* offset, const T* mask, T* grad_offset, T* grad_mask) {
+void deformable_offset_grad(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
+                            const T* in_pad, const T* offset, const T* mask, T* grad_offset,
+                            T* grad_mask) {
   const int64_t channels = s.in_channels, row = s.padded_width() * channels;
   const int64_t taps = s.taps(), positions = s.positions();
-  at::parallel_for(0, positions, position_grain(s), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(tile.begin, tile.begin + tile.size, position_grain(s), [&](int64_t p0, int64_t p1) {
     for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
                                                  const PaddedSample<T>& at, T m) {
       T sums[3] = {0, 0, 0};  // value, d/dy, d/dx, each weighted by the column gradient
       if (at.inside) {
         for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
           const T* s00 = in_pad + at.corner * channels + c0;
-          reduce_bilinear_grad(grad_columns + column_index(s, cg, p, k, c0), s00,
+          reduce_bilinear_grad(grad_columns + column_index(s, tile, cg, p, k, c0), s00,
                                s00 + channels, s00 + row, s00 + row + channels, c1 - c0, at.ly,
                                at.lx, sums);
         });
@@ -253,8 +277,42 @@ void deformable_offset_grad(const DeformConvShape& s, const T* grad_columns, con
   });
 }
 
-at::Tensor padded_channels_last(const at::Tensor& input) {
-  return at::constant_pad_nd(input, {1, 1, 1, 1}, 0).permute({0, 2, 3, 1}).contiguous();
+// input [B, C, H, W] -> [B, H+2, W+2, C] with a zero border of one pixel.
+// A blocked transpose, parallel over output rows: ATen's permute + copy is
+// several times slower for this pattern.
+at::Tensor padded_channels_last(const at::Tensor& input_any) {
+  const at::Tensor input = input_any.contiguous();
+  const int64_t batch = input.size(0), channels = input.size(1);
+  const int64_t height = input.size(2), width = input.size(3);
+  const int64_t padded_h = height + 2, padded_w = width + 2;
+  at::Tensor out = at::empty({batch, padded_h, padded_w, channels}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_channels_last", [&] {
+    const scalar_t* src = input.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    constexpr int64_t kBlock = 16;
+    const int64_t row_grain = std::max<int64_t>(1, 32768 / (padded_w * channels));
+    at::parallel_for(0, batch * padded_h, row_grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / padded_h, y = r % padded_h;
+        scalar_t* row = dst + r * padded_w * channels;
+        if (y == 0 || y == padded_h - 1) {
+          std::fill(row, row + padded_w * channels, scalar_t(0));
+          continue;
+        }
+        std::fill(row, row + channels, scalar_t(0));
+        std::fill(row + (padded_w - 1) * channels, row + padded_w * channels, scalar_t(0));
+        const scalar_t* plane = src + (b * channels * height + (y - 1)) * width;
+        for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+          const int64_t c1 = std::min(channels, c0 + kBlock);
+          for (int64_t x = 0; x < width; ++x) {
+            scalar_t* out_px = row + (x + 1) * channels;
+            for (int64_t c = c0; c < c1; ++c) out_px[c] = plane[c * height * width + x];
+          }
+        }
+      }
+    });
+  });
+  return out;
 }
 
 // weight [Cout, Cg, kh, kw] -> [groups, Cout/groups, K*Cg], matching the column order.
@@ -279,17 +337,24 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
   const at::Tensor offset_c = offset.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor weight_rows = weight_as_rows(weight, s);
-  at::Tensor columns = at::empty({s.groups, s.positions(), s.taps() * s.group_in()}, input.options());
+  const int64_t tile_size = tile_positions(s, input.element_size());
+  at::Tensor columns = at::empty({s.groups, tile_size, s.taps() * s.group_in()}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
     for (int64_t b = 0; b < s.batch; ++b) {
-      deformable_im2col<scalar_t>(
-          s, in_pad.data_ptr<scalar_t>() + b * s.padded_plane() * s.in_channels,
-          offset_c.data_ptr<scalar_t>() + b * offset_c.stride(0),
-          mask_c.defined() ? mask_c.data_ptr<scalar_t>() + b * mask_c.stride(0) : nullptr,
-          columns.data_ptr<scalar_t>());
-      at::Tensor out_b = output.select(0, b).view({s.groups, s.group_out(), s.positions()});
-      at::bmm_out(out_b, weight_rows, columns.transpose(1, 2));
+      const scalar_t* in_pad_b = in_pad.data_ptr<scalar_t>() + b * s.padded_plane() * s.in_channels;
+      const scalar_t* offset_b = offset_c.data_ptr<scalar_t>() + b * offset_c.stride(0);
+      const scalar_t* mask_b =
+          mask_c.defined() ? mask_c.data_ptr<scalar_t>() + b * mask_c.stride(0) : nullptr;
+      const at::Tensor out_b = output.select(0, b).view({s.groups, s.group_out(), s.positions()});
+      for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
+        const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
+        const at::Tensor cols = columns.narrow(1, 0, tile.size);
+        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
+        // out[groups, Cout_g, tile] = weight[groups, Cout_g, K*Cg] @ cols^T
+        at::Tensor out_tile = out_b.narrow(2, begin, tile.size);
+        at::bmm_out(out_tile, weight_rows, cols.transpose(1, 2));
+      }
     }
   });
   if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
@@ -321,8 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const at::Tensor weight_rows = weight_as_rows(weight, s);
   at::Tensor grad_weight_rows = at::zeros_like(weight_rows);
   const int64_t column_width = s.taps() * s.group_in();
-  at::Tensor columns = at::empty({s.groups, s.positions(), column_width}, options);
-  at::Tensor grad_columns = at::empty({s.groups, s.positions(), column_width}, options);
+  const int64_t tile_size = tile_positions(s, input.element_size());
+  at::Tensor columns = at::empty({s.groups, tile_size, column_width}, options);
+  at::Tensor grad_columns = at::empty({s.groups, tile_size, column_width}, options);
   at::Tensor grad_in_pad = at::empty({s.height + 2, s.width + 2, s.in_channels}, options);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
@@ -331,32 +397,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       const scalar_t* offset_b = offset_c.data_ptr<scalar_t>() + b * offset_c.stride(0);
       const scalar_t* mask_b =
           mask_c.defined() ? mask_c.data_ptr<scalar_t>() + b * mask_c.stride(0) : nullptr;
+      scalar_t* grad_offset_b = grad_offset.data_ptr<scalar_t>() + b * grad_offset.stride(0);
+      scalar_t* grad_mask_b =
+          mask.has_value() ? grad_mask.data_ptr<scalar_t>() + b * grad_mask.stride(0) : nullptr;
       const at::Tensor grad_out_b =
           grad_out_c.select(0, b).view({s.groups, s.group_out(), s.positions()});
-
-      // Weight gradient: grad_out [groups, Cout_g, P] @ columns [groups, P, K*Cg].
-      deformable_im2col<scalar_t>(s, in_pad_b, offset_b, mask_b, columns.data_ptr<scalar_t>());
-      grad_weight_rows.baddbmm_(grad_out_b, columns);
-
-      // Column gradient: grad_out^T [groups, P, Cout_g] @ weight [groups, Cout_g, K*Cg].
-      at::bmm_out(grad_columns, grad_out_b.transpose(1, 2), weight_rows);
-
       grad_in_pad.zero_();
-      deformable_col2im<scalar_t>(s, grad_columns.data_ptr<scalar_t>(), offset_b, mask_b,
-                                  grad_in_pad.data_ptr<scalar_t>());
+      for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
+        const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
+        const at::Tensor cols = columns.narrow(1, 0, tile.size);
+        at::Tensor grad_cols = grad_columns.narrow(1, 0, tile.size);
+        const at::Tensor grad_out_tile = grad_out_b.narrow(2, begin, tile.size);
+
+        // Weight gradient: grad_out [groups, Cout_g, tile] @ columns [groups, tile, K*Cg].
+        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
+        grad_weight_rows.baddbmm_(grad_out_tile, cols);
+
+        // Column gradient: grad_out^T [groups, tile, Cout_g] @ weight [groups, Cout_g, K*Cg].
+        at::bmm_out(grad_cols, grad_out_tile.transpose(1, 2), weight_rows);
+        deformable_col2im<scalar_t>(s, tile, grad_cols.data_ptr<scalar_t>(), offset_b, mask_b,
+                                    grad_in_pad.data_ptr<scalar_t>());
+        deformable_offset_grad<scalar_t>(s, tile, grad_cols.data_ptr<scalar_t>(), in_pad_b,
+                                         offset_b, mask_b, grad_offset_b, grad_mask_b);
+      }
       grad_input.select(0, b).copy_(grad_in_pad.slice(0, 1, s.height + 1)
                                         .slice(1, 1, s.width + 1)
                                         .permute({2, 0, 1}));
-
-      deformable_offset_grad<scalar_t>(
-          s, grad_columns.data_ptr<scalar_t>(), in_pad_b, offset_b, mask_b,
-          grad_offset.data_ptr<scalar_t>() + b * grad_offset.stride(0),
-          mask.has_value() ? grad_mask.data_ptr<scalar_t>() + b * grad_mask.stride(0) : nullptr);
     }
   });
   at::Tensor grad_weight = grad_weight_rows.view({s.groups, s.group_out(), s.taps(), s.group_in()})
                                .permute({0, 1, 3, 2})
-                               .reshape(weight.sizes());
+                               .reshape(weight.sizes())
+                               .contiguous();
   return {grad_input, grad_offset, grad_weight, grad_mask, grad_bias};
 }
 

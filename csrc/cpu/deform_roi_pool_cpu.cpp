@@ -91,6 +91,11 @@ RoiBox<T> roi_box(const T* roi, const RoiPoolShape& s) {
   return box;
 }
 
+// RoIs per parallel task: enough (bins x channels) work to pay for a thread.
+inline int64_t roi_grain(const RoiPoolShape& s) {
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, s.bins() * s.channels));
+}
+
 // Rejects RoIs that would index outside the batch or make the loops undefined.
 template <typename T>
 void check_rois(const T* rois, const RoiPoolShape& s) {
@@ -199,7 +204,7 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois,
       const scalar_t* in_p = in_t.data_ptr<scalar_t>();
       scalar_t* out_p = out_t.data_ptr<scalar_t>();
       const int64_t C = s.channels, plane = s.height * s.width;
-      at::parallel_for(0, s.rois, 1, [&](int64_t k0, int64_t k1) {
+      at::parallel_for(0, s.rois, roi_grain(s), [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const RoiBox<scalar_t> box = roi_box(rois_p + 5 * k, s);
           const scalar_t* image = in_p + box.batch_index * plane * C;
@@ -255,7 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
       const int64_t C = s.channels, plane = s.height * s.width;
 
       // Input gradient: threads own disjoint channel ranges.
-      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      const int64_t channel_grain =
+          std::max<int64_t>(16, 32768 / std::max<int64_t>(1, s.rois * s.bins()));
+      at::parallel_for(0, C, channel_grain, [&](int64_t c0, int64_t c1) {
         for (int64_t k = 0; k < s.rois; ++k) {
           const RoiBox<scalar_t> box = roi_box(rois_p + 5 * k, s);
           scalar_t* image = grad_in_p + box.batch_index * plane * C + c0;
@@ -279,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
       if (offset_p == nullptr && mask_p == nullptr) return;
       scalar_t* grad_offset_p = offset_p ? grad_offset.data_ptr<scalar_t>() : nullptr;
       scalar_t* grad_mask_p = mask_p ? grad_mask.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, s.rois, 1, [&](int64_t k0, int64_t k1) {
+      at::parallel_for(0, s.rois, roi_grain(s), [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const RoiBox<scalar_t> box = roi_box(rois_p + 5 * k, s);
           const scalar_t* image = in_p + box.batch_index * plane * C;

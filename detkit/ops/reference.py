@@ -89,13 +89,14 @@ def _roi_align_bilinear(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
     positions past the last pixel clamp to it (no gradient where clamped).
     """
     _, height, width = plane.shape
-    if not (-1 <= float(y) <= height and -1 <= float(x) <= width):
+    y_value, x_value = float(y.detach()), float(x.detach())  # positions decide branches only
+    if not (-1 <= y_value <= height and -1 <= x_value <= width):
         return plane.new_zeros(plane.shape[0])
-    if float(y) <= 0:
+    if y_value <= 0:
         y = torch.zeros_like(y)
-    if float(x) <= 0:
+    if x_value <= 0:
         x = torch.zeros_like(x)
-    y0, x0 = int(y), int(x)
+    y0, x0 = int(max(y_value, 0.0)), int(max(x_value, 0.0))
     if y0 >= height - 1:
         y0 = y1 = height - 1
         y = torch.full_like(y, float(y0))
@@ -125,8 +126,8 @@ def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Tensor | None
         roi_w = (rois[k, 3] - rois[k, 1]) * spatial_scale
         roi_h = (rois[k, 4] - rois[k, 2]) * spatial_scale
         bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_h) / pooled_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_w) / pooled_w)
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_h.detach()) / pooled_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_w.detach()) / pooled_w)
         count = max(grid_h * grid_w, 1)
         bins = []
         for i in range(pooled_h):

@@ -1,0 +1,146 @@
+"""Speed of detkit's deformable ops against torchvision and dense convolution.
+
+Prints Markdown tables of median times and ratios, all measured in this one
+process on the same inputs (never zeros), after warm-up:
+
+    python benchmarks/bench_ops.py                     # CPU, float32
+    python benchmarks/bench_ops.py --device cuda --dtype bfloat16
+
+Targets (issue 2): on CPU detkit deform_conv2d forward <= 2x dense conv2d,
+forward+backward <= 3x; deform_roi_pool forward+backward <= 1.5x roi_align.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from detkit.ops import deform_conv2d, deform_roi_pool
+
+CONV_SHAPES = [(2, 512, 25, 38), (2, 256, 50, 76), (2, 128, 100, 152)]
+
+
+def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median wall time of fn() in ms; CUDA events on a GPU."""
+    def measure(fn: Callable[[], object]) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+    return measure
+
+
+def forward_backward(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        fn().backward(grad)
+    return run
+
+
+def bench_conv(measure, device, dtype, with_torchvision: bool) -> None:
+    print("\n### deform_conv2d, 3x3, padding 1, with mask (DCNv2), C_in = C_out\n")
+    head = "| shape | dense fwd | detkit fwd | ratio | dense fwd+bwd | detkit fwd+bwd | ratio |"
+    sep = "|---|---|---|---|---|---|---|"
+    if with_torchvision:
+        head += " torchvision fwd | torchvision fwd+bwd | detkit speed-up fwd / fwd+bwd |"
+        sep += "---|---|---|"
+    print(head)
+    print(sep)
+    for b, c, h, w in CONV_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)
+        x, weight = make(b, c, h, w), make(c, c, 3, 3, scale=0.02)
+        offset, mask = make(b, 18, h, w, scale=2.0), torch.rand(b, 9, h, w, generator=g).to(device, dtype)
+        grad = make(b, c, h, w)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
+        xl, wl, ol, ml = leaves
+
+        def clear() -> None:
+            for t in leaves:
+                t.grad = None
+
+        dense = measure(lambda: F.conv2d(x, weight, padding=1))
+        ours = measure(lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask))
+        dense_fb = measure(lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()))
+        ours_fb = measure(lambda: (clear(), forward_backward(
+            lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()))
+        row = (f"| {b}x{c}x{h}x{w} | {dense:.1f} | {ours:.1f} | {ours / dense:.2f}x | {dense_fb:.1f} "
+               f"| {ours_fb:.1f} | {ours_fb / dense_fb:.2f}x |")
+        if with_torchvision:
+            tv = measure(lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask))
+            tv_fb = measure(lambda: (clear(), forward_backward(
+                lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()))
+            row += f" {tv:.1f} | {tv_fb:.1f} | {tv / ours:.1f}x / {tv_fb / ours_fb:.1f}x |"
+        print(row, flush=True)
+
+
+def bench_roi_pool(measure, device, dtype) -> None:
+    print("\n### deform_roi_pool, 512 RoIs, 7x7, sampling_ratio 0, from 2x256x50x76 (stride 16)\n")
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(2, 256, 50, 76, generator=g).to(device, dtype)
+    num = 512
+    size = torch.rand(num, 2, generator=g) * 368 + 32  # boxes of 32 to 400 image pixels
+    corner = torch.rand(num, 2, generator=g) * (torch.tensor([1216.0, 800.0]) - size)
+    rois = torch.cat([torch.randint(0, 2, (num, 1), generator=g).float(), corner, corner + size], 1)
+    rois = rois.to(device, dtype)
+    offset = (torch.randn(num, 2, 7, 7, generator=g) * 0.5).to(device, dtype)
+    mask = torch.rand(num, 1, 7, 7, generator=g).to(device, dtype)
+    grad = torch.randn(num, 256, 7, 7, generator=g).to(device, dtype)
+    f = feature.clone().requires_grad_()
+    o, m = offset.clone().requires_grad_(), mask.clone().requires_grad_()
+    scale = 1 / 16
+
+    def clear() -> None:
+        f.grad = o.grad = m.grad = None
+
+    cases = {
+        "torchvision roi_align (aligned)": lambda: torchvision.ops.roi_align(f, rois, 7, scale, 0, aligned=True),
+        "detkit, no offset": lambda: deform_roi_pool(f, rois, None, None, 7, scale, 0),
+        "detkit, offset + mask": lambda: deform_roi_pool(f, rois, o, m, 7, scale, 0),
+    }
+    print("| op | fwd ms | fwd+bwd ms | fwd+bwd vs roi_align |")
+    print("|---|---|---|---|")
+    base = None
+    for name, fn in cases.items():
+        fwd = measure(lambda: fn().detach())
+        fb = measure(lambda: (clear(), forward_backward(fn, grad)()))
+        base = base or fb
+        print(f"| {name} | {fwd:.1f} | {fb:.1f} | {fb / base:.2f}x |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-torchvision", action="store_true",
+                        help="skip torchvision's deform_conv2d (slow on CPU: seconds per call)")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    measure = timer(device, args.repeats)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {args.device} ({name}), dtype: {args.dtype}, threads: {torch.get_num_threads()}, "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, median of {args.repeats}, "
+          f"times in ms")
+    bench_conv(measure, device, dtype, not args.no_torchvision)
+    bench_roi_pool(measure, device, dtype)
+
+
+if __name__ == "__main__":
+    main()
