@@ -1,0 +1,1 @@
+"""Training machinery: checkpoints, the training loop, distributed helpers, logging."""

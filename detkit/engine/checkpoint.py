@@ -1,0 +1,104 @@
+"""Checkpoints that survive kills and rebuild their model.
+
+A detkit checkpoint is a dict saved with `torch.save`:
+
+    {"format": "detkit-checkpoint", "version": 1,
+     "model": state_dict,
+     "model_config": {...},          # Hydra node that builds the model (`_target_` ...)
+     "label_to_category_id": {...},  # model label -> dataset category id (COCO ids)
+     "class_names": {...},           # model label -> name
+     ... training state (optimizer, scheduler, iteration, RNG) for resumable runs}
+
+Everything in it is plain containers, numbers, strings and tensors, so it loads with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "detkit-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or does not fit the model."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write `state` to `path` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over `path`. A kill at any moment leaves either the old file or the
+    new one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a detkit checkpoint; a clear CheckpointError if it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, unsafe contents ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a detkit checkpoint (for torchvision weights use "
+                              f"tools/import_torchvision.py)")
+    return state
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load weights that must fit exactly; otherwise a CheckpointError listing the missing
+    and unexpected keys and any shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or mismatched:
+        lines = [f"weights in {source} do not fit the model built from its config:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+                lines.append(f"  {title} keys: {shown}")
+        for k in mismatched[:10]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict)
+
+
+def build_model(model_config: Mapping[str, Any]) -> nn.Module:
+    """Instantiate a model from its Hydra config node (a mapping with `_target_`)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.create(dict(model_config)), _convert_="all")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint, load its weights, put it in eval mode.
+
+    Returns (model, checkpoint dict)."""
+    state = load_checkpoint(path)
+    if "model_config" not in state or "model" not in state:
+        raise CheckpointError(f"{path} holds no model config or weights")
+    model = build_model(state["model_config"])
+    load_state_dict_strict(model, state["model"], str(path))
+    return model.to(device).eval(), state
