@@ -1,0 +1,64 @@
+"""Running a detector on image files and writing COCO-style detections.
+
+Shared by tools/predict.py and tools/eval.py: images are read with OpenCV as RGB
+float tensors in [0, 1] (the model's own transform normalises and resizes), and
+detections come back in the image's pixels.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import torch
+from torch import Tensor, nn
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Image file -> Tensor[3, H, W] float32 RGB in [0, 1]; ValueError if unreadable."""
+    array = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ValueError(f"cannot read image {path} (missing, not an image, or an unsupported format)")
+    return torch.from_numpy(cv2.cvtColor(array, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float().div_(255)
+
+
+def list_images(input_path: str | os.PathLike) -> list[Path]:
+    """An image file, or the image files of a folder (sorted); ValueError if there are none."""
+    path = Path(input_path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files:
+            return files
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+    raise ValueError(f"input {path} is neither an image file nor a folder")
+
+
+def to_coco_results(prediction: Mapping[str, Tensor], label_to_category_id: Mapping[int, int],
+                    **fields) -> list[dict]:
+    """One image's {"boxes" [N,4] x1y1x2y2, "scores", "labels"} as COCO results:
+    [{**fields, "category_id", "bbox": [x, y, w, h], "score"}]."""
+    boxes = prediction["boxes"].detach().cpu().double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [{**fields, "category_id": int(label_to_category_id[int(label)]), "bbox": [float(v) for v in box],
+             "score": float(score)}
+            for box, score, label in zip(xywh, prediction["scores"].tolist(), prediction["labels"].tolist())]
+
+
+@torch.inference_mode()
+def predict_files(model: nn.Module, files: Sequence[Path], label_to_category_id: Mapping[int, int],
+                  device: torch.device | str = "cpu", batch_size: int = 1,
+                  root: Path | None = None) -> Iterable[dict]:
+    """Yield COCO-style detections {"file_name", "category_id", "bbox", "score"} for `files`.
+    file_name is relative to `root` when given, else the file's name."""
+    model.eval()
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = [read_image(f).to(device) for f in chunk]
+        for path, prediction in zip(chunk, model(images)):
+            name = str(path.relative_to(root)) if root is not None else path.name
+            yield from to_coco_results(prediction, label_to_category_id, file_name=name)

@@ -1,0 +1,1 @@
+"""Detector models: backbones (`detkit.modeling.backbone`) and, later, necks and heads."""

@@ -1,0 +1,157 @@
+"""RoI feature pooling over one feature map or an FPN pyramid, plain or deformable.
+
+`RoIPooler` is what torchvision's `RoIHeads` calls as `box_roi_pool(features,
+proposals, image_shapes)`. Kinds:
+
+- "align": torchvision `roi_align` with aligned=False, as torchvision's
+  `MultiScaleRoIAlign` (so torchvision Faster R-CNN checkpoints give the same
+  features).
+- "pool": torchvision `roi_pool` (Fast R-CNN's quantised max pooling).
+- "deform": deformable RoI pooling (DCNv1), `detkit.ops.DeformRoIPool(modulated=False)`.
+- "mdeform": modulated deformable RoI pooling (DCNv2), `DeformRoIPool(modulated=True)`.
+
+The deformable kinds sample with aligned=True (the half-pixel shift: the semantics
+of `detkit.ops.deform_roi_pool`), unlike "align". A fresh "deform" pooler therefore
+equals roi_align(aligned=True) and a fresh "mdeform" one half of it (mask sigmoid(0)).
+
+Several feature maps: each RoI goes to one level by the FPN paper's rule (eq. 1),
+level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped
+to the levels present (level of a map = log2 of its stride), as torchvision does.
+Unlike `MultiScaleRoIAlign`, the spatial scale of each map is 1/stride as given,
+not inferred from the feature and image sizes.
+
+For the deformable kinds all levels share ONE offset branch (the submodule
+`deform_pool.offset_branch`, found by `detkit.ops.offset_branch_parameters`);
+mmdetection instead builds one deformable RoI pooling layer, with its own branch,
+per level.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_area, roi_align, roi_pool
+
+from detkit.ops import DeformRoIPool
+
+POOLER_KINDS = ("align", "pool", "deform", "mdeform")
+
+
+def fpn_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: float = 224,
+               canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+    """FPN level of each box [K, 4] (x1, y1, x2, y2, image pixels) -> int64 [K] in [min, max].
+
+    level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), clamped;
+    a 224 x 224 box goes to level 4, 112 x 112 to 3, 448 x 448 to 5.
+    """
+    scale = torch.sqrt(box_area(boxes))
+    level = torch.floor(canonical_level + torch.log2(scale / canonical_scale)
+                        + torch.tensor(eps, dtype=scale.dtype, device=scale.device))
+    return torch.clamp(level, min=min_level, max=max_level).to(torch.int64)
+
+
+def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image boxes [N_i, 4] -> rois [sum N_i, 5] = (image index, x1, y1, x2, y2)."""
+    rois = [torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)]
+    return torch.cat(rois, dim=0)
+
+
+class RoIPooler(nn.Module):
+    """Pool every proposal from its feature map into [C, output_size, output_size].
+
+    Args:
+        kind: one of "align", "pool", "deform", "mdeform" (see the module docstring).
+        feature_names: the feature maps to pool from (e.g. ["res5"] or ["p2", ..., "p5"]).
+        strides: their strides, same order. With several maps the strides must be
+            consecutive powers of two (4, 8, 16, 32).
+        in_channels: channels of those maps (the same for all of them).
+        output_size: bins per side.
+        sampling_ratio: bilinear samples per bin side ("align" and the deformable
+            kinds); 0 means adaptive, ceil(bin size). torchvision's FPN model uses 2.
+        gamma: scale of the normalised offsets (deformable kinds; 0.1 in the papers).
+        canonical_scale, canonical_level: the FPN level rule's 224 and 4.
+        hidden_dim, num_hidden: size and number of the offset branch's hidden fc layers
+            (deformable kinds).
+
+    forward(features {name: [B, C, H_l, W_l]}, proposals [N_i, 4] per image in
+    (x1, y1, x2, y2) image pixels, image_shapes [(h, w)] per image) ->
+    [sum N_i, C, output_size, output_size], in the order of the proposals.
+    """
+
+    def __init__(self, kind: str, feature_names: Sequence[str], strides: Sequence[int], in_channels: int,
+                 output_size: int = 7, sampling_ratio: int = 0, gamma: float = 0.1,
+                 canonical_scale: float = 224, canonical_level: int = 4, hidden_dim: int = 1024,
+                 num_hidden: int = 2) -> None:
+        super().__init__()
+        if kind not in POOLER_KINDS:
+            raise ValueError(f"pooler kind must be one of {POOLER_KINDS}, got {kind!r}")
+        if isinstance(feature_names, str):
+            feature_names = [feature_names]
+        if isinstance(strides, int):
+            strides = [strides]
+        self.feature_names = tuple(str(n) for n in feature_names)
+        self.strides = tuple(int(s) for s in strides)
+        if not self.feature_names or len(self.feature_names) != len(self.strides):
+            raise ValueError(f"feature_names {list(self.feature_names)} and strides {list(self.strides)} "
+                             "must be non-empty and of the same length")
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError(f"feature_names must be distinct, got {list(self.feature_names)}")
+        if any(s <= 0 for s in self.strides):
+            raise ValueError(f"strides must be positive, got {list(self.strides)}")
+        if len(self.strides) > 1:
+            levels = [math.log2(s) for s in self.strides]
+            if not all(lv.is_integer() for lv in levels) or any(
+                    b != a + 1 for a, b in zip(levels, levels[1:])):
+                raise ValueError("with several feature maps the strides must be consecutive powers of two, "
+                                 f"finest first (e.g. 4, 8, 16, 32), got {list(self.strides)}")
+            self.min_level, self.max_level = int(levels[0]), int(levels[-1])
+        if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size <= 0:
+            raise ValueError(f"output_size must be a positive int, got {output_size!r}")
+        self.kind, self.in_channels, self.output_size = kind, int(in_channels), output_size
+        self.sampling_ratio, self.gamma = int(sampling_ratio), float(gamma)
+        self.canonical_scale, self.canonical_level = canonical_scale, int(canonical_level)
+        self.deform_pool: DeformRoIPool | None = None
+        if kind in ("deform", "mdeform"):
+            # One branch for all levels. Its spatial_scale stays 1: forward hands it RoIs
+            # already in the pixels of the level's feature map (exact for power-of-two strides).
+            self.deform_pool = DeformRoIPool(
+                self.in_channels, output_size, spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
+                gamma=self.gamma, modulated=kind == "mdeform", hidden_dim=hidden_dim, num_hidden=num_hidden)
+
+    def _pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
+        if not torch.is_autocast_enabled(feature.device.type):
+            rois = rois.to(feature.dtype)
+        scale = 1.0 / stride
+        if self.kind == "align":
+            return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
+        if self.kind == "pool":
+            return roi_pool(feature, rois, self.output_size, scale)
+        assert self.deform_pool is not None
+        return self.deform_pool(feature, torch.cat([rois[:, :1], rois[:, 1:] * scale], dim=1))
+
+    def forward(self, features: Mapping[str, Tensor], proposals: Sequence[Tensor],
+                image_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        missing = [n for n in self.feature_names if n not in features]
+        if missing:
+            raise ValueError(f"RoIPooler pools from {list(self.feature_names)} but features lack {missing} "
+                             f"(got {list(features)})")
+        maps = [features[n] for n in self.feature_names]
+        rois = boxes_to_rois(proposals)
+        if len(maps) == 1:
+            return self._pool(maps[0], rois, self.strides[0])
+        levels = fpn_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_scale,
+                            self.canonical_level) - self.min_level
+        order, pooled = [], []
+        for i, (feature, stride) in enumerate(zip(maps, self.strides)):
+            index = torch.where(levels == i)[0]
+            order.append(index)
+            pooled.append(self._pool(feature, rois[index], stride).to(maps[0].dtype))
+        # Levels come out grouped; put them back in proposal order.
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, feature_names={list(self.feature_names)}, strides={list(self.strides)}, "
+                f"in_channels={self.in_channels}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio}")

@@ -1,0 +1,137 @@
+"""tools/import_torchvision.py + tools/predict.py reproduce torchvision's detections."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detkit.engine.checkpoint import load_model
+from detkit.inference import read_image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def write_images(folder: Path) -> list[Path]:
+    """Two smooth random colour images of different sizes (detections need structure, not noise)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in (("a.png", (120, 160)), ("b.png", (150, 110))):
+        small = rng.integers(0, 256, size=(h // 10, w // 10, 3)).astype(np.uint8)
+        image = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / name), image)
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def torchvision_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    # Built the way torchvision builds its COCO model (frozen BN, 3 trainable stages), so the
+    # weights are exactly what a COCO_V1 weights file holds, with random values.
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    reference = FasterRCNN(backbone, num_classes=91).eval()
+    with torch.no_grad():  # random weights made confident: scores spread over (0.05, 1], few ties
+        reference.roi_heads.box_predictor.cls_score.weight.mul_(3)
+    src, dst = tmp / "torchvision.pth", tmp / "imported.pth"
+    torch.save(reference.state_dict(), src)
+    result = run_tool("tools/import_torchvision.py", str(src), str(dst))
+    assert result.returncode == 0, result.stderr
+    return reference, dst, write_images(tmp / "images")
+
+
+@pytest.mark.slow
+def test_predict_tool_matches_torchvision(torchvision_setup, tmp_path):
+    reference, checkpoint, images = torchvision_setup
+    output = tmp_path / "preds.json"
+    result = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={images[0].parent}",
+                      f"output={output}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    predictions = json.loads(output.read_text())
+
+    # One image per call, as predict.py runs by default: in a batch, images are padded to a
+    # common size and border features then depend on the other images.
+    with torch.inference_mode():
+        expected = [reference([torchvision.io.read_image(str(p)).float() / 255])[0] for p in images]
+    for path, exp in zip(images, expected):
+        ours = sorted((p for p in predictions if p["file_name"] == path.name), key=lambda p: -p["score"])
+        assert len(ours) == len(exp["scores"]) > 0
+        order = torch.argsort(exp["scores"], descending=True, stable=True)
+        exp_boxes = exp["boxes"][order]
+        exp_xywh = torch.cat([exp_boxes[:, :2], exp_boxes[:, 2:] - exp_boxes[:, :2]], 1)
+        got_xywh = torch.tensor([p["bbox"] for p in ours], dtype=torch.float32)
+        torch.testing.assert_close(torch.tensor([p["score"] for p in ours]), exp["scores"][order],
+                                   atol=1e-3, rtol=0)
+        # Equal scores may be listed in either order: compare boxes as matched sets.
+        distance = torch.cdist(got_xywh, exp_xywh, p=1)
+        assert distance.min(dim=1).values.max() < 0.05
+        assert [p["category_id"] for p in ours] == exp["labels"][order].tolist() or \
+            sorted(p["category_id"] for p in ours) == sorted(exp["labels"].tolist())
+
+
+def test_imported_checkpoint_rebuilds_the_torchvision_model(torchvision_setup):
+    reference, checkpoint, _ = torchvision_setup
+    model, state = load_model(checkpoint)
+    ours = dict(model.state_dict())
+    theirs = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(ours) == len(theirs)
+    renamed = {k.replace("backbone.body.", "backbone.", 1).replace("backbone.fpn.", "neck.fpn.", 1): v
+               for k, v in theirs.items()}
+    for key, value in renamed.items():
+        assert torch.equal(ours[key], value), key
+    assert state["label_to_category_id"][1] == 1 and len(state["label_to_category_id"]) == 90
+    assert state["class_names"][1] == "person"
+
+
+def test_import_rejects_weights_that_do_not_fit(tmp_path):
+    torch.manual_seed(0)
+    small = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                 num_classes=5)
+    src = tmp_path / "five_classes.pth"
+    torch.save(small.state_dict(), src)
+    result = run_tool("tools/import_torchvision.py", str(src), str(tmp_path / "out.pth"))
+    assert result.returncode == 2
+    assert "roi_heads.box_predictor.cls_score.weight" in result.stderr and "shape" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_tool_reports_bad_input_in_one_line(torchvision_setup, tmp_path):
+    _, checkpoint, _ = torchvision_setup
+    missing = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={tmp_path / 'nothing'}",
+                       f"hydra.run.dir={tmp_path / 'run1'}")
+    assert missing.returncode != 0 and "neither an image file nor a folder" in missing.stderr
+    bad_ckpt = tmp_path / "bad.pth"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), np.full((8, 8, 3), 128, np.uint8))
+    broken = run_tool("tools/predict.py", f"checkpoint={bad_ckpt}", f"input={image}",
+                      f"hydra.run.dir={tmp_path / 'run2'}")
+    assert broken.returncode != 0 and "cannot read checkpoint" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    unknown = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "no_such_key=1",
+                       f"hydra.run.dir={tmp_path / 'run3'}")
+    assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    bogus = tmp_path / "bogus.png"
+    bogus.write_text("not an image")
+    with pytest.raises(ValueError, match="bogus.png"):
+        read_image(bogus)
