@@ -26,24 +26,32 @@ from detkit.ops import deform_conv2d, deform_roi_pool
 CONV_SHAPES = [(2, 512, 25, 38), (2, 256, 50, 76), (2, 128, 100, 152)]
 
 
-def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median wall time of fn() in ms; CUDA events on a GPU."""
-    def measure(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        times = []
+def timer(device: torch.device, repeats: int) -> Callable[[dict[str, Callable[[], object]]], dict[str, float]]:
+    """Median wall time in ms of each fn in a dict, timed round-robin.
+
+    Every round times each function once, so all of them see the same machine load
+    and their ratios stay meaningful on a busy machine. CUDA events on a GPU.
+    """
+    def elapsed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000
+
+    def measure(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        for fn in fns.values():  # warm-up
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+            for name, fn in fns.items():
+                times[name].append(elapsed(fn))
+        return {name: statistics.median(t) for name, t in times.items()}
     return measure
 
 
@@ -75,18 +83,23 @@ def bench_conv(measure, device, dtype, with_torchvision: bool) -> None:
             for t in leaves:
                 t.grad = None
 
-        dense = measure(lambda: F.conv2d(x, weight, padding=1))
-        ours = measure(lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask))
-        dense_fb = measure(lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()))
-        ours_fb = measure(lambda: (clear(), forward_backward(
-            lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()))
-        row = (f"| {b}x{c}x{h}x{w} | {dense:.1f} | {ours:.1f} | {ours / dense:.2f}x | {dense_fb:.1f} "
-               f"| {ours_fb:.1f} | {ours_fb / dense_fb:.2f}x |")
+        fns = {
+            "dense": lambda: F.conv2d(x, weight, padding=1),
+            "ours": lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask),
+            "dense_fb": lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()),
+            "ours_fb": lambda: (clear(), forward_backward(
+                lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()),
+        }
         if with_torchvision:
-            tv = measure(lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask))
-            tv_fb = measure(lambda: (clear(), forward_backward(
-                lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()))
-            row += f" {tv:.1f} | {tv_fb:.1f} | {tv / ours:.1f}x / {tv_fb / ours_fb:.1f}x |"
+            fns["tv"] = lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+            fns["tv_fb"] = lambda: (clear(), forward_backward(
+                lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)())
+        t = measure(fns)
+        row = (f"| {b}x{c}x{h}x{w} | {t['dense']:.1f} | {t['ours']:.1f} | {t['ours'] / t['dense']:.2f}x "
+               f"| {t['dense_fb']:.1f} | {t['ours_fb']:.1f} | {t['ours_fb'] / t['dense_fb']:.2f}x |")
+        if with_torchvision:
+            row += (f" {t['tv']:.1f} | {t['tv_fb']:.1f} | {t['tv'] / t['ours']:.1f}x / "
+                    f"{t['tv_fb'] / t['ours_fb']:.1f}x |")
         print(row, flush=True)
 
 
@@ -114,14 +127,16 @@ def bench_roi_pool(measure, device, dtype) -> None:
         "detkit, no offset": lambda: deform_roi_pool(f, rois, None, None, 7, scale, 0),
         "detkit, offset + mask": lambda: deform_roi_pool(f, rois, o, m, 7, scale, 0),
     }
+    fns = {}
+    for name, fn in cases.items():
+        fns[name] = lambda fn=fn: fn().detach()
+        fns[name + " fb"] = lambda fn=fn: (clear(), forward_backward(fn, grad)())
+    t = measure(fns)
+    base = t["torchvision roi_align (aligned) fb"]
     print("| op | fwd ms | fwd+bwd ms | fwd+bwd vs roi_align |")
     print("|---|---|---|---|")
-    base = None
-    for name, fn in cases.items():
-        fwd = measure(lambda: fn().detach())
-        fb = measure(lambda: (clear(), forward_backward(fn, grad)()))
-        base = base or fb
-        print(f"| {name} | {fwd:.1f} | {fb:.1f} | {fb / base:.2f}x |", flush=True)
+    for name in cases:
+        print(f"| {name} | {t[name]:.1f} | {t[name + ' fb']:.1f} | {t[name + ' fb'] / base:.2f}x |", flush=True)
 
 
 def main() -> None:
