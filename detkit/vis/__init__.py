@@ -1,0 +1,26 @@
+"""Visualising deformable layers: where they sample (DCNv1 Figures 5 and 7) and their
+effective dilation (DCNv1 Table 2).
+
+- `sampling`: hooked capture of offsets/masks (`capture`, `capture_deformable_offsets`),
+  stacked sampling points (`follow_sampling_points`), deformable RoI bins (`roi_bins`).
+- `draw`: OpenCV drawing on the original image; `sampling_figure` is the one-call picture.
+- `offset_stats`: effective dilation per layer by object size (`OffsetStatistics`).
+
+Tools: tools/visualize.py and tools/analyze_offsets.py.
+"""
+from detkit.vis.draw import (draw_detections, draw_roi_bins, draw_sampling_points, sampling_figure, save_png,
+                             to_rgb_uint8)
+from detkit.vis.offset_stats import (CATEGORIES, OffsetStatistics, activation_categories, effective_dilation,
+                                     sampling_positions)
+from detkit.vis.sampling import (Capture, ImageGeometry, LayerOffsets, RoIBins, capture,
+                                 capture_deformable_offsets, check_sampling_request, deformable_roi_bins,
+                                 follow_sampling_points, has_deformable_pooling, locate_unit, roi_bins,
+                                 select_stage)
+
+__all__ = [
+    "Capture", "ImageGeometry", "LayerOffsets", "RoIBins", "capture", "capture_deformable_offsets",
+    "check_sampling_request", "deformable_roi_bins", "follow_sampling_points", "has_deformable_pooling",
+    "locate_unit", "roi_bins", "select_stage",
+    "draw_detections", "draw_roi_bins", "draw_sampling_points", "sampling_figure", "save_png", "to_rgb_uint8",
+    "CATEGORIES", "OffsetStatistics", "activation_categories", "effective_dilation", "sampling_positions",
+]

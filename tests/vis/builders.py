@@ -1,0 +1,82 @@
+"""Builders shared by the detkit.vis tests: tiny detectors and synthetic deformable layers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from detkit.engine.checkpoint import build_model
+from detkit.vis import ImageGeometry, LayerOffsets
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_MODEL = REPO / "configs" / "model" / "faster_rcnn_r18_fpn_cpu.yaml"
+MIN_SIZE, MAX_SIZE = 64, 96  # the tiny models' transform: an 80x100 image becomes 64x80
+
+
+def tiny_config(**changes) -> dict:
+    """configs/model/faster_rcnn_r18_fpn_cpu.yaml shrunk (3 classes, width-8 ResNet, 64 px images)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CPU_MODEL))
+    cfg.update(num_classes=3, fpn_channels=16, representation_size=32, deform_hidden_dim=32,
+               transform_options={"min_size": MIN_SIZE, "max_size": MAX_SIZE})
+    cfg["backbone"]["width"] = 8
+    backbone = changes.pop("backbone", {})
+    cfg["backbone"].update(backbone)
+    cfg.update(changes)
+    return cfg
+
+
+def build_tiny(seed: int = 0, **changes) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(**changes)).eval()
+
+
+def single_scale_config(**backbone) -> dict:
+    """A single-scale (papers' layout) tiny R50: res5 deformable, deformable RoI pooling on res5."""
+    return tiny_config(layout="single_scale", pooler_kind="deform",
+                       backbone={"depth": 50, "out_features": ["res4", "res5"], "deform_blocks": {"res5": "all"},
+                                 "deform_modulated": False, **backbone})
+
+
+def randomise_offset_branches(model: torch.nn.Module, std: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".offset_branch." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """[3, H, W] float RGB in [0, 1] with some structure (upsampled noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, max(height // 8, 2), max(width // 8, 2), generator=gen)
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+# ----------------------------------------------------------------- synthetic layers
+
+def conv_out(size: int, stride: int, padding: int, dilation: int, kernel: int = 3) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def synthetic_layer(name: str, input_size: tuple[int, int], input_stride: int, geometry: ImageGeometry,
+                    stride: int = 1, dilation: int = 1, offset: np.ndarray | None = None,
+                    mask: np.ndarray | None = None) -> LayerOffsets:
+    """A 3x3 deformable layer (padding = dilation, as ResNet's) with the given offsets
+    ([9, 2, Ho, Wo] or broadcastable; zero by default), one offset group."""
+    out = (conv_out(input_size[0], stride, dilation, dilation), conv_out(input_size[1], stride, dilation, dilation))
+    full = np.zeros((1, 9, 2) + out)
+    if offset is not None:
+        full[0] = np.broadcast_to(np.asarray(offset, np.float64), (9, 2) + out)
+    return LayerOffsets(name, full, None if mask is None else np.broadcast_to(mask, (1, 9) + out).copy(),
+                        (3, 3), (stride, stride), (dilation, dilation), (dilation, dilation), tuple(input_size),
+                        (input_stride, input_stride), geometry)
+
+
+def identity_geometry(height: int, width: int) -> ImageGeometry:
+    return ImageGeometry((height, width), (height, width), (height, width))
+
+
+__all__ = ["build_tiny", "tiny_config", "single_scale_config", "randomise_offset_branches", "smooth_image",
+           "synthetic_layer", "identity_geometry", "conv_out"]

@@ -1,0 +1,131 @@
+"""tools/visualize.py and tools/analyze_offsets.py end to end, in subprocesses.
+
+The runs are started together (they are independent) in one module fixture and checked
+by the tests; each gets OMP_NUM_THREADS=1 and runs from a temporary working folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.modeling.backbone import deformable_layers
+from tests.vis.builders import build_tiny, randomise_offset_branches, smooth_image, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+VISUALIZE = str(REPO / "tools" / "visualize.py")
+ANALYZE = str(REPO / "tools" / "analyze_offsets.py")
+IMAGE_H, IMAGE_W = 80, 100
+
+
+def write_checkpoint(path: Path, **changes) -> list[str]:
+    """A tiny detector checkpoint; returns its deformable conv layers' names."""
+    model = build_tiny(**changes)
+    randomise_offset_branches(model, std=0.02, seed=3)
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": tiny_config(**changes),
+                           "label_to_category_id": {1: 1, 2: 2}, "class_names": {1: "a", 2: "b"}})
+    return [name for name, _ in deformable_layers(model)]
+
+
+def write_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
+    rgb = (smooth_image(height, width, seed).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return rgb
+
+
+def write_coco(folder: Path) -> tuple[Path, Path]:
+    """Two images with boxes of each COCO size class (ids 1, 2 as the checkpoint's)."""
+    images = folder / "images"
+    images.mkdir()
+    entries, annotations = [], []
+    boxes = {1: [[5, 5, 20, 20], [40, 20, 50, 50]], 2: [[10, 10, 100, 100]]}  # [x, y, w, h]
+    for image_id, (h, w) in ((1, (IMAGE_H, IMAGE_W)), (2, (120, 130))):
+        write_image(images / f"{image_id}.png", h, w, seed=image_id)
+        entries.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
+        for box in boxes[image_id]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": 1 + len(annotations) % 2, "bbox": box, "area": box[2] * box[3],
+                                "iscrowd": 0})
+    annotation_file = folder / "instances.json"
+    annotation_file.write_text(json.dumps({"images": entries, "annotations": annotations,
+                                           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return images, annotation_file
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vis_tools")
+    dcn, plain = tmp / "dcn.pth", tmp / "plain.pth"
+    names = write_checkpoint(dcn)
+    write_checkpoint(plain, backbone={"deform_blocks": {}}, pooler_kind="align")
+    image = tmp / "image.png"
+    pixels = write_image(image, IMAGE_H, IMAGE_W, seed=0)
+    not_an_image = tmp / "broken.png"
+    not_an_image.write_text("not a png")
+    images, annotations = write_coco(tmp)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "DETKIT_CACHE": str(tmp / "cache")}
+    commands = {
+        "visualize": [VISUALIZE, f"checkpoint={dcn}", f"input={image}", f"output={tmp / 'out.png'}"],
+        "analyze": [ANALYZE, f"checkpoint={dcn}", f"images={images}", f"annotations={annotations}",
+                    f"output={tmp / 'stats.json'}"],
+        "no_deformable": [VISUALIZE, f"checkpoint={plain}", f"input={image}", f"output={tmp / 'plain.png'}"],
+        "images_without_annotations": [ANALYZE, f"checkpoint={dcn}", f"images={images}"],
+        "point_outside": [VISUALIZE, f"checkpoint={dcn}", f"input={image}", f"point=[{IMAGE_W + 5},10]"],
+        "unreadable": [VISUALIZE, f"checkpoint={dcn}", f"input={not_an_image}"],
+        "too_few_layers": [VISUALIZE, f"checkpoint={dcn}", f"input={image}", "stage=res5", "num_layers=3"],
+    }
+    processes = {key: subprocess.Popen([sys.executable, *args, f"hydra.run.dir={tmp / 'runs' / key}"], cwd=tmp,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for key, args in commands.items()}
+    results = {}
+    for key, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[key] = (process.returncode, stdout, stderr)
+    return {"results": results, "tmp": tmp, "names": names, "pixels": pixels}
+
+
+def test_visualize_writes_a_png_of_the_image_size(runs):
+    code, stdout, stderr = runs["results"]["visualize"]
+    assert code == 0, stderr
+    picture = cv2.imread(str(runs["tmp"] / "out.png"))
+    assert picture is not None and picture.shape == runs["pixels"].shape
+    assert np.abs(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB).astype(int) - runs["pixels"].astype(int)).sum() > 0
+    assert "deformable RoI bins" in stdout
+
+
+def test_analyze_offsets_writes_one_entry_per_deformable_layer(runs):
+    code, stdout, stderr = runs["results"]["analyze"]
+    assert code == 0, stderr
+    stats = json.loads((runs["tmp"] / "stats.json").read_text())
+    assert [entry["name"] for entry in stats["layers"]] == runs["names"]
+    assert stats["num_images"] == 2
+    for entry in stats["layers"]:
+        dilation = entry["effective_dilation"]
+        assert dilation["all"]["count"] == sum(dilation[c]["count"] for c in stats["categories"]) > 0
+        assert dilation["all"]["mean"] > 0 and entry["modulated"]
+    # Boxes of 20x20 (small), 50x50 (medium) and 100x100 (large): the finest layer sees all three.
+    finest = stats["layers"][0]["effective_dilation"]
+    assert all(finest[c]["count"] > 0 for c in stats["categories"])
+    assert "res3a" in stdout and "background" in stdout
+
+
+@pytest.mark.parametrize("key, message", [
+    ("no_deformable", "no deformable layers"),
+    ("images_without_annotations", "pass both images=FOLDER and annotations=JSON"),
+    ("point_outside", "outside the image"),
+    ("unreadable", "cannot read image"),
+    ("too_few_layers", "stage res5 has 2 deformable conv layers"),
+])
+def test_bad_inputs_fail_with_one_line(runs, key, message):
+    code, _, stderr = runs["results"][key]
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+    assert "Traceback" not in stderr
