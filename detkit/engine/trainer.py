@@ -50,6 +50,8 @@ from detkit.engine.checkpoint import load_checkpoint, load_state_dict_strict, sa
 from detkit.engine.datasets import build_dataset, prepare_data
 from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.vis.draw import sampling_figure
+from detkit.vis.sampling import deformable_conv_names
 
 __all__ = ["train", "TrainingDiverged", "resolve_device", "checkpoint_model_config", "rng_state",
            "set_rng_state"]
@@ -348,7 +350,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
                     writer.add_scalar(f"eval/{key}", value, completed)
             if final:
                 write_json(run_dir / "detections.json", evaluator.results(), indent=None)
+            log_sampling_pictures(completed)
         return metrics
+
+    def log_sampling_pictures(completed: int) -> None:
+        """Where the deformable layers sample on a few fixed val images (TensorBoard images)."""
+        count = min(int(cfg.tensorboard_sampling_images), len(val_set))
+        if writer is None or count <= 0 or not deformable_conv_names(model):
+            return
+        for index in range(count):
+            image, _ = val_set[index]
+            try:
+                picture = sampling_figure(model, image, class_names=extra["class_names"])
+            except ValueError as exc:  # e.g. fewer stacked deformable layers than drawn
+                logger.warning("no sampling picture: %s", exc)
+                return
+            writer.add_image(f"sampling/val_{index}", picture, completed, dataformats="HWC")
 
     # ---- the loop
     logger.info("training iterations %d..%d of %d: %d images per iteration (%d per process x %d), device %s%s",

@@ -82,7 +82,17 @@ def test_smoke_run(smoke, env):
     assert set(checkpoint["class_names"].values()) == {c["name"] for c in val.cats.values()}
     for key in ("optimizer", "scheduler", "rng", "data"):
         assert key in checkpoint
-    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    assert {"train/total_loss", "train/lr", "eval/bbox/AP"} <= set(tags["scalars"])
+    assert "sampling/val_0" in tags["images"], "no sampling-point picture logged at evaluation"
+    picture = accumulator.Images("sampling/val_0")[-1]
+    assert picture.width > 0 and picture.height > 0
     log = (run_dir / "train.log").read_text()
     assert re.search(rf"iter {SMOKE_ITERS}/{SMOKE_ITERS} .*total .*lr .*s/it .*eta", log)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
