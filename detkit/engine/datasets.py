@@ -77,8 +77,7 @@ def prepare_data(data_cfg: Mapping[str, Any]) -> None:
     if kind == "synthetic":
         config = synthetic_config(data_cfg)
         if dist.is_main_process():
-            logger.info("synthetic dataset in %s (generated first if missing or stale: ~40 s for the "
-                        "default size on 2 cores)", root)
+            logger.info("synthetic dataset in %s (generated first if missing or stale)", root)
             start = time.perf_counter()
             ensure_synthetic_dataset(root, config, verbose=False)  # returns at once when cached
             seconds = time.perf_counter() - start
