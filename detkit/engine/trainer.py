@@ -14,6 +14,7 @@ Run folder (`run_dir`, written by rank 0 only):
     events.out.tfevents.*      TensorBoard scalars
     checkpoints/last.pth       the latest checkpoint (atomic writes)
     metrics.json               final COCO box metrics (percent) + iteration
+    train_stats.json           parameters and median seconds per iteration (`train_stats`)
     detections.json            the final evaluation's detections (COCO results format)
 
 Resuming (`resume=true`, same run_dir): the checkpoint holds the model, optimizer,
@@ -33,6 +34,7 @@ import datetime
 import logging
 import math
 import random
+import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +52,7 @@ from detkit.engine.checkpoint import load_checkpoint, load_state_dict_strict, sa
 from detkit.engine.datasets import build_dataset, prepare_data
 from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.ops import offset_branch_parameters
 from detkit.vis.draw import sampling_figure
 from detkit.vis.sampling import deformable_conv_names
 
@@ -170,6 +173,16 @@ def _check_config(cfg: DictConfig, world_size: int) -> None:
     if int(s.batch_size) % world_size:
         raise ValueError(f"schedule.batch_size ({s.batch_size}, images per iteration over all processes) "
                          f"must be a multiple of the number of processes ({world_size})")
+    backbone = cfg.model.get("backbone") or {}
+    frozen = int(backbone.get("freeze_at", 0) or 0) > 0 or backbone.get("norm") == "frozen_bn"
+    if frozen and not backbone.get("weights") and not cfg.resume:
+        # Frozen layers (or frozen BN statistics) that were never trained: the run would
+        # train a detector on random features without any error.
+        raise ValueError(
+            f"model.backbone freezes layers (freeze_at={backbone.get('freeze_at')}, norm="
+            f"{backbone.get('norm')}) but model.backbone.weights is null, so they would stay random: pass "
+            f"model.backbone.weights=/path/resnet{backbone.get('depth', 50)}.pth (torchvision ImageNet "
+            f"checkpoint), or train from scratch with model.backbone.freeze_at=0 model.backbone.norm=bn")
 
 
 def _every(period: int | None, completed: int) -> bool:
@@ -232,6 +245,24 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, scaler, data_sta
 
 
 # ------------------------------------------------------------------------------------ training
+
+def train_stats(model: nn.Module, step_times: list[float], world_size: int) -> dict[str, Any]:
+    """Cost figures of a run for reports (train_stats.json): parameter counts (all, and
+    the deformable layers' offset branches by kind) and the median seconds per training
+    iteration with data loading excluded, over this process's iterations after the first
+    10% (warm-up: allocator, oneDNN primitive caches). A resumed run times only the
+    iterations after the resume."""
+    offsets: dict[str, int] = {}
+    for kind, _, param in offset_branch_parameters(model):
+        offsets[kind] = offsets.get(kind, 0) + param.numel()
+    timed = step_times[len(step_times) // 10:]
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "offset_parameters": offsets,
+            "sec_per_iter": statistics.median(timed) if timed else None,
+            "timed_iterations": len(timed),
+            "threads": torch.get_num_threads(),
+            "world_size": world_size}
+
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
     """Train (and evaluate) as configured by the composed configs/train.yaml `cfg`,
@@ -378,6 +409,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
     log_period = int(cfg.log_period or 0)
     window: dict[str, float] = {}
     window_n, window_time, window_data = 0, 0.0, 0.0
+    step_times: list[float] = []      # seconds per iteration in this process, data loading excluded
     train_model.train()
     data_iter = iter(train_loader)
     last_saved = start_iter if cfg.resume and start_iter else None
@@ -433,6 +465,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
                   optimizer.param_groups[0]["lr"])  # the lr this iteration used (without multipliers)
         scheduler.step()
         t_iter = time.perf_counter() - t0
+        step_times.append(t_iter - t_data)
 
         for n, v in zip(names, values):
             window[n] = window.get(n, 0.0) + v
@@ -467,6 +500,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
     metrics = evaluate(max(start_iter, max_iters), final=True)
     if rank == 0:
         write_json(run_dir / "metrics.json", {"iteration": max(start_iter, max_iters), **metrics})
+        write_json(run_dir / "train_stats.json", train_stats(model, step_times, world))
         logger.info("wrote %s and detections.json (COCO results format)", run_dir / "metrics.json")
         writer.close()
     return metrics

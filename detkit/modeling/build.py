@@ -114,7 +114,7 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, layout: str = "fpn"
                       transform_options: Mapping | None = None) -> FasterRCNN:
     """Faster R-CNN around `backbone` in the "fpn" or "single_scale" layout (module docstring).
 
-    pooler_kind: "align", "pool", "deform" or "mdeform" (`RoIPooler`). rpn_feature and
+    pooler_kind: "align", "alignv2", "pool", "deform" or "mdeform" (`RoIPooler`). rpn_feature and
     pool_feature are the single-scale layout's maps. anchor_sizes None means the
     layout's default. rpn_options, roi_heads_options and transform_options are passed
     as keyword arguments to `build_rpn`, `build_roi_heads` and `build_transform`.

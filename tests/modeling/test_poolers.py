@@ -98,7 +98,7 @@ def test_pool_one_level_equals_roi_pool():
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("kind", ["deform", "mdeform"])
+@pytest.mark.parametrize("kind", ["alignv2", "deform", "mdeform"])
 @pytest.mark.parametrize("sampling_ratio", [0, SAMPLING])
 def test_fresh_deformable_pooler_is_aligned_roi_align_per_level(kind, sampling_ratio):
     features = pyramid(seed=8, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_fresh_deformable_pooler_is_aligned_roi_align_per_level(kind, sampling_r
     torch.testing.assert_close(ours, scale * expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["deform", "mdeform"])
+@pytest.mark.parametrize("kind", ["alignv2", "deform", "mdeform"])
 def test_fresh_deformable_pooler_one_level(kind):
     gen = generator(9)
     stride = 16

@@ -6,13 +6,17 @@ proposals, image_shapes)`. Kinds:
 - "align": torchvision `roi_align` with aligned=False, as torchvision's
   `MultiScaleRoIAlign` (so torchvision Faster R-CNN checkpoints give the same
   features).
+- "alignv2": RoIAlign with aligned=True (detectron2's ROIAlignV2), computed by
+  `detkit.ops.deform_roi_pool` without offsets. The same op as the deformable kinds, so
+  a deformable pooler's cost is measured against the same kernel; on the CPU it is also
+  far faster than torchvision's serial roi_align backward (docs/benchmarks.md).
 - "pool": torchvision `roi_pool` (Fast R-CNN's quantised max pooling).
 - "deform": deformable RoI pooling (DCNv1), `detkit.ops.DeformRoIPool(modulated=False)`.
 - "mdeform": modulated deformable RoI pooling (DCNv2), `DeformRoIPool(modulated=True)`.
 
 The deformable kinds sample with aligned=True (the half-pixel shift: the semantics
-of `detkit.ops.deform_roi_pool`), unlike "align". A fresh "deform" pooler therefore
-equals roi_align(aligned=True) and a fresh "mdeform" one half of it (mask sigmoid(0)).
+of `detkit.ops.deform_roi_pool`), like "alignv2" and unlike "align". A fresh "deform"
+pooler therefore equals "alignv2" and a fresh "mdeform" one half of it (mask sigmoid(0)).
 
 Several feature maps: each RoI goes to one level by the FPN paper's rule (eq. 1),
 level = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6), clamped
@@ -34,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align, roi_pool
 
-from detkit.ops import DeformRoIPool
+from detkit.ops import DeformRoIPool, deform_roi_pool
 
-POOLER_KINDS = ("align", "pool", "deform", "mdeform")
+POOLER_KINDS = ("align", "alignv2", "pool", "deform", "mdeform")
 
 
 def fpn_levels(boxes: Tensor, min_level: int, max_level: int, canonical_scale: float = 224,
@@ -62,14 +66,13 @@ class RoIPooler(nn.Module):
     """Pool every proposal from its feature map into [C, output_size, output_size].
 
     Args:
-        kind: one of "align", "pool", "deform", "mdeform" (see the module docstring).
+        kind: one of "align", "alignv2", "pool", "deform", "mdeform" (module docstring).
         feature_names: the feature maps to pool from (e.g. ["res5"] or ["p2", ..., "p5"]).
         strides: their strides, same order. With several maps the strides must be
             consecutive powers of two (4, 8, 16, 32).
         in_channels: channels of those maps (the same for all of them).
         output_size: bins per side.
-        sampling_ratio: bilinear samples per bin side ("align" and the deformable
-            kinds); 0 means adaptive, ceil(bin size). torchvision's FPN model uses 2.
+        sampling_ratio: bilinear samples per bin side (all kinds but "pool"); 0 means adaptive, ceil(bin size). torchvision's FPN model uses 2.
         gamma: scale of the normalised offsets (deformable kinds; 0.1 in the papers).
         canonical_scale, canonical_level: the FPN level rule's 224 and 4.
         hidden_dim, num_hidden: size and number of the offset branch's hidden fc layers
@@ -128,6 +131,8 @@ class RoIPooler(nn.Module):
             return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
         if self.kind == "pool":
             return roi_pool(feature, rois, self.output_size, scale)
+        if self.kind == "alignv2":
+            return deform_roi_pool(feature, rois, None, None, self.output_size, scale, self.sampling_ratio)
         assert self.deform_pool is not None
         return self.deform_pool(feature, torch.cat([rois[:, :1], rois[:, 1:] * scale], dim=1))
 

@@ -1,0 +1,5 @@
+"""Ablation studies: tables of experiments (`tables`), the sweep that trains every row for
+several seeds (`sweep`), and the report beside the papers' numbers (`report`)."""
+from detkit.ablation.tables import AblationRow, AblationTable, load_table, table_names
+
+__all__ = ["AblationRow", "AblationTable", "load_table", "table_names"]

@@ -1,0 +1,283 @@
+"""Ablation reports: our runs beside the paper's numbers, as Markdown and a bar chart.
+
+A run is a tools/train.py run folder with `metrics.json` (final COCO box metrics, percent),
+`train_stats.json` (parameters, median seconds per iteration; `detkit.engine.trainer`),
+`config.yaml` (seed) and `.hydra/hydra.yaml` (the chosen experiment and data configs).
+Rows are a table's experiments; a row's numbers are the mean and the sample standard
+deviation over its runs (seeds). The difference to the baseline row is given with twice
+its standard error, sqrt(s_row^2 / n_row + s_base^2 / n_base), and marked "*" where it is
+larger than that.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detkit.ablation.tables import AblationTable
+
+__all__ = ["RunResult", "RowSummary", "collect_runs", "summarize", "render_markdown", "render_chart",
+           "write_report", "METRICS"]
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    experiment: str | None
+    data: str | None
+    seed: int | None
+    metrics: dict[str, float | None]          # METRICS -> value (None: not defined, e.g. no large objects)
+    sec_per_iter: float | None
+    parameters: int | None
+
+
+@dataclass(frozen=True)
+class RowSummary:
+    experiment: str
+    label: str
+    runs: tuple[RunResult, ...]
+    mean: dict[str, float | None]             # METRICS -> mean over runs (None without values)
+    std: dict[str, float | None]              # sample standard deviation (None with fewer than 2 values)
+    delta_ap: float | None                    # mean AP minus the baseline's
+    delta_ap_2se: float | None                # twice the standard error of delta_ap
+    time_ratio: float | None                  # median s/iter relative to the baseline's
+    sec_per_iter: float | None                # median over runs
+    parameters: int | None
+    paper: tuple[float | None, ...]
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [r.seed for r in self.runs]
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _read_run(run_dir: Path) -> RunResult:
+    from omegaconf import OmegaConf
+
+    metrics = _load_json(run_dir / "metrics.json")
+    stats_path = run_dir / "train_stats.json"
+    stats = _load_json(stats_path) if stats_path.is_file() else {}
+    experiment = data = seed = None
+    hydra_path = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_path.is_file():
+        choices = OmegaConf.load(hydra_path).hydra.runtime.choices
+        experiment, data = choices.get("experiment"), choices.get("data")
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        seed = OmegaConf.load(config_path).get("seed")
+    values = {}
+    for key in METRICS:
+        value = metrics.get(f"bbox/{key}")
+        values[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    return RunResult(run_dir, None if experiment in (None, "null") else str(experiment),
+                     None if data is None else str(data), None if seed is None else int(seed), values,
+                     stats.get("sec_per_iter"), stats.get("parameters"))
+
+
+def collect_runs(paths: Iterable[str | Path]) -> list[RunResult]:
+    """Every finished run under `paths` (run folders, or folders holding run folders at
+    any depth). A path that does not exist is a ValueError; so is a path holding no run."""
+    found: dict[Path, RunResult] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        metric_files = [path / "metrics.json"] if (path / "metrics.json").is_file() else sorted(
+            path.rglob("metrics.json"))
+        if not metric_files:
+            raise ValueError(f"{path} holds no finished run (no metrics.json under it)")
+        for metric_file in metric_files:
+            run_dir = metric_file.parent.resolve()
+            if run_dir not in found:
+                found[run_dir] = _read_run(run_dir)
+    return list(found.values())
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
+
+
+def summarize(table: AblationTable, runs: Sequence[RunResult]) -> list[RowSummary]:
+    """One RowSummary per table row, from the runs of its experiment (rows without runs have
+    no numbers). ValueError if one experiment's runs come from different data configs."""
+    by_experiment: dict[str, list[RunResult]] = {}
+    for run in runs:
+        if run.experiment is not None:
+            by_experiment.setdefault(run.experiment, []).append(run)
+    for experiment, group in by_experiment.items():
+        datas = sorted({str(r.data) for r in group})
+        if len(datas) > 1:
+            raise ValueError(f"the runs of {experiment} mix data configs {datas}; report one setting at a time")
+    base = sorted(by_experiment.get(table.baseline, []), key=lambda r: (r.seed is None, r.seed))
+    base_ap = [r.metrics["AP"] for r in base if r.metrics["AP"] is not None]
+    base_times = [r.sec_per_iter for r in base if r.sec_per_iter is not None]
+    base_time = statistics.median(base_times) if base_times else None
+    rows = []
+    for row in table.rows:
+        group = sorted(by_experiment.get(row.experiment, []), key=lambda r: (r.seed is None, r.seed))
+        mean, std = {}, {}
+        for key in METRICS:
+            mean[key], std[key] = _mean_std([r.metrics[key] for r in group])
+        aps = [r.metrics["AP"] for r in group if r.metrics["AP"] is not None]
+        delta = delta_2se = None
+        if aps and base_ap and row.experiment != table.baseline:
+            delta = statistics.fmean(aps) - statistics.fmean(base_ap)
+            if len(aps) > 1 and len(base_ap) > 1:
+                delta_2se = 2 * math.sqrt(statistics.variance(aps) / len(aps)
+                                          + statistics.variance(base_ap) / len(base_ap))
+        times = [r.sec_per_iter for r in group if r.sec_per_iter is not None]
+        sec = statistics.median(times) if times else None
+        params = [r.parameters for r in group if r.parameters is not None]
+        rows.append(RowSummary(row.experiment, row.label, tuple(group), mean, std, delta, delta_2se,
+                               sec / base_time if sec is not None and base_time else None, sec,
+                               params[0] if params else None, row.paper))
+    return rows
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_level: int = 3) -> str:
+    """The table in the paper's layout: one line per row, our metrics (mean ± std over
+    seeds), ΔAP to the baseline (± 2 SE), time per iteration relative to the baseline,
+    parameters, the paper's numbers; then what the columns mean and the citation."""
+    header = ["row", "experiment", "seeds", *METRICS, "ΔAP (± 2 SE)", "time/iter", "params",
+              *(f"paper {c}" for c in table.paper_columns)]
+    lines = [f"{'#' * heading_level} {table.title}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if not row.runs:
+            cells = [row.label, f"`{row.experiment}`", "0", *(["not run"] * len(METRICS)), "", "", ""]
+        else:
+            if row.experiment == table.baseline:
+                delta = "baseline"
+            elif row.delta_ap is None:
+                delta = "n/a"
+            else:
+                delta = f"{row.delta_ap:+.1f}"
+                if row.delta_ap_2se is not None:
+                    delta += f" ± {row.delta_ap_2se:.1f}" + (" *" if abs(row.delta_ap) > row.delta_ap_2se else "")
+            seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
+            cells = [row.label, f"`{row.experiment}`", seeds,
+                     *(_cell(row.mean[k], row.std[k]) for k in METRICS), delta,
+                     "n/a" if row.time_ratio is None else f"{row.time_ratio:.2f}x",
+                     "n/a" if row.parameters is None else f"{row.parameters / 1e6:.2f}M"]
+        cells += ["" if v is None else f"{v:g}" for v in row.paper]
+        lines.append("| " + " | ".join(cells) + " |")
+    datas = sorted({str(r.data) for row in rows for r in row.runs})
+    base = next((row for row in rows if row.experiment == table.baseline), None)
+    base_time = (f" ({base.sec_per_iter:.3f} s per iteration, median over its runs)"
+                 if base is not None and base.sec_per_iter else "")
+    lines += ["",
+              f"Ours: data={', '.join(datas) or 'none'}; box AP in percent (COCO metrics), mean ± sample "
+              f"standard deviation over the seeds listed. ΔAP: mean AP minus the baseline's, ± twice its "
+              f"standard error; * where the difference exceeds that. time/iter: median training seconds per "
+              f"iteration (data loading excluded) relative to the baseline row{base_time}. "
+              f"params: all parameters of the detector.",
+              f"Paper columns ({', '.join(table.paper_columns)}): {table.paper_source}. A blank cell: "
+              f"the number is not published."]
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(table: AblationTable, rows: Sequence[RowSummary], width: int = 960) -> np.ndarray:
+    """A bar chart (HxWx3 uint8 BGR) of each row's mean AP with ± std whiskers and a dot per
+    run, the baseline's mean as a dashed line; rows are numbered under the bars and named in
+    a legend."""
+    import cv2
+
+    font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20), (150, 150, 150)
+    n = len(rows)
+    legend_h = 22 * n + 10
+    plot_top, plot_h, left, right = 50, 300, 60, 20
+    height = plot_top + plot_h + 40 + legend_h
+    image = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(image, table.title[:110], (10, 28), font, 0.55, black, 1, cv2.LINE_AA)
+    values = [v for row in rows for v in [row.mean["AP"]] + [r.metrics["AP"] for r in row.runs] if v is not None]
+    top = max(values + [1.0])
+    top = math.ceil(top * 1.15 / 5) * 5
+    bottom_y = plot_top + plot_h
+
+    def y_of(value: float) -> int:
+        return int(round(bottom_y - value / top * plot_h))
+
+    for tick in np.linspace(0, top, 6):
+        y = y_of(tick)
+        cv2.line(image, (left, y), (width - right, y), (230, 230, 230), 1)
+        cv2.putText(image, f"{tick:.0f}", (10, y + 5), font, 0.45, black, 1, cv2.LINE_AA)
+    cv2.putText(image, "box AP", (10, plot_top - 8), font, 0.45, black, 1, cv2.LINE_AA)
+    slot = (width - left - right) / max(n, 1)
+    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
+               (194, 119, 227), (127, 127, 127)]
+    for i, row in enumerate(rows):
+        x0, x1 = int(left + i * slot + slot * 0.2), int(left + (i + 1) * slot - slot * 0.2)
+        centre = (x0 + x1) // 2
+        colour = colours[i % len(colours)]
+        if row.mean["AP"] is not None:
+            cv2.rectangle(image, (x0, y_of(row.mean["AP"])), (x1, bottom_y), colour, -1)
+            if row.std["AP"] is not None:
+                lo, hi = y_of(max(row.mean["AP"] - row.std["AP"], 0)), y_of(row.mean["AP"] + row.std["AP"])
+                cv2.line(image, (centre, lo), (centre, hi), black, 2)
+                cv2.line(image, (centre - 6, lo), (centre + 6, lo), black, 2)
+                cv2.line(image, (centre - 6, hi), (centre + 6, hi), black, 2)
+            for j, run in enumerate(r for r in row.runs if r.metrics["AP"] is not None):
+                cv2.circle(image, (x0 + 6 + j * 7, y_of(run.metrics["AP"])), 3, black, -1, cv2.LINE_AA)
+            cv2.putText(image, f"{row.mean['AP']:.1f}", (x0, y_of(row.mean["AP"]) - 6), font, 0.45, black, 1,
+                        cv2.LINE_AA)
+        else:
+            cv2.putText(image, "not run", (x0, bottom_y - 8), font, 0.4, grey, 1, cv2.LINE_AA)
+        cv2.putText(image, str(i + 1), (centre - 5, bottom_y + 22), font, 0.55, black, 1, cv2.LINE_AA)
+        if row.experiment == table.baseline and row.mean["AP"] is not None:
+            y = y_of(row.mean["AP"])
+            for x in range(left, width - right, 12):
+                cv2.line(image, (x, y), (min(x + 6, width - right), y), black, 1)
+    cv2.line(image, (left, bottom_y), (width - right, bottom_y), black, 1)
+    for i, row in enumerate(rows):
+        y = bottom_y + 40 + 22 * i + 12
+        cv2.rectangle(image, (12, y - 10), (24, y + 2), colours[i % len(colours)], -1)
+        text = f"{i + 1}. {row.label} ({row.experiment}, {len(row.runs)} runs)"
+        cv2.putText(image, text[:120], (32, y), font, 0.45, black, 1, cv2.LINE_AA)
+    return image
+
+
+def write_report(table: AblationTable, paths: Iterable[str | Path], markdown_path: str | Path | None = None,
+                 chart_path: str | Path | None = None) -> str:
+    """Collect the finished runs under `paths` (folders without runs are skipped), summarise
+    them for `table`, write the Markdown (with the chart linked) and the PNG; returns the
+    Markdown."""
+    import cv2
+
+    paths = [p for p in map(Path, paths) if p.exists() and (
+        (p / "metrics.json").is_file() or next(p.rglob("metrics.json"), None) is not None)]
+    rows = summarize(table, collect_runs(paths) if paths else [])
+    markdown = render_markdown(table, rows)
+    if chart_path is not None:
+        chart_path = Path(chart_path)
+        chart_path.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(chart_path), render_chart(table, rows)):
+            raise OSError(f"could not write {chart_path}")
+        if markdown_path is not None:
+            markdown += f"\n![{table.title}]({chart_path.name})\n"
+    if markdown_path is not None:
+        markdown_path = Path(markdown_path)
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown)
+    return markdown

@@ -1,0 +1,133 @@
+"""Run every row of ablation tables for several seeds through tools/train.py.
+
+Each (experiment, seed) is one training run in its own folder, `<out>/<experiment>/seed<N>/`,
+so a row shared by two tables (DCNv1 Table 1's "res5a,b,c" is Table 3's "deformable conv")
+is trained once. A run is a `tools/train.py` subprocess with
+
+    experiment=<experiment> data=<data> seed=<N> hydra.run.dir=<run folder> resume=true <train...>
+
+and the exact override list is kept in `<run folder>/ablate.json`. Running the sweep again
+skips finished runs (metrics.json present) made with the same overrides, resumes
+interrupted ones from their last checkpoint, and refuses, before starting anything, a
+folder made with other overrides (it would mix two settings in one report).
+Runs go in seed-major order (every experiment with seed 0 first), so that a sweep cut
+short still has whole seeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from detkit.ablation.tables import AblationTable
+
+__all__ = ["RunSpec", "plan_runs", "check_run_folders", "train_command", "run_sweep", "RUN_RECORD"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO_ROOT / "tools" / "train.py"
+RUN_RECORD = "ablate.json"       # the overrides a run folder was made with
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    experiment: str
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...] = field(default=())   # every tools/train.py override of the run
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "metrics.json").is_file()
+
+
+def _quote(value: str) -> str:
+    """One literal Hydra override value (paths may hold '=' or ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan_runs(tables: list[AblationTable], data: str, seeds: list[int], out: str | Path,
+              train_overrides: list[str] = ()) -> list[RunSpec]:
+    """The runs of `tables` x `seeds`, each experiment once, seed-major."""
+    experiments: list[str] = []
+    for table in tables:
+        experiments += [e for e in table.experiments if e not in experiments]
+    out = Path(out).resolve()
+    specs = []
+    for seed in seeds:
+        for experiment in experiments:
+            run_dir = out / experiment / f"seed{seed}"
+            overrides = (f"experiment={experiment}", f"data={data}", f"seed={seed}",
+                         f"hydra.run.dir={_quote(str(run_dir))}", *train_overrides)
+            specs.append(RunSpec(experiment, int(seed), run_dir, tuple(overrides)))
+    return specs
+
+
+def check_run_folders(specs: list[RunSpec]) -> None:
+    """ValueError if a run folder exists but was not made by the sweep with these overrides."""
+    for spec in specs:
+        if not spec.run_dir.exists():
+            continue
+        record = spec.run_dir / RUN_RECORD
+        if not record.is_file():
+            raise ValueError(f"{spec.run_dir} exists but was not made by tools/ablate.py (no {RUN_RECORD}); "
+                             f"move it away or choose another out=")
+        previous = json.loads(record.read_text()).get("overrides")
+        if previous != list(spec.overrides):
+            raise ValueError(f"{spec.run_dir} was made with other overrides ({' '.join(previous or [])}) than "
+                             f"this sweep's ({' '.join(spec.overrides)}); choose another out= or delete the folder")
+
+
+def train_command(spec: RunSpec) -> list[str]:
+    return [sys.executable, str(TRAIN_SCRIPT), *spec.overrides, "resume=true"]
+
+
+def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None = None,
+              log=print) -> dict[RunSpec, str]:
+    """Train every unfinished run, `jobs` at a time, each with `threads_per_job` threads
+    (default: cores // jobs). Returns {spec: "done" | "skipped" | "failed (exit N)"};
+    a failed run does not stop the others. Output of each run goes to <run folder>/stdout.log."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    status: dict[RunSpec, str] = {}
+    todo = []
+    for spec in specs:
+        if spec.finished:
+            status[spec] = "skipped"
+            log(f"skip {spec.experiment} seed {spec.seed}: finished ({spec.run_dir / 'metrics.json'})")
+        else:
+            todo.append(spec)
+    lock = threading.Lock()
+    counter = iter(range(1, len(todo) + 1))
+
+    def one(spec: RunSpec) -> None:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        (spec.run_dir / RUN_RECORD).write_text(json.dumps({"overrides": list(spec.overrides)}, indent=1))
+        start = time.perf_counter()
+        with open(spec.run_dir / "stdout.log", "ab") as output:
+            code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPO_ROOT)
+        seconds = time.perf_counter() - start
+        if code == 0 and spec.finished:
+            ap = json.loads((spec.run_dir / "metrics.json").read_text()).get("bbox/AP")
+            result, detail = "done", f"box AP {ap:.2f}" if isinstance(ap, (int, float)) else "no AP"
+        else:
+            result, detail = f"failed (exit {code})", f"see {spec.run_dir / 'stdout.log'}"
+        with lock:
+            status[spec] = result
+            log(f"[{next(counter)}/{len(todo)}] {spec.experiment} seed {spec.seed}: {result} in "
+                f"{seconds / 60:.1f} min, {detail}")
+
+    log(f"{len(todo)} runs to train ({len(specs) - len(todo)} finished), {jobs} at a time, "
+        f"{threads} thread(s) each")
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, spec) for spec in todo]:
+            future.result()
+    return status

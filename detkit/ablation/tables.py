@@ -1,0 +1,87 @@
+"""Ablation tables: which experiments make up a paper's table, and the paper's numbers.
+
+A table is `configs/ablation/<name>.yaml`:
+
+    title: "DCNv1 Table 1: ..."
+    baseline: dcnv1/baseline            # the row others are compared with
+    paper:
+      source: "Dai et al., ... Table 1 ..."   # the citation printed under the report
+      columns: ["mAP@0.5", "mAP@0.7"]          # what the paper's numbers are
+    rows:
+      - {experiment: dcnv1/baseline, label: "none (0)", paper: [78.1, 62.1]}
+
+`experiment` names a config under `configs/experiment/`; `paper` holds one number per
+paper column, null where the paper gives none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from detkit.cli import CONFIG_DIR
+
+__all__ = ["TABLE_DIR", "AblationRow", "AblationTable", "load_table", "table_names"]
+
+TABLE_DIR = CONFIG_DIR / "ablation"
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    experiment: str                       # configs/experiment/<experiment>.yaml
+    label: str                            # the row's name in the paper's wording
+    paper: tuple[float | None, ...]       # the paper's numbers, one per AblationTable.paper_columns
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    name: str
+    title: str
+    baseline: str                         # experiment of the reference row
+    paper_source: str
+    paper_columns: tuple[str, ...]
+    rows: tuple[AblationRow, ...]
+
+    @property
+    def experiments(self) -> list[str]:
+        return [row.experiment for row in self.rows]
+
+
+def table_names() -> list[str]:
+    return sorted(p.stem for p in TABLE_DIR.glob("*.yaml"))
+
+
+def load_table(name: str, table_dir: str | Path | None = None) -> AblationTable:
+    """The table `configs/ablation/<name>.yaml` (or `<table_dir>/<name>.yaml`); a ValueError
+    naming the known tables if there is none, or naming the field that is malformed."""
+    from omegaconf import OmegaConf
+
+    table_dir = Path(table_dir) if table_dir is not None else TABLE_DIR
+    path = table_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in table_dir.glob("*.yaml"))
+        raise ValueError(f"no ablation table {name!r}: expected {path}; known tables: {', '.join(known)}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+    def field(mapping: dict, key: str, where: str):
+        if not isinstance(mapping, dict) or key not in mapping:
+            raise ValueError(f"{path}: {where} lacks the field {key!r}")
+        return mapping[key]
+
+    paper = field(raw, "paper", "the table")
+    columns = tuple(str(c) for c in field(paper, "columns", "paper"))
+    rows = []
+    for i, row in enumerate(field(raw, "rows", "the table")):
+        numbers = tuple(None if v is None else float(v) for v in field(row, "paper", f"row {i}"))
+        if len(numbers) != len(columns):
+            raise ValueError(f"{path}: row {i} ({row.get('experiment')}) has {len(numbers)} paper numbers "
+                             f"for {len(columns)} paper columns {list(columns)}")
+        rows.append(AblationRow(str(field(row, "experiment", f"row {i}")), str(field(row, "label", f"row {i}")),
+                                numbers))
+    experiments = [r.experiment for r in rows]
+    if len(set(experiments)) != len(experiments):
+        raise ValueError(f"{path}: an experiment appears twice in rows: {experiments}")
+    baseline = str(field(raw, "baseline", "the table"))
+    if baseline not in experiments:
+        raise ValueError(f"{path}: baseline {baseline!r} is not one of the rows {experiments}")
+    return AblationTable(name, str(field(raw, "title", "the table")), baseline, str(field(paper, "source", "paper")),
+                         columns, tuple(rows))
