@@ -12,6 +12,10 @@ folders); finished runs are skipped and interrupted ones resumed when the comman
 again. Reports: OUT/<table>.md and OUT/<table>.png (tools/report.py renders them again from
 the run folders at any time).
 
+With data=synthetic the runs start from a backbone pre-trained once on a disjoint synthetic
+split (pretrain=auto: experiment=pretrain/backbone_synthetic into OUT/pretrain/), as the
+papers start from ImageNet weights; with data=coco pass ImageNet weights after --.
+
 Exit status: 0 every run finished; 1 some run failed (the others still ran; the report
 marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothing started).
 """
@@ -59,10 +63,24 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"threads_per_job must be a positive integer or null; got {threads!r}")
     data, out = str(options["data"]), Path(str(options["out"]))
 
-    from detkit.ablation.sweep import check_run_folders, plan_runs, run_sweep
+    from detkit.ablation.sweep import (check_run_folders, plan_pretrain, plan_runs, pretrained_backbone,
+                                       run_sweep, weights_override)
 
+    pretrain = options["pretrain"]
+    if pretrain == "auto":
+        pretrain = "backbone_synthetic" if data == "synthetic" else None
+    pretrain_spec = plan_pretrain(str(pretrain), out, train) if pretrain else None
+    if pretrain_spec is not None:
+        if any(arg.startswith("model.backbone.weights=") for arg in train):
+            raise ValueError("pass either pretrain=NAME or -- model.backbone.weights=PATH, not both "
+                             "(pretrain=null to use your weights)")
+        try:
+            check_config("train", list(pretrain_spec.overrides))
+        except ValueError as exc:
+            raise ValueError(f"pretrain={pretrain}: {exc}") from None
+        train = [*train, weights_override(pretrained_backbone(pretrain_spec))]
     specs = plan_runs(tables, data, seeds, out, train)
-    check_run_folders(specs)
+    check_run_folders(specs + ([pretrain_spec] if pretrain_spec else []))
     first_config = None
     for spec in specs[:len(specs) // len(seeds)]:   # every experiment once: the seeds only change seed=
         try:
@@ -74,6 +92,17 @@ def main(argv: list[str]) -> int:
     from detkit.engine.datasets import prepare_data
 
     prepare_data(first_config.data)      # once, before parallel runs would race to generate it
+    if pretrain_spec is not None:
+        backbone = pretrained_backbone(pretrain_spec)
+        if not backbone.is_file():
+            result = run_sweep([pretrain_spec], jobs=1, threads_per_job=threads and threads * jobs)
+            if not pretrain_spec.finished:
+                raise RuntimeError(f"pre-training {pretrain_spec.experiment} {result[pretrain_spec]}: see "
+                                   f"{pretrain_spec.run_dir / 'stdout.log'}")
+            from detkit.engine.checkpoint import export_backbone
+
+            export_backbone(pretrain_spec.run_dir / "checkpoints" / "last.pth", backbone)
+        print(f"backbone of every run: {backbone}")
     status = run_sweep(specs, jobs=jobs, threads_per_job=threads)
 
     from detkit.ablation.report import write_report

@@ -166,7 +166,7 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if not row.runs:
-            cells = [row.label, f"`{row.experiment}`", "0", *(["not run"] * len(METRICS)), "", "", ""]
+            cells = [row.label, f"`{row.experiment}`", "none", *(["not run"] * len(METRICS)), "", "", ""]
         else:
             if row.experiment == table.baseline:
                 delta = "baseline"

@@ -12,6 +12,11 @@ interrupted ones from their last checkpoint, and refuses, before starting anythi
 folder made with other overrides (it would mix two settings in one report).
 Runs go in seed-major order (every experiment with seed 0 first), so that a sweep cut
 short still has whole seeds.
+
+Pre-training (`plan_pretrain`): the papers fine-tune ImageNet models. With `pretrain=NAME`
+the sweep first trains `experiment=pretrain/NAME` once into `<out>/pretrain/NAME/`, writes
+its backbone (`detkit.engine.checkpoint.export_backbone`) to `backbone.pth` there and gives
+it to every run as `model.backbone.weights`.
 """
 from __future__ import annotations
 
@@ -66,6 +71,22 @@ def plan_runs(tables: list[AblationTable], data: str, seeds: list[int], out: str
                          f"hydra.run.dir={_quote(str(run_dir))}", *train_overrides)
             specs.append(RunSpec(experiment, int(seed), run_dir, tuple(overrides)))
     return specs
+
+
+def plan_pretrain(name: str, out: str | Path, train_overrides: list[str] = ()) -> RunSpec:
+    """The pre-training run `experiment=pretrain/<name>` in `<out>/pretrain/<name>/`."""
+    run_dir = Path(out).resolve() / "pretrain" / name
+    return RunSpec(f"pretrain/{name}", 0, run_dir,
+                   (f"experiment=pretrain/{name}", f"hydra.run.dir={_quote(str(run_dir))}", *train_overrides))
+
+
+def pretrained_backbone(spec: RunSpec) -> Path:
+    """Where the sweep writes the backbone of pre-training run `spec`."""
+    return spec.run_dir / "backbone.pth"
+
+
+def weights_override(path: str | Path) -> str:
+    return f"model.backbone.weights={_quote(str(path))}"
 
 
 def check_run_folders(specs: list[RunSpec]) -> None:

@@ -102,3 +102,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = build_model(state["model_config"])
     load_state_dict_strict(model, state["model"], str(path))
     return model.to(device).eval(), state
+
+
+def export_backbone(checkpoint: str | os.PathLike, output: str | os.PathLike) -> int:
+    """Write the ResNet backbone of a detkit checkpoint as a torchvision-style ResNet state
+    dict (torchvision's parameter names, no `fc.*`, no offset branches), the format that
+    `model.backbone.weights=PATH` loads (`detkit.modeling.backbone.load_torchvision_weights`):
+    a detector trained here can initialise another, as an ImageNet ResNet would.
+    Written atomically. Returns the number of tensors written."""
+    state = load_checkpoint(checkpoint)
+    weights = state.get("model")
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{checkpoint} holds no model weights")
+    backbone = {key[len("backbone."):]: value for key, value in weights.items()
+                if key.startswith("backbone.") and ".offset_branch." not in key}
+    if not backbone:
+        raise CheckpointError(f"{checkpoint} has no backbone.* weights (keys start with "
+                              f"{sorted({k.split('.')[0] for k in weights})})")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as tmp:
+        torch.save(backbone, tmp)
+    os.replace(tmp.name, output)
+    return len(backbone)

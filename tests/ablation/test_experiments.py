@@ -1,0 +1,122 @@
+"""Every ablation experiment composes, for the synthetic and the COCO setting, into the
+detector and schedule its table row describes, and builds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from detkit.ablation.tables import load_table, table_names
+from detkit.cli import CONFIG_DIR, check_config
+from detkit.engine.checkpoint import build_model
+from detkit.modeling.backbone.resnet import deformable_layers
+
+EXPERIMENTS = sorted(str(p.relative_to(CONFIG_DIR / "experiment").with_suffix(""))
+                     for p in (CONFIG_DIR / "experiment").glob("*/*.yaml"))
+
+# experiment -> (deformable 3x3 layers per stage, modulated, pooler kind) in a ResNet-50 / 101
+RES3, RES4 = 4, 6           # bottleneck blocks of R50's res3 / res4 (R101: res4 has 23)
+EXPECTED = {
+    "dcnv1/baseline": ({}, False, "alignv2"),
+    "dcnv1/res5c": ({"res5": 1}, False, "alignv2"),
+    "dcnv1/res5bc": ({"res5": 2}, False, "alignv2"),
+    "dcnv1/res5abc": ({"res5": 3}, False, "alignv2"),
+    "dcnv1/res5abc_res4": ({"res4": 3, "res5": 3}, False, "alignv2"),
+    "dcnv1/dpool": ({}, False, "deform"),
+    "dcnv1/res5abc_dpool": ({"res5": 3}, False, "deform"),
+    "dcnv2/regular": ({}, False, "alignv2"),
+    "dcnv2/dconv_c5_dpool": ({"res5": 3}, False, "deform"),
+    "dcnv2/dconv_c4_c5_dpool": ({"res4": RES4, "res5": 3}, False, "deform"),
+    "dcnv2/dconv_c3_c5_dpool": ({"res3": RES3, "res4": RES4, "res5": 3}, False, "deform"),
+    "dcnv2/mdconv_c3_c5_mdpool": ({"res3": RES3, "res4": RES4, "res5": 3}, True, "mdeform"),
+    "fpn/baseline": ({}, False, "alignv2"),
+    "fpn/dconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, False, "alignv2"),
+    "fpn/mdconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, True, "alignv2"),
+    "fpn/dpool": ({}, False, "deform"),
+    "fpn/mdpool": ({}, False, "mdeform"),
+}
+# family -> (layout, lr_mult deform_conv, lr_mult deform_roi_pool): as each paper trains them
+FAMILY = {"dcnv1": ("single_scale", 1.0, 0.01), "dcnv2": ("single_scale", 0.1, 0.1), "fpn": ("fpn", 1.0, 1.0)}
+COCO = ["data=coco", "data.root=/data/coco"]
+
+
+def compose(experiment: str, *overrides: str):
+    return check_config("train", [f"experiment={experiment}", *overrides])
+
+
+def test_every_experiment_is_in_a_table_and_every_row_exists():
+    in_tables = {e for name in table_names() for e in load_table(name).experiments}
+    assert set(EXPERIMENTS) == in_tables == set(EXPECTED)
+    assert set(table_names()) == {"dcnv1_table1", "dcnv1_table3", "dcnv2_table1", "fpn_mmdet"}
+
+
+def test_tables_have_the_papers_rows():
+    assert len(load_table("dcnv1_table1").rows) == 5
+    assert len(load_table("dcnv1_table3").rows) == 4
+    assert len(load_table("dcnv2_table1").rows) == 5
+    assert len(load_table("fpn_mmdet").rows) == 5
+    # The paper's own numbers travel with the rows (DCNv2 Table 1, Faster R-CNN: 34.7 -> 41.7).
+    rows = {r.experiment: r.paper for r in load_table("dcnv2_table1").rows}
+    assert rows["dcnv2/regular"] == (34.7,) and rows["dcnv2/mdconv_c3_c5_mdpool"] == (41.7,)
+    assert rows["dcnv2/dconv_c4_c5_dpool"] == (None,)
+
+
+def check_model(cfg, experiment: str, depth: int) -> None:
+    stages, modulated, pooler = EXPECTED[experiment]
+    layout, conv_mult, pool_mult = FAMILY[experiment.split("/")[0]]
+    assert cfg.model.layout == layout and cfg.model.pooler_kind == pooler
+    assert cfg.model.backbone.depth == depth
+    assert (cfg.schedule.lr_mult.deform_conv, cfg.schedule.lr_mult.deform_roi_pool) == (conv_mult, pool_mult)
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True))
+    layers = deformable_layers(model.backbone)
+    found: dict[str, int] = {}
+    for name, _ in layers:
+        stage = f"res{int(name.split('.')[0].removeprefix('layer')) + 1}"
+        found[stage] = found.get(stage, 0) + 1
+    assert found == stages
+    assert all(layer.modulated == modulated for _, layer in layers)
+    # The deformable layers are the LAST blocks of their stage (DCNv1 Table 1: res5c, res5b-c, ...).
+    blocks = {"res3": 4, "res4": 6 if depth == 50 else 23, "res5": 3}
+    for stage, count in stages.items():
+        index = {int(n.split(".")[1]) for n, _ in layers if n.startswith(f"layer{int(stage[3]) - 1}.")}
+        assert index == set(range(blocks[stage] - count, blocks[stage]))
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED))
+def test_synthetic_experiment_composes_and_builds(experiment):
+    cfg = compose(experiment)
+    assert cfg.data.kind == "synthetic"
+    assert cfg.schedule.max_iters == 300 and cfg.schedule.batch_size == 4     # schedule/ablation_cpu
+    assert cfg.model.backbone.width == 16 and cfg.model.backbone.norm == "bn" and not cfg.model.backbone.weights
+    check_model(cfg, experiment, depth=50)
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPECTED))
+def test_coco_experiment_has_the_papers_setting(experiment):
+    family = experiment.split("/")[0]
+    cfg = compose(experiment, *COCO, "model.backbone.weights=/w/resnet.pth")
+    assert cfg.data.kind == "coco"
+    depth = 101 if family == "dcnv1" else 50
+    assert cfg.model.backbone.get("width", 64) == 64 and cfg.model.backbone.norm == "frozen_bn"
+    expected_schedule = {"dcnv1": (240000, 8, 0.001), "dcnv2": (117266, 16, 0.02), "fpn": (90000, 16, 0.02)}
+    assert (cfg.schedule.max_iters, cfg.schedule.batch_size, cfg.schedule.base_lr) == expected_schedule[family]
+    assert cfg.model.transform_options.min_size == {"dcnv1": 600, "dcnv2": 1000, "fpn": 800}[family]
+    if family != "fpn":
+        assert cfg.model.backbone.dilate_res5 and cfg.model.rpn_feature == "res4"
+    cfg.model.backbone.weights = None     # building only: no ImageNet file here
+    check_model(cfg, experiment, depth=depth)
+
+
+def test_coco_experiment_without_imagenet_weights_is_refused():
+    from detkit.engine.trainer import _check_config
+
+    cfg = compose("dcnv2/regular", *COCO)
+    with pytest.raises(ValueError, match=r"model.backbone.weights is null.*resnet50.pth"):
+        _check_config(cfg, world_size=1)
+    _check_config(compose("dcnv2/regular", *COCO, "model.backbone.weights=/w/r50.pth"), world_size=1)
+
+
+def test_unknown_data_setting_names_the_missing_config():
+    with pytest.raises(ValueError, match=r"ablation/dcnv1_nonexistent"):
+        compose("dcnv1/res5c", "data=nonexistent")

@@ -1,0 +1,150 @@
+"""The ablation report from fixture run folders: statistics, layout, paper numbers, chart,
+and tools/report.py's command line."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detkit.ablation.report import collect_runs, render_chart, render_markdown, summarize, write_report
+from detkit.ablation.tables import load_table
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT = str(REPO / "tools" / "report.py")
+
+# experiment -> per-seed (AP, sec/iter, parameters); APl is null (no large objects) everywhere
+FIXTURE = {
+    "dcnv2/regular": [(20.0, 0.50, 8_000_000), (22.0, 0.52, 8_000_000), (21.0, 0.48, 8_000_000)],
+    "dcnv2/dconv_c5_dpool": [(25.0, 0.70, 9_000_000), (26.0, 0.72, 9_000_000), (27.0, 0.68, 9_000_000)],
+    "dcnv2/mdconv_c3_c5_mdpool": [(21.0, 0.90, 9_500_000), (23.0, 0.95, 9_500_000), (19.0, 1.00, 9_500_000)],
+}
+
+
+def make_run(run_dir: Path, experiment: str, seed: int, ap: float, sec: float, params: int,
+             data: str = "synthetic") -> None:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices:\n      experiment: {experiment}\n      data: {data}\n")
+    (run_dir / "config.yaml").write_text(f"seed: {seed}\n")
+    metrics = {"iteration": 300, "bbox/AP": ap, "bbox/AP50": ap + 20, "bbox/AP75": ap - 5, "bbox/APs": ap - 10,
+               "bbox/APm": ap + 2, "bbox/APl": None}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "train_stats.json").write_text(json.dumps({"parameters": params, "sec_per_iter": sec}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for experiment, seeds in FIXTURE.items():
+        for seed, (ap, sec, params) in enumerate(seeds):
+            make_run(tmp_path / experiment / f"seed{seed}", experiment, seed, ap, sec, params)
+    return tmp_path
+
+
+def test_summary_statistics(sweep):
+    table = load_table("dcnv2_table1")
+    rows = {r.experiment: r for r in summarize(table, collect_runs([sweep]))}
+    assert [r.experiment for r in summarize(table, collect_runs([sweep]))] == table.experiments  # paper order
+    base, dconv = rows["dcnv2/regular"], rows["dcnv2/dconv_c5_dpool"]
+    assert base.seeds == [0, 1, 2]
+    assert base.mean["AP"] == pytest.approx(21.0) and base.std["AP"] == pytest.approx(1.0)
+    assert base.mean["AP50"] == pytest.approx(41.0) and base.mean["APl"] is None and base.std["APl"] is None
+    assert dconv.delta_ap == pytest.approx(5.0)
+    assert dconv.delta_ap_2se == pytest.approx(2 * math.sqrt(1 / 3 + 1 / 3))
+    assert dconv.time_ratio == pytest.approx(0.70 / 0.50)          # medians
+    assert dconv.parameters == 9_000_000
+    assert rows["dcnv2/mdconv_c3_c5_mdpool"].std["AP"] == pytest.approx(statistics.stdev([21, 23, 19]))
+    assert rows["dcnv2/dconv_c4_c5_dpool"].runs == () and rows["dcnv2/dconv_c4_c5_dpool"].mean["AP"] is None
+
+
+def test_markdown_layout(sweep):
+    table = load_table("dcnv2_table1")
+    text = render_markdown(table, summarize(table, collect_runs([sweep])))
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "AP | AP50 | AP75 | APs | APm | APl" in lines["row"] and "paper AP" in lines["row"]
+    assert "| 21.0 ± 1.0 | 41.0 ± 1.0 |" in lines["regular conv"] and "| baseline |" in lines["regular conv"]
+    assert "| 34.7 |" in lines["regular conv"]                                       # the paper's number
+    dconv = lines["DCNv1: dconv conv5 + dpool"]
+    assert "+5.0 ± 1.6 *" in dconv and "1.40x" in dconv and "9.00M" in dconv and "| 38 |" in dconv
+    modulated = lines["DCNv2: mdconv conv3-5 + mdpool"]
+    assert "+0.0 ± 2.6 |" in modulated and "*" not in modulated.split("|")[-5]       # within the spread
+    assert "not run" in lines["dconv conv4-5 + dpool"]
+    assert "| n/a |" in lines["regular conv"]                                        # APl undefined
+    assert "Zhu et al." in text and "arXiv 1811.11168" in text
+
+
+def test_chart_draws_bars_to_scale(sweep):
+    table = load_table("dcnv2_table1")
+    image = render_chart(table, summarize(table, collect_runs([sweep])))
+    assert image.dtype == np.uint8 and image.ndim == 3
+    # Bar heights follow the means: measure each bar's height in its own colour along its left edge.
+    heights = []
+    for i in (0, 1):                                   # rows 1 and 2 (blue, orange)
+        colour = [(180, 119, 31), (14, 127, 255)][i]
+        mask = np.all(image == colour, axis=2)
+        heights.append(mask.any(axis=1)[:350].sum())
+    assert heights[1] / heights[0] == pytest.approx(26.0 / 21.0, rel=0.03)
+
+
+def test_write_report_files(sweep, tmp_path):
+    table = load_table("dcnv2_table1")
+    text = write_report(table, [sweep], tmp_path / "out" / "t.md", tmp_path / "out" / "t.png")
+    assert (tmp_path / "out" / "t.md").read_text() == text and "![" in text
+    assert cv2.imread(str(tmp_path / "out" / "t.png")) is not None
+
+
+def test_mixed_data_settings_are_refused(sweep):
+    make_run(sweep / "coco_run", "dcnv2/regular", 5, 30.0, 0.1, 1, data="coco")
+    with pytest.raises(ValueError, match="mix data configs"):
+        summarize(load_table("dcnv2_table1"), collect_runs([sweep]))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, REPORT, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_renders_tables_with_runs(sweep, tmp_path):
+    result = run(str(sweep))
+    assert result.returncode == 0, result.stderr
+    assert "DCNv2 Table 1" in result.stdout and "DCNv1 Table 1" not in result.stdout   # only tables with runs
+    result = run(str(sweep / "dcnv2" / "regular" / "seed0"), "--out", str(tmp_path / "rep"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rep" / "dcnv2_table1.md").is_file() and (tmp_path / "rep" / "dcnv2_table1.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/nonexistent/runs"], "/nonexistent/runs does not exist"),
+    (["EMPTY"], "holds no finished run"),
+    (["BADJSON"], "is not valid JSON"),
+    (["OTHER"], "are in no ablation table"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{not json")
+    make_run(tmp_path / "other", "smoke", 0, 1.0, 0.1, 1)
+    paths = {"EMPTY": tmp_path / "empty", "BADJSON": tmp_path / "bad", "OTHER": tmp_path / "other"}
+    result = run(*[str(paths.get(a, a)) for a in args])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_table_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="known tables: dcnv1_table1, dcnv1_table3, dcnv2_table1, fpn_mmdet"):
+        load_table("dcnv3_table9")
+    (tmp_path / "t.yaml").write_text(
+        "title: t\nbaseline: a\npaper: {source: s, columns: [AP, AP50]}\nrows:\n"
+        "  - {experiment: a, label: A, paper: [1.0]}\n")
+    with pytest.raises(ValueError, match="row 0 .a. has 1 paper numbers for 2 paper columns"):
+        load_table("t", tmp_path)
+    (tmp_path / "u.yaml").write_text(
+        "title: t\nbaseline: z\npaper: {source: s, columns: [AP]}\nrows:\n  - {experiment: a, label: A, paper: [1]}\n")
+    with pytest.raises(ValueError, match="baseline 'z' is not one of the rows"):
+        load_table("u", tmp_path)
