@@ -35,13 +35,15 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write `state` to `path` atomically: a temporary file in the same folder, flushed to
     disk, then renamed over `path`. A kill at any moment leaves either the old file or the
     new one, never a truncated one."""
-    path = Path(path)
+    _atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, Path(path))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -119,9 +121,5 @@ def export_backbone(checkpoint: str | os.PathLike, output: str | os.PathLike) ->
     if not backbone:
         raise CheckpointError(f"{checkpoint} has no backbone.* weights (keys start with "
                               f"{sorted({k.split('.')[0] for k in weights})})")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as tmp:
-        torch.save(backbone, tmp)
-    os.replace(tmp.name, output)
+    _atomic_torch_save(backbone, Path(output))
     return len(backbone)

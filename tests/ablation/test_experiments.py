@@ -15,8 +15,8 @@ from detkit.modeling.backbone.resnet import deformable_layers
 EXPERIMENTS = sorted(str(p.relative_to(CONFIG_DIR / "experiment").with_suffix(""))
                      for p in (CONFIG_DIR / "experiment").glob("*/*.yaml"))
 
-# experiment -> (deformable 3x3 layers per stage, modulated, pooler kind) in a ResNet-50 / 101
-RES3, RES4 = 4, 6           # bottleneck blocks of R50's res3 / res4 (R101: res4 has 23)
+# experiment -> (deformable 3x3 layers per stage, modulated, pooler kind) in a ResNet-34/50/101
+RES3, RES4 = 4, 6           # blocks of R34's / R50's res3 / res4 (R101: res4 has 23)
 EXPECTED = {
     "dcnv1/baseline": ({}, False, "alignv2"),
     "dcnv1/res5c": ({"res5": 1}, False, "alignv2"),
@@ -77,7 +77,7 @@ def check_model(cfg, experiment: str, depth: int) -> None:
     assert found == stages
     assert all(layer.modulated == modulated for _, layer in layers)
     # The deformable layers are the LAST blocks of their stage (DCNv1 Table 1: res5c, res5b-c, ...).
-    blocks = {"res3": 4, "res4": 6 if depth == 50 else 23, "res5": 3}
+    blocks = {"res3": 4, "res4": 23 if depth == 101 else 6, "res5": 3}
     for stage, count in stages.items():
         index = {int(n.split(".")[1]) for n, _ in layers if n.startswith(f"layer{int(stage[3]) - 1}.")}
         assert index == set(range(blocks[stage] - count, blocks[stage]))
@@ -88,8 +88,12 @@ def test_synthetic_experiment_composes_and_builds(experiment):
     cfg = compose(experiment)
     assert cfg.data.kind == "synthetic"
     assert cfg.schedule.max_iters == 300 and cfg.schedule.batch_size == 4     # schedule/ablation_cpu
-    assert cfg.model.backbone.width == 16 and cfg.model.backbone.norm == "bn" and not cfg.model.backbone.weights
-    check_model(cfg, experiment, depth=50)
+    # Half-width ResNet-34 (ResNet-50's block counts), fine-tuned as the papers do: frozen BN,
+    # stem and res2 frozen, weights from the pre-training that tools/ablate.py passes.
+    backbone = cfg.model.backbone
+    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "frozen_bn", 2)
+    assert not backbone.weights
+    check_model(cfg, experiment, depth=34)
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED))
