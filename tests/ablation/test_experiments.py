@@ -12,8 +12,9 @@ from detkit.cli import CONFIG_DIR, check_config
 from detkit.engine.checkpoint import build_model
 from detkit.modeling.backbone.resnet import deformable_layers
 
+ROW_FAMILIES = ("dcnv1", "dcnv2", "fpn")      # configs/experiment/<family>/: the tables' rows
 EXPERIMENTS = sorted(str(p.relative_to(CONFIG_DIR / "experiment").with_suffix(""))
-                     for p in (CONFIG_DIR / "experiment").glob("*/*.yaml"))
+                     for family in ROW_FAMILIES for p in (CONFIG_DIR / "experiment" / family).glob("*.yaml"))
 
 # experiment -> (deformable 3x3 layers per stage, modulated, pooler kind) in a ResNet-34/50/101
 RES3, RES4 = 4, 6           # blocks of R34's / R50's res3 / res4 (R101: res4 has 23)
@@ -122,5 +123,5 @@ def test_coco_experiment_without_imagenet_weights_is_refused():
 
 
 def test_unknown_data_setting_names_the_missing_config():
-    with pytest.raises(ValueError, match=r"ablation/dcnv1_nonexistent"):
+    with pytest.raises(ValueError, match=r"Could not find 'data/nonexistent'.*coco synthetic"):
         compose("dcnv1/res5c", "data=nonexistent")
