@@ -181,7 +181,7 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
                      *(_cell(row.mean[k], row.std[k]) for k in METRICS), delta,
                      "n/a" if row.time_ratio is None else f"{row.time_ratio:.2f}x",
                      "n/a" if row.parameters is None else f"{row.parameters / 1e6:.2f}M"]
-        cells += ["" if v is None else f"{v:g}" for v in row.paper]
+        cells += ["" if v is None else f"{v:.1f}" for v in row.paper]
         lines.append("| " + " | ".join(cells) + " |")
     datas = sorted({str(r.data) for row in rows for r in row.runs})
     base = next((row for row in rows if row.experiment == table.baseline), None)
