@@ -240,8 +240,8 @@ def render_chart(table: AblationTable, rows: Sequence[RowSummary], width: int = 
                 cv2.line(image, (centre - 6, hi), (centre + 6, hi), black, 2)
             for j, run in enumerate(r for r in row.runs if r.metrics["AP"] is not None):
                 cv2.circle(image, (x0 + 6 + j * 7, y_of(run.metrics["AP"])), 3, black, -1, cv2.LINE_AA)
-            cv2.putText(image, f"{row.mean['AP']:.1f}", (x0, y_of(row.mean["AP"]) - 6), font, 0.45, black, 1,
-                        cv2.LINE_AA)
+            cv2.putText(image, f"{row.mean['AP']:.1f}", (x1 - 34, y_of(row.mean["AP"]) - 6), font, 0.45, black, 1,
+                        cv2.LINE_AA)          # right of the whisker; the run dots sit on the left
         else:
             cv2.putText(image, "not run", (x0, bottom_y - 8), font, 0.4, grey, 1, cv2.LINE_AA)
         cv2.putText(image, str(i + 1), (centre - 5, bottom_y + 22), font, 0.55, black, 1, cv2.LINE_AA)
