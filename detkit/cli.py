@@ -10,6 +10,11 @@ from typing import Any
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def quote_override(value: str) -> str:
+    """A Hydra override value that stays one literal string (spaces, commas, '=' ...)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can fix (bad paths, files, arguments) into one line on stderr
     and exit status 2, instead of a traceback."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from detkit.cli import check_config  # noqa: E402
+from detkit.cli import check_config, one_line_errors  # noqa: E402
 
 
 def _int_list(value, key: str) -> list[int]:
@@ -105,11 +105,12 @@ def main(argv: list[str]) -> int:
         print(f"backbone of every run: {backbone}")
     status = run_sweep(specs, jobs=jobs, threads_per_job=threads)
 
-    from detkit.ablation.report import write_report
+    from detkit.ablation.report import collect_runs, write_report
 
+    finished = [s.run_dir for s in specs if s.finished]
+    runs = collect_runs(finished) if finished else []
     for table in tables:
-        markdown = write_report(table, [s.run_dir for s in specs], out / f"{table.name}.md",
-                                out / f"{table.name}.png")
+        markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
         print(markdown)
         print(f"wrote {out / (table.name + '.md')} and {out / (table.name + '.png')}")
     failed = [s for s, result in status.items() if result.startswith("failed")]
@@ -120,8 +121,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(one_line_errors(main)(sys.argv[1:]))

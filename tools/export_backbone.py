@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from detkit.cli import one_line_errors  # noqa: E402
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/export_backbone.py", description=__doc__.split("\n\n")[0])
@@ -30,8 +32,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(one_line_errors(main)(sys.argv[1:]))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from detkit.cli import one_line_errors  # noqa: E402
+
 
 def main(argv: list[str]) -> int:
     from detkit.ablation.report import collect_runs, render_markdown, summarize, write_report
@@ -44,14 +46,10 @@ def main(argv: list[str]) -> int:
         if args.out is None:
             print(render_markdown(table, summarize(table, runs)))
         else:
-            write_report(table, args.paths, args.out / f"{table.name}.md", args.out / f"{table.name}.png")
+            write_report(table, runs, args.out / f"{table.name}.md", args.out / f"{table.name}.png")
             print(f"wrote {args.out / (table.name + '.md')} and {args.out / (table.name + '.png')}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(one_line_errors(main)(sys.argv[1:]))

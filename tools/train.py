@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 # torch is imported only once the arguments are checked: a typo fails in a fraction of a second.
-from detkit.cli import CONFIG_DIR, check_config, checked_argv, one_line_errors  # noqa: E402
+from detkit.cli import CONFIG_DIR, check_config, checked_argv, one_line_errors, quote_override  # noqa: E402
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -42,11 +42,6 @@ def main(cfg: DictConfig) -> None:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
-
-
-def _quote(value: str) -> str:
-    """A Hydra override value that stays one literal string (spaces, commas, '=' ...)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def distributed_argv(argv: list[str]) -> list[str]:
@@ -71,7 +66,7 @@ def distributed_argv(argv: list[str]) -> list[str]:
     dist.init_distributed()
     run_dir = dist.broadcast_object(os.path.abspath(str(cfg.hydra.run.dir)) if dist.is_main_process() else None)
     argv = [arg for arg in argv if not arg.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    argv.append(f"hydra.run.dir={_quote(run_dir)}")
+    argv.append(f"hydra.run.dir={quote_override(run_dir)}")
     if not dist.is_main_process():
         argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return argv

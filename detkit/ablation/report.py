@@ -258,16 +258,13 @@ def render_chart(table: AblationTable, rows: Sequence[RowSummary], width: int = 
     return image
 
 
-def write_report(table: AblationTable, paths: Iterable[str | Path], markdown_path: str | Path | None = None,
+def write_report(table: AblationTable, runs: Sequence[RunResult], markdown_path: str | Path | None = None,
                  chart_path: str | Path | None = None) -> str:
-    """Collect the finished runs under `paths` (folders without runs are skipped), summarise
-    them for `table`, write the Markdown (with the chart linked) and the PNG; returns the
-    Markdown."""
+    """Summarise `runs` (`collect_runs`) for `table`, write the Markdown (with the chart
+    linked) and the PNG; returns the Markdown."""
     import cv2
 
-    paths = [p for p in map(Path, paths) if p.exists() and (
-        (p / "metrics.json").is_file() or next(p.rglob("metrics.json"), None) is not None)]
-    rows = summarize(table, collect_runs(paths) if paths else [])
+    rows = summarize(table, runs)
     markdown = render_markdown(table, rows)
     if chart_path is not None:
         chart_path = Path(chart_path)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detkit.ablation.tables import AblationTable
+from detkit.cli import quote_override
 
 __all__ = ["RunSpec", "plan_runs", "check_run_folders", "train_command", "run_sweep", "RUN_RECORD"]
 
@@ -51,11 +52,6 @@ class RunSpec:
         return (self.run_dir / "metrics.json").is_file()
 
 
-def _quote(value: str) -> str:
-    """One literal Hydra override value (paths may hold '=' or ',')."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def plan_runs(tables: list[AblationTable], data: str, seeds: list[int], out: str | Path,
               train_overrides: list[str] = ()) -> list[RunSpec]:
     """The runs of `tables` x `seeds`, each experiment once, seed-major."""
@@ -68,7 +64,7 @@ def plan_runs(tables: list[AblationTable], data: str, seeds: list[int], out: str
         for experiment in experiments:
             run_dir = out / experiment / f"seed{seed}"
             overrides = (f"experiment={experiment}", f"data={data}", f"seed={seed}",
-                         f"hydra.run.dir={_quote(str(run_dir))}", *train_overrides)
+                         f"hydra.run.dir={quote_override(str(run_dir))}", *train_overrides)
             specs.append(RunSpec(experiment, int(seed), run_dir, tuple(overrides)))
     return specs
 
@@ -77,7 +73,7 @@ def plan_pretrain(name: str, out: str | Path, train_overrides: list[str] = ()) -
     """The pre-training run `experiment=pretrain/<name>` in `<out>/pretrain/<name>/`."""
     run_dir = Path(out).resolve() / "pretrain" / name
     return RunSpec(f"pretrain/{name}", 0, run_dir,
-                   (f"experiment=pretrain/{name}", f"hydra.run.dir={_quote(str(run_dir))}", *train_overrides))
+                   (f"experiment=pretrain/{name}", f"hydra.run.dir={quote_override(str(run_dir))}", *train_overrides))
 
 
 def pretrained_backbone(spec: RunSpec) -> Path:
@@ -86,7 +82,7 @@ def pretrained_backbone(spec: RunSpec) -> Path:
 
 
 def weights_override(path: str | Path) -> str:
-    return f"model.backbone.weights={_quote(str(path))}"
+    return f"model.backbone.weights={quote_override(str(path))}"
 
 
 def check_run_folders(specs: list[RunSpec]) -> None:

@@ -94,7 +94,7 @@ def test_chart_draws_bars_to_scale(sweep):
 
 def test_write_report_files(sweep, tmp_path):
     table = load_table("dcnv2_table1")
-    text = write_report(table, [sweep], tmp_path / "out" / "t.md", tmp_path / "out" / "t.png")
+    text = write_report(table, collect_runs([sweep]), tmp_path / "out" / "t.md", tmp_path / "out" / "t.png")
     assert (tmp_path / "out" / "t.md").read_text() == text and "![" in text
     assert cv2.imread(str(tmp_path / "out" / "t.png")) is not None
 
