@@ -6,21 +6,24 @@
 #
 # What it does:
 #   * installs from the package registry the nvcc matching torch.version.cuda
-#     (major.minor X.Y): nvidia-cuda-nvcc, nvidia-nvvm and nvidia-cuda-crt, all
-#     pinned to X.Y.* (the newest nvvm/crt are a newer minor whose PTX the
-#     pinned ptxas rejects). The runtime, cuBLAS, cuSPARSE, cuSOLVER and CCCL
-#     headers come with torch's own CUDA dependencies; the script checks them.
+#     (major.minor X.Y): nvidia-cuda-nvcc, nvidia-nvvm, nvidia-cuda-crt and
+#     nvidia-cuda-cccl, all pinned to X.Y.* (for CUDA 12: nvidia-cuda-nvcc-cu12
+#     and nvidia-cuda-cccl-cu12). The runtime, cuBLAS, cuSPARSE and cuSOLVER
+#     headers come with torch's own CUDA dependencies; the script checks them
+#     all (detkit/_build.py's REQUIRED_HEADERS).
 #   * exports CUDA_HOME (the wheel directory holding bin/nvcc), puts
 #     $CUDA_HOME/bin first on PATH, and adds to LIBRARY_PATH a directory holding
 #     the unversioned libcudart.so symlink the linker needs for -lcudart (the
 #     wheel ships only libcudart.so.N).
-#   * exports DETKIT_WITH_CUDA=1 and, when unset, TORCH_CUDA_ARCH_LIST="8.0;9.0"
-#     (A100, H100: a short list keeps CI builds fast).
+#   * exports DETKIT_WITH_CUDA=1. TORCH_CUDA_ARCH_LIST is left alone: without
+#     a GPU and without it, setup.py builds for every architecture the CUDA
+#     version supports from Turing on, with PTX for the newest.
 # Idempotent and quiet on success; returns non-zero with a message on failure
 # (CPU-only torch, no virtual environment, missing headers).
 
 _detkit_cuda_toolchain() {
-    local py
+    local py rules
+    rules="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/detkit/_build.py"
     if [ -z "${VIRTUAL_ENV:-}" ]; then
         echo "cuda_toolchain.sh: activate the virtual environment first (VIRTUAL_ENV is unset)" >&2
         return 1
@@ -38,52 +41,65 @@ _detkit_cuda_toolchain() {
         return 1
     fi
 
+    # The compiler wheels of torch's CUDA version X.Y, each pinned to X.Y.*: the newest
+    # nvvm/crt are a newer minor whose PTX the pinned ptxas rejects. CCCL (cub/, thrust/,
+    # cuda/std) comes with some torch builds' dependencies (13.2) and not with others
+    # (13.0), so it is pinned too. CUDA 12 wheels carry a -cu12 suffix, and its nvcc wheel
+    # bundles nvvm and crt.
+    local wheels
+    case "$cuda_xy" in
+        12.*) wheels="nvidia-cuda-nvcc-cu12 nvidia-cuda-cccl-cu12" ;;
+        *) wheels="nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-crt nvidia-cuda-cccl" ;;
+    esac
     # pip only when a wheel is missing or of another minor: re-sourcing is fast.
-    if ! "$py" - "$cuda_xy" <<'EOF'
+    # shellcheck disable=SC2086
+    if ! "$py" - "$cuda_xy" $wheels <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 try:
-    ok = all(version(p).startswith(sys.argv[1] + ".")
-             for p in ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt"))
+    ok = all(version(p).startswith(sys.argv[1] + ".") for p in sys.argv[2:])
 except PackageNotFoundError:
     ok = False
 sys.exit(0 if ok else 1)
 EOF
     then
-        "$py" -m pip install -q --disable-pip-version-check \
-            "nvidia-cuda-nvcc==${cuda_xy}.*" "nvidia-nvvm==${cuda_xy}.*" "nvidia-cuda-crt==${cuda_xy}.*" || {
-            echo "cuda_toolchain.sh: pip could not install nvcc ${cuda_xy}" >&2
+        local specs="" wheel
+        for wheel in $wheels; do specs="$specs $wheel==${cuda_xy}.*"; done
+        # shellcheck disable=SC2086
+        "$py" -m pip install -q --disable-pip-version-check $specs || {
+            echo "cuda_toolchain.sh: pip could not install the CUDA ${cuda_xy} compiler wheels ($wheels)" >&2
             return 1
         }
     fi
 
     # Locate nvcc, the CUDA headers torch includes, and the versioned libcudart
     # inside the installed wheels (nvidia/cu13/... for CUDA 13,
-    # nvidia/cuda_nvcc/... and siblings for CUDA 12).
+    # nvidia/cuda_nvcc/... and siblings for CUDA 12); the header list is
+    # detkit/_build.py's, the one setup.py checks.
     local found
-    found=$("$py" - <<'EOF'
-import glob, os, sys, sysconfig
+    found=$("$py" - "$rules" <<'EOF'
+import glob, importlib.util, os, sys, sysconfig
+spec = importlib.util.spec_from_file_location("detkit_build_rules", sys.argv[1])
+rules = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = rules
+spec.loader.exec_module(rules)
 nvidia = os.path.join(sysconfig.get_paths()["purelib"], "nvidia")
 nvcc = sorted(glob.glob(os.path.join(nvidia, "*", "bin", "nvcc")))
 cudart = sorted(glob.glob(os.path.join(nvidia, "*", "lib", "libcudart.so.[0-9]*")))
 if not nvcc or not cudart:
     sys.exit(f"no nvcc or libcudart.so.N under {nvidia}")
-include_dirs = sorted(glob.glob(os.path.join(nvidia, "*", "include")))
-needed = ["cuda_runtime.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h", "cuda_fp16.h", "cuda_bf16.h"]
-missing = [h for h in needed if not any(os.path.exists(os.path.join(d, h)) for d in include_dirs)]
-if not any(os.path.isdir(os.path.join(d, sub, "cub")) for d in include_dirs for sub in ("", "cccl")):
-    missing.append("cub/ (CCCL)")
-if missing:
-    sys.exit("missing CUDA headers: " + ", ".join(missing))
 cuda_home = os.path.dirname(os.path.dirname(nvcc[0]))
 # CUDA 13 wheels share one include/ under CUDA_HOME; CUDA 12 wheels have one
 # include/ per package, which then go on CPATH.
 home_include = os.path.join(cuda_home, "include")
+extra = [d for d in sorted(glob.glob(os.path.join(nvidia, "*", "include"))) if d != home_include]
+missing = rules.missing_headers(cuda_home, os.pathsep.join(extra))
+if missing:
+    sys.exit("missing CUDA headers: " + ", ".join(missing))
 split = not os.path.exists(os.path.join(home_include, "cuda_runtime.h"))
-extra = [d for d in include_dirs if d != home_include] if split else []
 print(cuda_home)
 print(cudart[0])
-print(os.pathsep.join(extra))
+print(os.pathsep.join(extra) if split else "")
 EOF
     ) || {
         echo "cuda_toolchain.sh: incomplete CUDA wheels in $VIRTUAL_ENV (see the message above)" >&2
@@ -123,8 +139,9 @@ EOF
         return 1
     fi
 
+    # No TORCH_CUDA_ARCH_LIST here: with a GPU torch builds for it; without one
+    # setup.py takes detkit/_build.py's default_arch_list (Turing to Blackwell + PTX).
     export DETKIT_WITH_CUDA=1
-    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 }
 
 if _detkit_cuda_toolchain; then

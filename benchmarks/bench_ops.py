@@ -139,6 +139,36 @@ def bench_roi_pool(measure, device, dtype) -> None:
         print(f"| {name} | {t[name]:.1f} | {t[name + ' fb']:.1f} | {t[name + ' fb'] / base:.2f}x |", flush=True)
 
 
+def bench_autocast(measure) -> None:
+    """CUDA: what detkit's autocast policy (deformable ops in float32) costs against calling
+    the op with bfloat16 tensors directly (offsets rounded to bfloat16), forward+backward."""
+    print("\n### deform_conv2d under autocast (runs in float32) vs a direct bfloat16 call, fwd+bwd\n")
+    print("| shape | float32 | autocast bf16 | direct bf16 | direct bf16 speed-up | dense conv, autocast bf16 |")
+    print("|---|---|---|---|---|---|")
+    device = torch.device("cuda")
+    for b, c, h, w in CONV_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)
+        x, weight = make(b, c, h, w), make(c, c, 3, 3, scale=0.02)
+        offset, mask = make(b, 18, h, w, scale=2.0), torch.rand(b, 9, h, w, generator=g).to(device)
+        grad = make(b, c, h, w)
+        f32 = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
+        bf16 = [t.to(torch.bfloat16).requires_grad_() for t in (x, weight, offset, mask)]
+
+        def run(leaves, autocast: bool, dense: bool = False) -> None:
+            for t in leaves:
+                t.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                xl, wl, ol, ml = leaves
+                out = F.conv2d(xl, wl, padding=1) if dense else deform_conv2d(xl, ol, wl, padding=1, mask=ml)
+            out.backward(grad.to(out.dtype))
+
+        t = measure({"f32": lambda: run(f32, False), "autocast": lambda: run(f32, True),
+                     "bf16": lambda: run(bf16, False), "dense": lambda: run(f32, True, dense=True)})
+        print(f"| {b}x{c}x{h}x{w} | {t['f32']:.2f} | {t['autocast']:.2f} | {t['bf16']:.2f} | "
+              f"{t['autocast'] / t['bf16']:.2f}x | {t['dense']:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -155,6 +185,8 @@ def main() -> None:
           f"times in ms")
     bench_conv(measure, device, dtype, not args.no_torchvision)
     bench_roi_pool(measure, device, dtype)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        bench_autocast(measure)
 
 
 if __name__ == "__main__":

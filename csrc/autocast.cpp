@@ -1,23 +1,20 @@
 // Autocast rules for the detkit ops, so they run inside torch.autocast.
 //
-// Under CUDA autocast deform_conv2d behaves like conv2d: every floating input
-// is cast to the autocast dtype (float16 or bfloat16) and the kernels
-// accumulate in float32. deform_roi_pool runs in float32 (as torchvision's
-// roi_align does): its RoI coordinates, hundreds of pixels, would lose whole
-// pixels in bfloat16. The CPU kernels are float32/float64 only, so under CPU
-// autocast both ops run in float32.
+// Both ops run in float32 under autocast, on every device (torchvision does
+// the same for deform_conv2d and roi_align). The reason is the sampling
+// positions: cast to bfloat16 an offset near 20 px moves in steps of 1/8 px
+// (float16: 1/64 px), and a RoI coordinate near 500 px in steps of 2 px, so a
+// low-precision op would sample visibly off the learned positions
+// (docs/ops.md, "Mixed precision", has the measured errors). The op's output
+// is float32; the next autocast op casts it down again. Calling the CUDA
+// kernels with float16 / bfloat16 tensors directly stays possible (they
+// accumulate in float32). The CPU kernels are float32/float64 only.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 namespace detkit {
 namespace {
-
-template <c10::DeviceType device>
-at::ScalarType autocast_target() {
-  if constexpr (device == c10::DeviceType::CUDA) return at::autocast::get_autocast_dtype(device);
-  return at::kFloat;
-}
 
 template <c10::DeviceType device>
 c10::optional<at::Tensor> cast_optional(at::ScalarType dtype, const c10::optional<at::Tensor>& t) {
@@ -37,7 +34,7 @@ at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& off
                                          const c10::optional<at::Tensor>&,
                                          const c10::optional<at::Tensor>&, at::IntArrayRef,
                                          at::IntArrayRef, at::IntArrayRef)>();
-  const at::ScalarType dtype = autocast_target<device>();
+  const at::ScalarType dtype = at::kFloat;
   return op.call(at::autocast::cached_cast(dtype, input, device),
                  at::autocast::cached_cast(dtype, offset, device),
                  at::autocast::cached_cast(dtype, weight, device),

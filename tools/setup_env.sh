@@ -3,8 +3,12 @@
 # torchvision from the package index, detkit's dependencies, and the compiled
 # ops built from csrc/ against that torch.
 #
-#   bash tools/setup_env.sh                  # CPU kernels (+ CUDA ones if a matching nvcc is found)
+#   bash tools/setup_env.sh                  # CPU kernels (+ CUDA ones when wanted and possible)
 #   bash tools/setup_env.sh --cuda-compiler  # also install nvcc from PyPI and build the CUDA kernels
+#
+# Which kernels are built, and why, is decided by detkit/_build.py and printed
+# before the build. The extras installed are [test,export] (pytest, ninja,
+# onnx, onnxscript, onnxruntime), so one set-up serves training, tests and export.
 #
 # Safe to run again: it reuses .venv and only rebuilds the extension.
 set -euo pipefail
@@ -28,17 +32,30 @@ fi
 source .venv/bin/activate
 pip install -q --upgrade pip
 # torch first: the extension is compiled against it (hence --no-build-isolation below).
-python -c "import torch, torchvision" 2>/dev/null || {
-  echo "[setup] installing torch and torchvision"
-  pip install -q torch torchvision
+# The supported range, as in pyproject.toml (tests/test_packaging.py checks they agree): an
+# unbounded `pip install torch` could take a release the project's own requirement would
+# then replace, leaving the extension built against the wrong torch.
+TORCH_SPEC="torch>=2.11,<2.16"
+TORCHVISION_SPEC="torchvision>=0.26,<0.31"
+python - "$TORCH_SPEC" <<'PY' 2>/dev/null || {
+import sys
+import torch, torchvision  # noqa: F401
+low, high = (tuple(int(p) for p in v.split(".")) for v in sys.argv[1].split(">=")[1].split(",<"))
+sys.exit(0 if low <= tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < high else 1)
+PY
+  echo "[setup] installing torch and torchvision ($TORCH_SPEC, $TORCHVISION_SPEC)"
+  pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
 }
 if [ "$cuda_compiler" = 1 ]; then
   echo "[setup] installing the CUDA compiler matching torch"
   # shellcheck disable=SC1091
   source .ci/cuda_toolchain.sh
 fi
+# The build decision, shown here because pip -q hides the build's own output; it exits 2
+# with what is missing when DETKIT_WITH_CUDA=1 cannot work.
+python detkit/_build.py | sed 's/^detkit: /[setup] /'
 echo "[setup] building detkit's ops and installing its dependencies"
-MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e ".[test]"
+MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e ".[test,export]"
 python - <<'PY'
 import torch
 import detkit.ops as ops

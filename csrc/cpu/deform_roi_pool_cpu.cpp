@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../roi_checks.h"
 #include "channel_loops.h"
 
 namespace detkit {
@@ -60,6 +61,7 @@ RoiPoolShape describe(const at::Tensor& input, const at::Tensor& rois,
                 "deform_roi_pool: mask must be [", s.rois, ", 1, ", pooled_h, ", ", pooled_w,
                 "], got ", mask->sizes());
   }
+  check_roi_values(rois, s.batch, "deform_roi_pool");
   return s;
 }
 
@@ -83,10 +85,8 @@ RoiBox<T> roi_box(const T* roi, const RoiPoolShape& s) {
   box.height = (roi[4] - roi[2]) * scale;
   box.bin_h = box.height / static_cast<T>(s.pooled_h);
   box.bin_w = box.width / static_cast<T>(s.pooled_w);
-  box.grid_h = s.sampling_ratio > 0 ? s.sampling_ratio
-                                    : static_cast<int64_t>(std::ceil(box.height / s.pooled_h));
-  box.grid_w = s.sampling_ratio > 0 ? s.sampling_ratio
-                                    : static_cast<int64_t>(std::ceil(box.width / s.pooled_w));
+  box.grid_h = adaptive_grid(s.sampling_ratio, box.bin_h);
+  box.grid_w = adaptive_grid(s.sampling_ratio, box.bin_w);
   box.count = static_cast<T>(std::max<int64_t>(box.grid_h * box.grid_w, 1));
   return box;
 }
@@ -94,20 +94,6 @@ RoiBox<T> roi_box(const T* roi, const RoiPoolShape& s) {
 // RoIs per parallel task: enough (bins x channels) work to pay for a thread.
 inline int64_t roi_grain(const RoiPoolShape& s) {
   return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, s.bins() * s.channels));
-}
-
-// Rejects RoIs that would index outside the batch or make the loops undefined.
-template <typename T>
-void check_rois(const T* rois, const RoiPoolShape& s) {
-  for (int64_t k = 0; k < s.rois; ++k) {
-    const T* roi = rois + 5 * k;
-    for (int i = 0; i < 5; ++i) {
-      TORCH_CHECK(std::isfinite(static_cast<double>(roi[i])), "deform_roi_pool: rois[", k, ", ",
-                  i, "] is not finite");
-    }
-    TORCH_CHECK(roi[0] >= 0 && roi[0] < s.batch, "deform_roi_pool: rois[", k,
-                ", 0] (batch index) is ", roi[0], " but the input holds ", s.batch, " images");
-  }
 }
 
 // A RoIAlign bilinear sample in a [H, W] plane: corner pixel indices, the
@@ -198,7 +184,6 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois,
     const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_cpu", [&] {
       const scalar_t* rois_p = rois_c.data_ptr<scalar_t>();
-      check_rois(rois_p, s);
       const scalar_t* offset_p = offset_c.defined() ? offset_c.data_ptr<scalar_t>() : nullptr;
       const scalar_t* mask_p = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
       const scalar_t* in_p = in_t.data_ptr<scalar_t>();
@@ -251,7 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
     const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {
       const scalar_t* rois_p = rois_c.data_ptr<scalar_t>();
-      check_rois(rois_p, s);
       const scalar_t* offset_p = offset_c.defined() ? offset_c.data_ptr<scalar_t>() : nullptr;
       const scalar_t* mask_p = mask_c.defined() ? mask_c.data_ptr<scalar_t>() : nullptr;
       const scalar_t* in_p = in_t.data_ptr<scalar_t>();

@@ -8,7 +8,9 @@
 // The rows of conv group g are contiguous, so viewed as
 // [groups, Cin/groups*K, n*Ho*Wo] one batched cuBLAS GEMM with the weight
 // [groups, Cout/groups, Cin/groups*K] gives the output of the whole chunk.
-// Chunks keep the column buffers under kColumnsBudgetBytes.
+// Chunks keep the column buffers under cuda_columns_budget_bytes() (256 MiB;
+// csrc/tuning.h). The weight gradient is summed over chunks in float32 (float64
+// for double), each chunk's GEMM writing float32 directly for half/bfloat16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../tuning.h"
 #include "common.cuh"
 
 namespace detkit {
@@ -27,7 +30,6 @@ namespace cuda {
 namespace {
 
 constexpr const char* kOp = "detkit::deform_conv2d (CUDA)";
-constexpr int64_t kColumnsBudgetBytes = int64_t{256} << 20;
 
 // Sizes the kernels need, all derived and checked on the host.
 struct ConvShape {
@@ -121,7 +123,7 @@ ConvShape check_conv_args(const at::Tensor& input, const at::Tensor& offset,
 
 // Images per chunk so that `bytes_per_image` times the chunk stays in budget.
 int64_t images_per_chunk(int64_t batch, int64_t bytes_per_image) {
-  const int64_t n = kColumnsBudgetBytes / std::max<int64_t>(bytes_per_image, 1);
+  const int64_t n = cuda_columns_budget_bytes() / std::max<int64_t>(bytes_per_image, 1);
   return std::min(batch, std::max<int64_t>(n, 1));
 }
 
@@ -391,7 +393,13 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& in
     });
 
     launch_im2col(input, offset, mask, s, first, n, columns);
-    grad_weight_acc.add_(at::bmm(grad_out_g, columns.transpose(1, 2)));
+    if (grad_weight_acc.scalar_type() == input.scalar_type()) {
+      grad_weight_acc.baddbmm_(grad_out_g, columns.transpose(1, 2));
+    } else {
+      // half / bfloat16 operands, float32 result: the partial sums are never rounded.
+      grad_weight_acc.add_(
+          at::bmm(grad_out_g, columns.transpose(1, 2), grad_weight_acc.scalar_type()));
+    }
   }
   return {grad_input_acc.to(input.scalar_type()), grad_offset,
           grad_weight_acc.view(weight.sizes()).to(input.scalar_type()), grad_mask, grad_bias};

@@ -7,20 +7,25 @@
 // split into ph x pw bins. Bin (i, j) is moved by
 //   (gamma * offset[k, 0, i, j] * roi_w, gamma * offset[k, 1, i, j] * roi_h)
 // and averages grid_h x grid_w bilinear samples (RoIAlign's clamping rule);
-// grid = sampling_ratio if > 0, else ceil(bin size). The average is then
-// multiplied by mask[k, 0, i, j]. Rois whose batch index is not in [0, B)
-// produce 0 and receive no gradient.
+// grid = sampling_ratio if > 0, else ceil(bin size) capped at
+// kMaxAdaptiveGrid (csrc/roi_checks.h). The average is then multiplied by
+// mask[k, 0, i, j]. RoIs that are not finite or whose batch index is not in
+// [0, B) are refused on the host (check_roi_values, as on the CPU); while a
+// CUDA graph is captured that check cannot run, and the kernels then give
+// such RoIs output 0 and no gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "../roi_checks.h"
 #include "common.cuh"
 
 namespace detkit {
@@ -72,13 +77,17 @@ PoolShape check_pool_args(const at::Tensor& input, const at::Tensor& rois,
     check_like(*mask, input, kOp, "mask");
     check_sizes(*mask, {s.rois, 1, pooled_h, pooled_w}, kOp, "mask");
   }
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    c10::cuda::CUDAGuard guard(input.device());
+    check_roi_values(rois, s.batch, kOp);
+  }
   return s;
 }
 
 // Where one roi's bins and samples lie in its image's feature map.
 template <typename T>
 struct RoiBins {
-  bool valid;            // batch index in [0, B)
+  bool valid;            // finite, batch index in [0, B)
   int64_t batch_index;
   T start_h, start_w;    // top-left corner
   T roi_h, roi_w;        // size
@@ -95,29 +104,31 @@ struct RoiBins {
   }
 };
 
-// Geometry of roi `roi` [5]. The batch index is range-checked as a float so
-// that NaN or huge values never become an index.
+// Geometry of roi `roi` [5]. Validity is tested again here (the host check is
+// skipped during CUDA graph capture), comparing floats so that NaN or huge
+// values never become an index or a loop bound.
 template <typename T, typename scalar_t>
 __device__ __forceinline__ RoiBins<T> roi_bins(const scalar_t* __restrict__ roi,
                                                const PoolShape& s) {
   RoiBins<T> r{};
   const T index = static_cast<T>(roi[0]);
-  r.valid = index > T(-1) && index < static_cast<T>(s.batch);
-  if (!r.valid) return r;
-  r.batch_index = static_cast<int64_t>(index);  // truncation, like (int)
-  const T scale = static_cast<T>(s.spatial_scale);
   const T x1 = static_cast<T>(roi[1]);
   const T y1 = static_cast<T>(roi[2]);
   const T x2 = static_cast<T>(roi[3]);
   const T y2 = static_cast<T>(roi[4]);
+  r.valid = index >= T(0) && index < static_cast<T>(s.batch) && isfinite(x1) && isfinite(y1) &&
+            isfinite(x2) && isfinite(y2);
+  if (!r.valid) return r;
+  r.batch_index = static_cast<int64_t>(index);  // truncation, like (int)
+  const T scale = static_cast<T>(s.spatial_scale);
   r.start_w = x1 * scale - T(0.5);
   r.start_h = y1 * scale - T(0.5);
   r.roi_w = (x2 - x1) * scale;
   r.roi_h = (y2 - y1) * scale;
   r.bin_h = r.roi_h / static_cast<T>(s.pooled_h);
   r.bin_w = r.roi_w / static_cast<T>(s.pooled_w);
-  r.grid_h = s.sampling_ratio > 0 ? s.sampling_ratio : static_cast<int64_t>(ceil(r.bin_h));
-  r.grid_w = s.sampling_ratio > 0 ? s.sampling_ratio : static_cast<int64_t>(ceil(r.bin_w));
+  r.grid_h = adaptive_grid(s.sampling_ratio, r.bin_h);
+  r.grid_w = adaptive_grid(s.sampling_ratio, r.bin_w);
   r.count = static_cast<T>(r.grid_h * r.grid_w > 1 ? r.grid_h * r.grid_w : 1);
   return r;
 }

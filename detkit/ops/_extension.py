@@ -42,3 +42,11 @@ def require_ops() -> None:
 def cuda_kernels_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return LOADED and bool(_C.with_cuda)
+
+
+def set_cuda_columns_budget(num_bytes: int) -> int:
+    """Set how many bytes of im2col columns the CUDA deform_conv2d processes per chunk of
+    images (default 256 MiB) and return the previous value. For tests of the chunked path:
+    a budget below one image's columns makes every chunk one image. Not a tuning API."""
+    require_ops()
+    return int(_C._set_cuda_columns_budget(int(num_bytes)))

@@ -35,8 +35,13 @@ def deform_roi_pool(
             gamma * offset * roi_height (RoI sizes in feature pixels).
         mask: [K, 1, ph, pw] weights multiplying each bin (modulated, DCNv2) or None.
         output_size: ph, pw (int or pair).
-        sampling_ratio: bilinear samples per bin side; 0 means ceil(bin size).
+        sampling_ratio: bilinear samples per bin side; 0 means ceil(bin size), at most
+            1024 (`reference.MAX_ADAPTIVE_GRID`).
         gamma: scale of the normalised offsets (0.1 in the papers).
+
+    Raises:
+        RuntimeError (from the kernel, on every device and under torch.compile too) when a
+        RoI coordinate is not finite or a batch index is outside [0, B).
 
     Returns:
         [K, C, ph, pw]. Each bin is the mean of a regular grid of bilinear samples
@@ -67,12 +72,6 @@ def deform_roi_pool(
         if tuple(mask.shape) != (num_rois, 1, pooled_h, pooled_w):
             raise ValueError(f"mask must have shape {(num_rois, 1, pooled_h, pooled_w)} "
                              f"(K, 1, ph, pw), got {tuple(mask.shape)}")
-    if input.is_cuda and not torch.compiler.is_compiling() and num_rois > 0:
-        # The CPU kernel checks this itself; the CUDA kernel skips bad RoIs rather than
-        # syncing, so check here (one small device-to-host copy) outside compiled graphs.
-        batch_index = rois[:, 0]
-        if not bool(((batch_index >= 0) & (batch_index < input.shape[0])).all()):
-            raise ValueError(f"rois[:, 0] (batch index) must lie in [0, {input.shape[0]})")
     return torch.ops.detkit.deform_roi_pool(
         input, rois, offset, mask, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio),
         float(gamma))

@@ -5,10 +5,16 @@ always the submodule `offset_branch`, zero-initialised in its last layer so a
 fresh layer behaves exactly like its plain counterpart (a conv, RoIAlign).
 `offset_branch_parameters` finds these parameters so an optimizer can give them
 their own learning-rate multiplier.
+
+Under autocast the offset branches and the ops run in float32 while the rest of
+the network runs in float16 / bfloat16: offsets and masks rounded to bfloat16
+would move the samples in steps of up to 1/8 px at 20 px (docs/ops.md, "Mixed
+precision").
 """
 from __future__ import annotations
 
 import math
+import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,6 +23,15 @@ from torch import Tensor, nn
 from detkit.ops._checks import as_pair
 from detkit.ops.deform_conv import deform_conv2d
 from detkit.ops.deform_roi_pool import deform_roi_pool
+
+
+def _float32_offsets(input: Tensor) -> tuple[contextlib.AbstractContextManager, Tensor]:
+    """(context, input) for running an offset branch: autocast off and the input in float32
+    when autocast is on for the input's device; otherwise no change."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext(), input
+    return torch.autocast(device_type, enabled=False), input.float()
 
 
 class DeformConv2d(nn.Module):
@@ -77,8 +92,11 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.offset_branch.bias)
 
     def predict_offsets(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Offsets [B, 2*G*kh*kw, H_out, W_out] and mask [B, G*kh*kw, H_out, W_out] or None."""
-        out = self.offset_branch(input)
+        """Offsets [B, 2*G*kh*kw, H_out, W_out] and mask [B, G*kh*kw, H_out, W_out] or None
+        (float32 under autocast)."""
+        context, branch_input = _float32_offsets(input)
+        with context:
+            out = self.offset_branch(branch_input)
         if not self.modulated:
             return out, None
         split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
@@ -140,11 +158,13 @@ class DeformRoIPool(nn.Module):
         self.offset_branch = nn.Sequential(*layers, last)
 
     def predict_offsets(self, input: Tensor, rois: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Offsets [K, 2, ph, pw] and mask [K, 1, ph, pw] or None."""
+        """Offsets [K, 2, ph, pw] and mask [K, 1, ph, pw] or None (float32 under autocast)."""
         ph, pw = self.output_size
         plain = deform_roi_pool(input, rois, None, None, self.output_size, self.spatial_scale,
                                 self.sampling_ratio, self.gamma)
-        out = self.offset_branch(plain.flatten(1))
+        context, branch_input = _float32_offsets(plain)
+        with context:
+            out = self.offset_branch(branch_input.flatten(1))
         offset = out[:, : 2 * ph * pw].reshape(-1, 2, ph, pw)
         if not self.modulated:
             return offset, None

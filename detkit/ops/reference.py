@@ -113,6 +113,19 @@ def _roi_align_bilinear(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
         + ly * hx * plane[:, y1, x0] + ly * lx * plane[:, y1, x1]
 
 
+#: The kernels' cap on samples per bin side when sampling_ratio = 0 (csrc/roi_checks.h).
+MAX_ADAPTIVE_GRID = 1024
+
+
+def _adaptive_grid(sampling_ratio: int, bin_size: float) -> int:
+    """sampling_ratio if > 0, else ceil(bin_size) clamped to [0, MAX_ADAPTIVE_GRID]."""
+    if sampling_ratio > 0:
+        return sampling_ratio
+    if not bin_size > 0:  # negative, zero or NaN
+        return 0
+    return min(math.ceil(min(bin_size, MAX_ADAPTIVE_GRID)), MAX_ADAPTIVE_GRID)
+
+
 def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Tensor | None = None,
                               mask: Tensor | None = None, output_size=7, spatial_scale: float = 1.0,
                               sampling_ratio: int = 0, gamma: float = 0.1) -> Tensor:
@@ -126,8 +139,8 @@ def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Tensor | None
         roi_w = (rois[k, 3] - rois[k, 1]) * spatial_scale
         roi_h = (rois[k, 4] - rois[k, 2]) * spatial_scale
         bin_w, bin_h = roi_w / pooled_w, roi_h / pooled_h
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_h.detach()) / pooled_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(float(roi_w.detach()) / pooled_w)
+        grid_h = _adaptive_grid(sampling_ratio, float(bin_h.detach()))
+        grid_w = _adaptive_grid(sampling_ratio, float(bin_w.detach()))
         count = max(grid_h * grid_w, 1)
         bins = []
         for i in range(pooled_h):

@@ -5,6 +5,7 @@ Skipped unless a CUDA device is present and detkit was built with its CUDA kerne
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 import detkit.ops
 from detkit.ops import DeformConv2d, DeformRoIPool, deform_conv2d, deform_roi_pool
+from detkit.ops._extension import set_cuda_columns_budget
 from tests.helpers import (
     assert_close_scaled,
     assert_results_match,
@@ -167,6 +169,76 @@ def test_cuda_bad_batch_index_raises():
         deform_roi_pool(x, rois, output_size=2)
 
 
+BAD_ROI_VALUES = [(0, -0.5, r"rois\[2, 0\] \(batch index\) is -0.5"), (0, 2.0, r"batch index"),
+                  (1, float("nan"), r"rois\[2, 1\] is not finite"),
+                  (4, float("inf"), r"rois\[2, 4\] is not finite")]
+
+
+@pytest.mark.parametrize("column,value,match", BAD_ROI_VALUES, ids=["index_minus_half", "index_2", "nan", "inf"])
+def test_cuda_bad_rois_refused_by_the_kernel(column, value, match):
+    """The CUDA kernel refuses what the CPU kernel refuses, also when called through
+    torch.ops (no Python checks), forward and backward, with sampling_ratio=0 (where an inf
+    coordinate used to make the sample loops run ~1e18 times)."""
+    gen = generator(23)
+    x = normal((2, 3, 5, 6), gen).to(CUDA)
+    rois = random_rois(gen, 4, 2, 5.0, 6.0, 1.0, 4.0).to(CUDA)
+    rois[2, column] = value
+    offset = normal((4, 2, 2, 2), gen).to(CUDA)
+    with pytest.raises(RuntimeError, match=match):
+        deform_roi_pool(x, rois, offset, output_size=2, sampling_ratio=0)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.detkit.deform_roi_pool(x, rois, offset, None, 2, 2, 1.0, 0, 0.1)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.detkit.deform_roi_pool_backward(torch.ones(4, 3, 2, 2, dtype=x.dtype, device=CUDA), x,
+                                                  rois, offset, None, 2, 2, 1.0, 0, 0.1)
+
+
+def test_cuda_float16_rois_beyond_65504_are_refused():
+    x = normal((1, 4, 8, 8), generator(24)).to(CUDA, torch.float16)
+    rois = torch.tensor([[0, 1.0, 1.0, 7.0, 7.0], [0, 2.0, 2.0, 70000.0, 6.0]], device=CUDA).half()
+    assert torch.isinf(rois[1, 3])
+    with pytest.raises(RuntimeError, match=r"rois\[1, 3\] is not finite.*65504"):
+        deform_roi_pool(x, rois, output_size=2, sampling_ratio=0)
+
+
+def test_cuda_huge_finite_rois_are_bounded_and_match_cpu():
+    """Huge but finite RoIs run a capped sampling grid (csrc/roi_checks.h), as on the CPU."""
+    gen = generator(25)
+    x = normal((2, 3, 40, 50), gen)
+    rois = random_rois(gen, 5, 2, 40.0, 50.0, 2.0, 30.0)
+    rois[1, 1:] = torch.tensor([-1e30, -1e30, 1e30, 1e30], dtype=torch.float64)
+    rois[3, 1:] = torch.tensor([-700.0, -10.0, 800.0, 1490.0], dtype=torch.float64)
+    offset = normal((5, 2, 1, 1), gen)
+    tensors = {"input": x, "offset": offset}
+    kw = {"output_size": 1, "sampling_ratio": 0}
+    cpu = forward_backward(_pool, tensors, grad_seed=26, rois=rois, **kw)
+    gpu = _cpu_result(forward_backward(_pool, _to(tensors, CUDA), grad_seed=26, rois=rois.to(CUDA), **kw))
+    assert torch.equal(gpu[0][1], torch.zeros_like(gpu[0][1]))
+    assert_results_match(gpu, cpu, 1e-10)
+
+
+def test_cuda_graph_capture_skips_the_host_check_and_zeroes_bad_rois():
+    """During CUDA graph capture the host-side RoI check (a device-to-host copy) cannot run;
+    the kernels then treat a non-finite or out-of-range RoI as empty instead of reading
+    out of bounds or looping without end."""
+    gen = generator(27)
+    x = normal((2, 3, 6, 7), gen, dtype=torch.float32).to(CUDA)
+    good = random_rois(gen, 3, 2, 12.0, 14.0, 2.0, 8.0, dtype=torch.float32).to(CUDA)
+    rois = torch.cat([good, torch.tensor([[-0.5, 1.0, 1.0, 5.0, 5.0], [0, float("inf"), 1.0, 5.0, 5.0]],
+                                         device=CUDA)])
+    expected = deform_roi_pool(x, good, output_size=2, spatial_scale=0.5, sampling_ratio=0)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = torch.ops.detkit.deform_roi_pool(x, rois, None, None, 2, 2, 0.5, 0, 0.1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[:3], expected)
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
+
+
 # ---------------------------------------------------------------- float16 / bfloat16
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -234,28 +306,36 @@ def _nontrivial_offset_branches(model: _TinyNet, gen: torch.Generator) -> None:
         last.weight.copy_(normal(last.weight.shape, gen, std=0.5, dtype=last.weight.dtype))
 
 
-def test_cuda_autocast_bfloat16_modules():
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_cuda_autocast_runs_offsets_and_ops_in_float32(dtype):
+    """Under autocast the offset branches and the deformable ops run in float32 (the policy
+    of csrc/autocast.cpp and detkit/ops/modules.py): the sampling positions, and so the
+    outputs, equal those of the float32 model, while a plain conv beside them runs in the
+    low dtype."""
     torch.manual_seed(18)
     gen = generator(19)
     model = _TinyNet().to(CUDA)
     _nontrivial_offset_branches(model, gen)
     x = normal((2, 3, 16, 20), gen, dtype=torch.float32).to(CUDA)
-    # Coordinates that bfloat16 represents exactly, so only the features are rounded.
     rois = torch.tensor([[0, 2.0, 3.0, 30.0, 26.0], [1, 8.0, 0.5, 20.0, 31.0], [0, -4.0, 6.0, 12.0, 14.0]],
                         device=CUDA)
-    assert torch.equal(rois.to(torch.bfloat16).float(), rois)
+    plain = nn.Conv2d(3, 4, 3).to(CUDA)
+    full_offsets = model.conv.predict_offsets(x)
     full_conv, full = model.conv(x), model(x, rois)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=dtype):
+        offsets = model.conv.predict_offsets(x)
         conv = model.conv(x)
         out = model(x, rois)
-    # The conv runs in bfloat16; RoI pooling runs in float32 under autocast (as roi_align).
-    assert conv.dtype == torch.bfloat16 and out.dtype == torch.float32
-    assert torch.isfinite(conv).all() and torch.isfinite(out).all()
-    # Features, weights, offsets and masks all rounded to bfloat16 (eps 2^-7).
-    assert_close_scaled(conv.float(), full_conv, 8 * torch.finfo(torch.bfloat16).eps, "conv")
-    assert_close_scaled(out.float(), full, 8 * torch.finfo(torch.bfloat16).eps, "pooled")
-    (out.float().square().mean()).backward()
+        assert plain(x).dtype == dtype
+    assert offsets[0].dtype == torch.float32 and offsets[1].dtype == torch.float32
+    assert_close_scaled(offsets[0], full_offsets[0], 1e-6, "offsets")
+    assert_close_scaled(offsets[1], full_offsets[1], 1e-6, "mask")
+    assert conv.dtype == torch.float32 and out.dtype == torch.float32
+    assert_close_scaled(conv, full_conv, 1e-5, "conv")
+    assert_close_scaled(out, full, 1e-5, "pooled")
+    (out.square().mean()).backward()
     assert model.conv.offset_branch.weight.grad.abs().max() > 0
+    assert model.pool.offset_branch[-1].weight.grad.abs().max() > 0
 
 
 def test_cuda_autocast_keeps_roi_coordinates_precise():
@@ -306,3 +386,54 @@ def test_cuda_torch_compile_fullgraph():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- chunked im2col path
+
+@contextlib.contextmanager
+def _columns_budget(num_bytes: int):
+    previous = set_cuda_columns_budget(num_bytes)
+    try:
+        yield
+    finally:
+        set_cuda_columns_budget(previous)
+
+
+CHUNK_CASES = [ConvCase(5, 16, 12, 11, 13, (3, 3), 1, 1, 1, groups=2, offset_groups=2, seed=30),
+               ConvCase(3, 8, 6, 9, 8, (3, 2), (2, 1), (1, 0), (1, 2), groups=1, offset_groups=4, seed=31),
+               ConvCase(4, 6, 6, 7, 7, (1, 1), 1, 0, 1, groups=3, offset_groups=1, seed=32)]
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2], ids=["chunk1", "chunk2"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: c.id)
+def test_cuda_chunked_im2col_matches_one_chunk(case: ConvCase, images_per_chunk):
+    """Real shapes (256 channels, 3x3, 200x272) run one image per chunk; the test shapes fit
+    one chunk unless the budget is lowered. Every output and gradient must agree."""
+    tensors = _to(case.tensors(torch.float64), CUDA)
+    whole = forward_backward(_conv, tensors, grad_seed=case.seed + 1, **case.conv_args())
+    ho, wo = case.output_size()
+    taps = case.kernel[0] * case.kernel[1]
+    per_image = (case.in_channels * taps + case.out_channels) * ho * wo * 8  # bytes, float64
+    with _columns_budget(per_image * images_per_chunk):
+        chunked = forward_backward(_conv, tensors, grad_seed=case.seed + 1, **case.conv_args())
+    assert_results_match(chunked, whole, 1e-12)
+
+
+def test_cuda_weight_gradient_sums_chunks_in_float32():
+    """float16 weight gradient over two one-image chunks whose partial sums (about +-80000)
+    exceed float16's range while their total does not: summed in float32 it matches the
+    float32 CPU result; rounded to float16 per chunk it would be inf."""
+    x = torch.full((2, 1, 8, 8), 32.0)
+    offset = torch.zeros(2, 2 * 9, 8, 8)
+    weight = torch.ones(1, 1, 3, 3)
+    grad_output = torch.full((2, 1, 8, 8), 40.0)
+    grad_output[1] *= -(1 - 2 ** -6)
+    leaves = [t.clone().requires_grad_(True) for t in (x, offset, weight)]
+    want = torch.autograd.grad(deform_conv2d(*leaves, padding=1), leaves[2], grad_output)[0]
+    partial = float((grad_output[0] * 32).sum())
+    assert float(want.abs().max()) < 65504 < partial
+    low = [t.to(CUDA, torch.float16).requires_grad_(True) for t in (x, offset, weight)]
+    with _columns_budget(1):
+        got = torch.autograd.grad(deform_conv2d(*low, padding=1), low[2], grad_output.to(CUDA, torch.float16))[0]
+    assert torch.isfinite(got).all()
+    assert_close_scaled(got.float().cpu(), want, 4 * torch.finfo(torch.float16).eps)

@@ -307,6 +307,8 @@ BAD_ARGS = [
     ("offset_not_tensor", {"offset": 0.5}, TypeError, r"offset must be a Tensor"),
     ("batch_index_too_big", {"rois": _rois_with(0, 5.0)}, RuntimeError, r"batch index"),
     ("batch_index_negative", {"rois": _rois_with(0, -1.0)}, RuntimeError, r"batch index"),
+    # Truncation would read it as image 0; every backend requires >= 0.
+    ("batch_index_minus_half", {"rois": _rois_with(0, -0.5)}, RuntimeError, r"rois\[1, 0\] \(batch index\) is -0.5"),
     ("batch_index_nan", {"rois": _rois_with(0, float("nan"))}, RuntimeError, r"rois\[1, 0\]"),
     ("roi_x1_nan", {"rois": _rois_with(1, float("nan"))}, RuntimeError, r"rois\[1, 1\] is not finite"),
     ("roi_y2_inf", {"rois": _rois_with(4, float("inf"))}, RuntimeError, r"rois\[1, 4\] is not finite"),
@@ -324,3 +326,57 @@ def test_batch_index_checked_without_offsets():
     args = {**_good_args(), "offset": None, "mask": None, "rois": _rois_with(0, 2.0)}
     with pytest.raises(RuntimeError, match=r"batch index"):
         deform_roi_pool(**args)
+
+
+def test_direct_op_call_checks_rois_in_the_kernel():
+    """The checks sit in the C++ kernel, so calls that skip the Python wrapper (torch.ops,
+    compiled graphs) refuse the same RoIs."""
+    args = _good_args()
+    for column, value, match in [(2, float("nan"), r"rois\[1, 2\] is not finite"),
+                                 (0, -0.5, r"batch index"), (0, 2.0, r"batch index")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.detkit.deform_roi_pool(args["input"], _rois_with(column, value), args["offset"],
+                                             args["mask"], 2, 3, 0.5, 2, 0.1)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.detkit.deform_roi_pool_backward(
+                torch.ones(4, 3, 2, 3, dtype=torch.float64), args["input"], _rois_with(column, value),
+                args["offset"], args["mask"], 2, 3, 0.5, 2, 0.1)
+
+
+def test_adaptive_sampling_grid_is_capped():
+    """sampling_ratio=0 takes ceil(bin size) samples per side, at most MAX_ADAPTIVE_GRID (the
+    kernels and the reference share the rule): a bin 1500 px wide samples as
+    sampling_ratio=1024 does, not as 1500."""
+    from detkit.ops.reference import MAX_ADAPTIVE_GRID, _adaptive_grid
+
+    assert MAX_ADAPTIVE_GRID == 1024
+    assert [_adaptive_grid(0, v) for v in (40.0, 1000.5, 1e30, -3.0, float("nan"))] == [40, 1001, 1024, 0, 0]
+    assert _adaptive_grid(3, 1e30) == 3
+    gen = generator(63)
+    x = normal((1, 2, 40, 50), gen)
+    offset = uniform((1, 2, 1, 1), gen, -0.5, 0.5)
+    rois = torch.tensor([[0, -700.0, -10.0, 800.0, 1490.0]], dtype=torch.float64)  # one 1500 x 1500 bin
+    auto = deform_roi_pool(x, rois, offset, output_size=1, sampling_ratio=0)
+    capped = deform_roi_pool(x, rois, offset, output_size=1, sampling_ratio=1024)
+    uncapped = deform_roi_pool(x, rois, offset, output_size=1, sampling_ratio=1500)
+    assert torch.equal(auto, capped)
+    assert not torch.allclose(auto, uncapped, rtol=0, atol=1e-12)
+
+
+def test_huge_finite_rois_finish_and_read_zeros():
+    """A finite RoI of 1e30 px used to overflow the sample count; it now samples a capped grid
+    that lies outside the map: zero output, zero and finite gradients, next to normal RoIs."""
+    args = _good_args()
+    rois = args["rois"].clone()
+    rois[1, 1:] = torch.tensor([-1e30, -1e30, 1e30, 1e30], dtype=torch.float64)
+    tensors, rois = _without_rois_grad({k: args[k] for k in ("input", "offset", "mask")} | {"rois": rois})
+    kw = {"output_size": (2, 3), "spatial_scale": 0.5, "sampling_ratio": 0}
+    out, grads = forward_backward(_detkit, tensors, grad_seed=65, rois=rois, **kw)
+    assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), f"grad of {name} is not finite"
+    assert torch.equal(grads["offset"][1], torch.zeros_like(grads["offset"][1]))
+    others = [0, 2, 3]
+    ref = deform_roi_pool_reference(tensors["input"], rois[others], tensors["offset"][others],
+                                    tensors["mask"][others], **kw)
+    assert_close_scaled(out[others], ref, 1e-10)

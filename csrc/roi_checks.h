@@ -1,0 +1,64 @@
+// RoI checks shared by every backend of detkit::deform_roi_pool, so that the
+// CPU and CUDA kernels, eager calls, direct torch.ops calls and compiled
+// graphs refuse the same inputs with the same message.
+//
+// rois [K, 5] = (batch_index, x1, y1, x2, y2). Refused: a non-finite value
+// (in float16 that includes coordinates above 65504), and a batch index
+// outside [0, B). Huge but finite RoIs are allowed; the adaptive sampling grid
+// (sampling_ratio = 0) is bounded by adaptive_grid() instead.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace detkit {
+
+// Most bilinear samples per bin side when sampling_ratio = 0 (ceil of the bin
+// size otherwise): a bin 1024 feature pixels wide already exceeds any feature
+// map a detector uses, and the cap keeps the kernels' loops finite (an
+// unbounded ceil of a huge size overflows int64). The float64 reference in
+// detkit/ops/reference.py applies the same cap.
+constexpr int64_t kMaxAdaptiveGrid = 1024;
+
+// Samples per bin side: sampling_ratio if > 0, else ceil(bin_size) clamped to
+// [0, kMaxAdaptiveGrid] (NaN gives 0). Written for host and device code.
+template <typename T>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline int64_t adaptive_grid(int64_t sampling_ratio, T bin_size) {
+  if (sampling_ratio > 0) return sampling_ratio;
+  const T cells = ceil(bin_size);
+  if (!(cells > T(0))) return 0;  // negative, zero or NaN
+  if (cells >= static_cast<T>(kMaxAdaptiveGrid)) return kMaxAdaptiveGrid;
+  return static_cast<int64_t>(cells);
+}
+
+// Throws (RuntimeError in Python) naming the first offending RoI unless every
+// RoI is finite with a batch index in [0, batch). On CUDA this costs one
+// reduction and a one-byte device-to-host copy; the CUDA backend skips it
+// while a CUDA graph is being captured (no copy is allowed there), and its
+// kernels then treat such RoIs as empty (output 0, no gradient).
+inline void check_roi_values(const at::Tensor& rois, int64_t batch, const char* op) {
+  if (rois.size(0) == 0) return;
+  const at::Tensor index = rois.select(1, 0);
+  const at::Tensor ok = at::isfinite(rois).all().logical_and_(index.ge(0).all())
+                            .logical_and_(index.lt(static_cast<double>(batch)).all());
+  if (ok.item<bool>()) return;
+  const at::Tensor host = rois.to(at::kCPU, at::kDouble).contiguous();
+  const double* r = host.const_data_ptr<double>();
+  for (int64_t k = 0; k < host.size(0); ++k) {
+    for (int i = 0; i < 5; ++i) {
+      TORCH_CHECK(std::isfinite(r[5 * k + i]), op, ": rois[", k, ", ", i, "] is not finite (",
+                  r[5 * k + i], "); RoI coordinates must be finite (float16 holds at most 65504)");
+    }
+    TORCH_CHECK(r[5 * k] >= 0 && r[5 * k] < static_cast<double>(batch), op, ": rois[", k,
+                ", 0] (batch index) is ", r[5 * k], " but the input holds ", batch,
+                " images: it must lie in [0, ", batch, ")");
+  }
+}
+
+}  // namespace detkit
