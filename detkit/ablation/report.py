@@ -65,20 +65,39 @@ def _load_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
 
 
+def _load_yaml(path: Path) -> Any:
+    """A run folder's YAML file as plain data, read with PyYAML's safe loader: no OmegaConf,
+    so no interpolation in it is resolved (what is used from it is checked by the callers)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+def _select(node: Any, *keys: str) -> Any:
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
 def _read_run(run_dir: Path) -> RunResult:
-    from omegaconf import OmegaConf
+    from detkit.engine.stored_config import check_stored_config
 
     metrics = _load_json(run_dir / "metrics.json")
     stats_path = run_dir / "train_stats.json"
     stats = _load_json(stats_path) if stats_path.is_file() else {}
     experiment = data = seed = None
     hydra_path = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_path.is_file():
-        choices = OmegaConf.load(hydra_path).hydra.runtime.choices
+    if hydra_path.is_file():  # Hydra's record (not resolved): only the choices are read, checked as plain data
+        choices = check_stored_config(_select(_load_yaml(hydra_path), "hydra", "runtime", "choices") or {},
+                                      str(hydra_path), root="hydra.runtime.choices")
+        choices = choices if isinstance(choices, dict) else {}
         experiment, data = choices.get("experiment"), choices.get("data")
     config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        seed = OmegaConf.load(config_path).get("seed")
+    if config_path.is_file():  # the resolved config the run wrote: only the seed is read
+        seed = check_stored_config(_select(_load_yaml(config_path), "seed"), str(config_path), root="seed")
     values = {}
     for key in METRICS:
         value = metrics.get(f"bbox/{key}")

@@ -1,16 +1,21 @@
 """Checkpoints that survive kills and rebuild their model.
 
-A detkit checkpoint is a dict saved with `torch.save`:
+A detkit checkpoint is a dict saved with `torch.save` (docs/checkpoints.md):
 
     {"format": "detkit-checkpoint", "version": 1,
      "model": state_dict,
-     "model_config": {...},          # Hydra node that builds the model (`_target_` ...)
+     "model_config": {...},          # the resolved model node (`_target_` names detkit builders)
+     "data_config": {...},           # the resolved data node of the training run
      "label_to_category_id": {...},  # model label -> dataset category id (COCO ids)
      "class_names": {...},           # model label -> name
      ... training state (optimizer, scheduler, iteration, RNG) for resumable runs}
 
 Everything in it is plain containers, numbers, strings and tensors, so it loads with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. Loading one runs no code from it: `load_checkpoint`
+refuses, before anything is built, configs whose `_target_` is not one of detkit's builders
+(`detkit.modeling.build.BUILDERS`), Hydra options, interpolations and non-plain values
+(`detkit.engine.stored_config`), and `build_model` looks builders up in that registry
+instead of importing what a config names.
 """
 from __future__ import annotations
 
@@ -23,18 +28,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from detkit.engine.stored_config import (CheckpointError, build_stored, check_class_names, check_label_map,
+                                         check_stored_config)
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_dict_strict",
+           "build_model", "load_model", "export_backbone"]
+
 FORMAT = "detkit-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or does not fit the model."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write `state` to `path` atomically: a temporary file in the same folder, flushed to
     disk, then renamed over `path`. A kill at any moment leaves either the old file or the
-    new one, never a truncated one."""
+    new one, never a truncated one. A state that `load_checkpoint` would refuse (a config that
+    is not plain resolved data naming detkit's builders, bad class mappings) is refused here,
+    before anything is written: every checkpoint detkit writes loads."""
+    _check_contents(dict(state), str(path))
     _atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, Path(path))
 
 
@@ -53,7 +63,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a detkit checkpoint; a clear CheckpointError if it is missing or not one."""
+    """Read a detkit checkpoint; a clear CheckpointError if it is missing or not one, or if
+    its configs or class mappings hold anything but plain data naming detkit's builders
+    (`_check_contents`). The returned dict holds checked plain copies of those."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -64,7 +76,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a detkit checkpoint (for torchvision weights use "
                               f"tools/import_torchvision.py)")
-    return state
+    return _check_contents(state, str(path))
+
+
+# Entries of a checkpoint that are configurations (checked and built only through
+# detkit.engine.stored_config). A new config entry is added here, so that every reader of
+# checkpoints (the tools, resuming, export_backbone) gets it checked.
+CONFIG_ENTRIES = ("model_config", "data_config")
+
+
+def _check_contents(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """`state` with its configs and class mappings replaced by checked plain copies."""
+    checked = dict(state)
+    for key in CONFIG_ENTRIES:
+        if state.get(key) is not None:
+            checked[key] = check_stored_config(state[key], source, root=key)
+    if state.get("label_to_category_id") is not None:
+        checked["label_to_category_id"] = check_label_map(state["label_to_category_id"], source,
+                                                          "label_to_category_id")
+    if state.get("class_names") is not None:
+        checked["class_names"] = check_class_names(state["class_names"], source, "class_names")
+    iteration = state.get("iteration")
+    if iteration is not None and (not isinstance(iteration, int) or isinstance(iteration, bool)):
+        raise CheckpointError(f"{source}: refused iteration: {type(iteration).__name__} is not an int")
+    return checked
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -86,12 +121,29 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     model.load_state_dict(state_dict)
 
 
-def build_model(model_config: Mapping[str, Any]) -> nn.Module:
-    """Instantiate a model from its Hydra config node (a mapping with `_target_`)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+def build_model(model_config: Mapping[str, Any], source: str = "model config", *, root: str = "",
+                allow_files: bool = True) -> nn.Module:
+    """Build a model from its config node (a mapping with `_target_`), resolved plain data.
 
-    return instantiate(OmegaConf.create(dict(model_config)), _convert_="all")
+    Only detkit's builders run: the tree is checked first (`check_stored_config`: every
+    `_target_` at any depth must be a key of `detkit.modeling.build.BUILDERS`, no other Hydra
+    options, no interpolations) and built by looking the targets up in that registry, never
+    by importing a name (`detkit.engine.stored_config.build_stored`). An OmegaConf node (the
+    caller's own config, never something read from a checkpoint) is resolved first.
+    `allow_files=False` also refuses builder arguments naming files (backbone.weights), as
+    for configs read from checkpoints. `source` and `root` (the node's key path) name the
+    config in errors."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(model_config, DictConfig):
+        model_config = OmegaConf.to_container(model_config, resolve=True, throw_on_missing=True)
+    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
+        raise CheckpointError(f"{source}: refused {root or '<root>'}: a model config is a mapping with a "
+                              f"_target_, got {type(model_config).__name__}")
+    model = build_stored(dict(model_config), source, root=root, allow_files=allow_files)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{source}: {model_config['_target_']} built a {type(model).__name__}, not a model")
+    return model
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -101,7 +153,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     state = load_checkpoint(path)
     if "model_config" not in state or "model" not in state:
         raise CheckpointError(f"{path} holds no model config or weights")
-    model = build_model(state["model_config"])
+    weights = state["model"]
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                   for k, v in weights.items()):
+        raise CheckpointError(f"{path}: refused model: the weights are not a mapping of names to tensors")
+    model = build_model(state["model_config"], str(path), root="model_config", allow_files=False)
     load_state_dict_strict(model, state["model"], str(path))
     return model.to(device).eval(), state
 

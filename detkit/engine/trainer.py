@@ -42,16 +42,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detkit.data import build_train_loader, targets_to_device
 from detkit.engine import distributed as dist
-from detkit.engine.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from detkit.engine.checkpoint import build_model, load_checkpoint, load_state_dict_strict, save_checkpoint
 from detkit.engine.datasets import build_dataset, prepare_data
 from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
 from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.engine.stored_config import check_stored_config
 from detkit.ops import offset_branch_parameters
 from detkit.vis.draw import sampling_figure
 from detkit.vis.sampling import deformable_conv_names
@@ -94,12 +94,15 @@ def resolve_device(name: str) -> torch.device:
 
 def checkpoint_model_config(model_cfg: DictConfig) -> dict[str, Any]:
     """The resolved model node as a plain dict, with backbone.weights (an ImageNet file
-    only needed to initialise training) set to None so rebuilding needs no file."""
+    only needed to initialise training) set to None so rebuilding needs no file. Checked as
+    a checkpoint's config is when loaded (`check_stored_config`): a ValueError now, before
+    training, if tools could not rebuild the model from it (a `_target_` that is not one of
+    detkit's builders, a Hydra option such as `_partial_`)."""
     config = OmegaConf.to_container(model_cfg, resolve=True, throw_on_missing=True)
     backbone = config.get("backbone")
     if isinstance(backbone, dict) and "weights" in backbone:
         backbone["weights"] = None
-    return config
+    return check_stored_config(config, "the model config", root="model")
 
 
 def seed_all(seed: int) -> None:
@@ -307,8 +310,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
 
     # ---- model, optimizer, schedule
     seed_all(seed)
-    model_config = checkpoint_model_config(cfg.model)
-    model = instantiate(cfg.model, _convert_="all").to(device)
+    model_config = checkpoint_model_config(cfg.model)  # what the checkpoints store, checked as tools load it
+    data_config = check_stored_config(OmegaConf.to_container(cfg.data, resolve=True), "the data config", root="data")
+    # The same builder (and checks) as the tools' load_model, with the weights file allowed.
+    model = build_model(cfg.model, "the model config", root="model").to(device)
     if rank > 0:  # the same initial weights everywhere (DDP also broadcasts them), own sampling streams
         seed_all(seed + rank)
     optimizer = build_optimizer(model, float(sched.base_lr), float(sched.momentum), float(sched.weight_decay),
@@ -357,9 +362,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float] | None:
 
     extra = {"model_config": model_config,
              "label_to_category_id": dict(train_set.label_to_category_id),
-             "class_names": {label: train_set.coco.cats[cat]["name"]
+             "class_names": {label: str(train_set.coco.cats[cat]["name"])
                              for label, cat in train_set.label_to_category_id.items()},
-             "data_config": OmegaConf.to_container(cfg.data, resolve=True)}
+             "data_config": data_config}
 
     def save(completed: int) -> None:
         _save(checkpoint_path, train_model, optimizer, scheduler, scaler, completed, data_state, extra)

@@ -17,10 +17,15 @@
 
 Deformable poolers hold `detkit.ops.DeformRoIPool`, so their offset branches are found
 by `detkit.ops.offset_branch_parameters(model)`.
+
+`BUILDERS` (end of this file) is the allowlist of the builders that a stored configuration
+(a checkpoint's) may name as `_target_`; see docs/checkpoints.md.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -162,3 +167,27 @@ def build_resnet(weights: str | None = None, **resnet_args) -> ResNet:
     if weights:
         load_torchvision_weights(backbone, weights)
     return backbone
+
+
+# ------------------------------------------------------------------ the registry of config targets
+
+# THE ALLOWLIST: every `_target_` that a configuration read back from a file (a checkpoint's
+# `model_config`, `data_config`, ...) may name, mapped to the callable it builds with. A target
+# is looked up here by its exact dotted name, never imported: a name that is not a key here is
+# refused before anything is called (`detkit.engine.stored_config`). Training builds through
+# this registry too (`detkit.engine.checkpoint.build_model`), so a config naming anything else
+# fails before training, not when its checkpoint is loaded. Add a builder here (and nowhere
+# else) when a shipped config starts naming it; tests/engine/test_checkpoint_safety.py checks
+# that every `_target_` under configs/ is listed and that each name is the import path of the
+# function it maps to (the configs stay valid Hydra configs that build the same thing).
+BUILDERS: Mapping[str, Callable[..., Any]] = MappingProxyType({
+    "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
+    "detkit.modeling.build.build_resnet": build_resnet,
+})
+
+# Arguments of the builders above that name a file to read. A config stored in a checkpoint
+# leaves them null (the checkpoint holds the weights; training stores `backbone.weights: null`).
+FILE_ARGUMENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "detkit.modeling.build.build_resnet": ("weights",),
+})
+ALLOWED_TARGETS: frozenset[str] = frozenset(BUILDERS)

@@ -29,7 +29,8 @@ def _float32_offsets(input: Tensor) -> tuple[contextlib.AbstractContextManager, 
     """(context, input) for running an offset branch: autocast off and the input in float32
     when autocast is on for the input's device; otherwise no change."""
     device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Autocast exists for these; asking about others ("meta" in shape-only runs) raises.
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext(), input
     return torch.autocast(device_type, enabled=False), input.float()
 
