@@ -10,8 +10,16 @@ variation deformable convolution and deformable RoI pooling are built for.
 
 Per object, in unit coordinates (the template spans about [-1, 1]):
 
-  template (with per-instance proportions)  ->  elastic warp  ->  perspective
+  template (with per-instance proportions)  ->  [bend]  ->  elastic warp  ->  perspective
   ->  anisotropic stretch  ->  rotation  ->  scale to its size  ->  placement
+
+The bend (off by default, `max_bend`) curves the template along a circular arc, as a
+bent or articulated part would be. `size_distribution` chooses how object sizes are
+drawn (square-root-uniform by default, or log-uniform, which spreads them evenly over
+scales) and `size_bands` can split the size range into bands that get equal shares of
+the objects (to fill COCO's small / medium / large buckets alike). These options at their
+defaults leave the output exactly as it was before they existed, and are then left out
+of the manifest, so cached datasets of such configurations stay valid.
 
 Objects are drawn one after the other, so later ones occlude earlier ones.
 Each object's annotation is the bounding box of the pixels of it that remain
@@ -114,8 +122,8 @@ class SyntheticConfig:
     #: Objects per image, uniform in [min_objects, max_objects].
     min_objects: int = 2
     max_objects: int = 9
-    #: Longer side of an object's (unoccluded) box in pixels; sqrt(size) is uniform
-    #: in [sqrt(min), sqrt(max)] (median about 38 px for 8..90).
+    #: Longer side of an object's (unoccluded) box in pixels, drawn in
+    #: [min_object_size, max_object_size] as `size_distribution` says.
     min_object_size: float = 8.0
     max_object_size: float = 90.0
     #: Largest anisotropic stretch (aspect ratio factor) applied to a shape.
@@ -130,6 +138,18 @@ class SyntheticConfig:
     clutter: float = 1.0
     #: "jpg" (quality 92) or "png".
     image_format: str = "jpg"
+    #: How the longer side is drawn: "sqrt" (sqrt(size) uniform: median about 38 px for
+    #: 8..90) or "log" (log(size) uniform: as many objects in each octave of sizes).
+    size_distribution: str = "sqrt"
+    #: Largest bend in degrees (0: none, at most 90): each object's template is bent along a
+    #: circular arc whose angle is uniform in [-max_bend, max_bend], about a random one of its
+    #: two axes, before the elastic warp (90: a straight bar becomes a quarter ring).
+    max_bend: float = 0.0
+    #: Cut points that split [min_object_size, max_object_size] into size bands (empty: one
+    #: band). Each object first picks a band uniformly at random, then its size in that band
+    #: as `size_distribution` says, so every band gets the same share of the objects
+    #: (e.g. (60, 170): as many small, medium and large objects whatever the bands' widths).
+    size_bands: tuple[float, ...] = ()
 
     def normalized(self) -> SyntheticConfig:
         """A copy with image_size as a (height, width) tuple, validated."""
@@ -137,6 +157,11 @@ class SyntheticConfig:
         if isinstance(size, (int, np.integer)):
             size = (int(size), int(size))
         size = tuple(int(s) for s in size)
+        bands = tuple(float(b) for b in self.size_bands)
+        edges = (float(self.min_object_size), *bands, float(self.max_object_size))
+        if bands and any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"size_bands must increase strictly between min_object_size and max_object_size; "
+                             f"got {list(self.size_bands)} for {self.min_object_size}..{self.max_object_size}")
         if len(size) != 2 or min(size) < 32:
             raise ValueError(f"image_size must be an int or (height, width), each >= 32; got {self.image_size!r}")
         if self.num_train < 0 or self.num_val < 0:
@@ -151,11 +176,32 @@ class SyntheticConfig:
             raise ValueError("max_stretch must be >= 1")
         if self.image_format not in ("jpg", "png"):
             raise ValueError(f"image_format must be 'jpg' or 'png'; got {self.image_format!r}")
-        return dataclasses.replace(self, image_size=size)
+        if self.size_distribution not in _SIZE_DISTRIBUTIONS:
+            raise ValueError(f"size_distribution must be one of {list(_SIZE_DISTRIBUTIONS)}; "
+                             f"got {self.size_distribution!r}")
+        if not 0 <= self.max_bend <= 90:
+            # Up to 90 degrees the arc's radius (2 / angle >= 1.27) stays above the template's
+            # half-width (<= 1), so no shape folds over itself.
+            raise ValueError(f"max_bend must be in [0, 90] degrees; got {self.max_bend}")
+        return dataclasses.replace(self, image_size=size, size_bands=bands, max_bend=float(self.max_bend))
 
     def to_json(self) -> dict[str, Any]:
-        """The normalised configuration as plain JSON types (what the manifest stores)."""
-        return json.loads(json.dumps(dataclasses.asdict(self.normalized())))
+        """The normalised configuration as plain JSON types (what the manifest stores).
+
+        Options added after version 2's datasets were first written are left out while
+        they have their default value (which renders exactly what those datasets hold), so
+        the manifests of existing caches still match.
+        """
+        data = json.loads(json.dumps(dataclasses.asdict(self.normalized())))
+        for name, default in _LATER_OPTIONS.items():
+            if data[name] == default:
+                del data[name]
+        return data
+
+
+_SIZE_DISTRIBUTIONS = ("sqrt", "log")
+#: Fields added without a GENERATOR_VERSION bump -> the default that renders as before them.
+_LATER_OPTIONS: dict[str, Any] = {"size_distribution": "sqrt", "max_bend": 0.0, "size_bands": []}
 
 
 def synthetic_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -237,8 +283,29 @@ def _template(cls: str, rng: np.random.Generator) -> tuple[list[np.ndarray], lis
     raise ValueError(f"unknown synthetic class {cls!r}")
 
 
+def _bend(p: np.ndarray, angle: float, axis: int) -> np.ndarray:
+    """Points `p` [N, 2] bent along a circular arc: the line through the origin along `axis`
+    (0: x, 1: y) becomes an arc of the same length, subtending `angle` radians over the
+    template's length of 2, and each point keeps its signed distance from it (the arc's
+    radius is 2 / |angle|; the sign of `angle` says which way it curves)."""
+    if angle == 0:
+        return p
+    radius = 2.0 / angle
+    u, v = p[:, axis], p[:, 1 - axis]       # along the bent line, across it
+    phi = u / radius
+    out = np.empty_like(p)
+    out[:, axis] = (radius + v) * np.sin(phi)
+    out[:, 1 - axis] = (radius + v) * np.cos(phi) - radius
+    return out
+
+
 def _warp_points(contours: list[np.ndarray], rng: np.random.Generator, cfg: SyntheticConfig) -> list[np.ndarray]:
-    """Elastic warp -> perspective -> stretch -> rotation, all in unit coordinates."""
+    """[Bend ->] elastic warp -> perspective -> stretch -> rotation, all in unit coordinates."""
+    sizes = [len(p) for p in contours]
+    p = np.concatenate(contours, axis=0)
+    if cfg.max_bend > 0:  # no draw at all when off, so the default output is unchanged
+        angle = math.radians(rng.uniform(-cfg.max_bend, cfg.max_bend))
+        p = _bend(p, angle, int(rng.integers(0, 2)))
     # Smooth elastic warp: a sum of three low-frequency sinusoidal displacement waves,
     # wave k moving points by amp_k * sin(freq_k . p + phase_k) along direction_k.
     theta = rng.uniform(0, 2 * math.pi, 3)
@@ -253,8 +320,6 @@ def _warp_points(contours: list[np.ndarray], rng: np.random.Generator, cfg: Synt
     c, s = math.cos(rot), math.sin(rot)
     # Stretch (x by sqrt(stretch), y by its inverse) then rotate, as one matrix on row vectors.
     linear = np.diag([math.sqrt(stretch), 1.0 / math.sqrt(stretch)]) @ np.array([[c, s], [-s, c]])
-    sizes = [len(p) for p in contours]
-    p = np.concatenate(contours, axis=0)
     q = p + np.sin(p @ freqs.T + phases) @ disp
     q = q / (1.0 + q @ g)[:, None]
     q = q @ linear
@@ -401,6 +466,19 @@ def visible_annotations(owner: np.ndarray, full_areas: Sequence[int], min_visibl
     return out
 
 
+def _size_sampler(cfg: SyntheticConfig, rng: np.random.Generator):
+    """A function drawing one object's longer side from `rng` as the config says."""
+    forward, inverse = (math.log, math.exp) if cfg.size_distribution == "log" else (math.sqrt, lambda t: t ** 2)
+    edges = [forward(e) for e in (cfg.min_object_size, *cfg.size_bands, cfg.max_object_size)]
+    if len(edges) == 2:  # one band: a single draw per object (as before size_bands existed)
+        return lambda: inverse(rng.uniform(edges[0], edges[1]))
+
+    def draw() -> float:
+        band = int(rng.integers(0, len(edges) - 1))
+        return inverse(rng.uniform(edges[band], edges[band + 1]))
+    return draw
+
+
 def render_synthetic_image(config: SyntheticConfig, split: str, index: int
                            ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Render image `index` of `split`: (RGB uint8 [H, W, 3], [{category_id, bbox, area}]).
@@ -418,14 +496,14 @@ def render_synthetic_image(config: SyntheticConfig, split: str, index: int
     regions: list[tuple[int, int, int, int] | None] = []
     categories: list[int] = []
     placed: list[tuple[float, float, float, float]] = []
-    lo, hi = math.sqrt(cfg.min_object_size), math.sqrt(cfg.max_object_size)
+    draw_size = _size_sampler(cfg, rng)
 
     for k in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         cat = int(rng.integers(0, len(SYNTHETIC_CLASSES)))
         outer, holes = _template(SYNTHETIC_CLASSES[cat], rng)
         warped = _warp_points(outer + holes, rng, cfg)
         outer, holes = warped[:len(outer)], warped[len(outer):]
-        size = rng.uniform(lo, hi) ** 2
+        size = draw_size()
         pts = np.concatenate(outer, axis=0)
         pmin, pmax = pts.min(0), pts.max(0)
         scale = size / float(max(pmax - pmin))
