@@ -1,0 +1,211 @@
+"""ONNX translations of detkit's ops: standard (default-domain) ONNX operators only.
+
+- `detkit::deform_conv2d` -> ONNX `DeformConv` (opset 19+). Its layout is detkit's
+  (torchvision's): offset [N, 2*G*kh*kw, oH, oW] as (dy, dx) per tap, mask
+  [N, G*kh*kw, oH, oW], pads [ph, pw, ph, pw]; conv groups and offset groups are read
+  from the weight and offset shapes.
+- `detkit::deform_roi_pool` has no ONNX operator. Without offsets it is ONNX `RoiAlign`
+  with coordinate_transformation_mode="half_pixel" (RoIAlign aligned=True, the same
+  arithmetic). With offsets every bin (i, j) of a RoI is its own 1x1 RoiAlign over the
+  shifted bin box [x_begin, y_begin, x_begin + bin_w, y_begin + bin_h], where
+  x_begin = x1*s + j*bin_w + gamma*offset_x*roi_w (the kernel's bin start, before its
+  half-pixel shift, which RoiAlign applies): the same samples (RoIAlign's grid per bin,
+  its border clamping, its zero outside [-1, H] x [-1, W]) and the same mean, up to
+  float rounding of the box corners. The mask then multiplies each bin. One caveat:
+  with sampling_ratio=0 the samples per bin are ceil(bin size) of the 1x1 box, which
+  can differ from ceil(roi_h / ph) by one when the bin size is an exact integer and the
+  box corners round up; detkit's configs use sampling_ratio=2.
+
+Two ways to use them:
+
+- `register_symbolics()`: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`)
+  symbolics, opsets 19 and 20 (`detkit.export` converts to 21-22 afterwards, with the RoI
+  pooling as gathers, since onnxruntime runs no RoiAlign at those opsets). `detkit.export`
+  uses this path for whole detectors: it also carries torchvision's own ONNX translations
+  (nms -> NonMaxSuppression, roi_align -> RoiAlign, roi_pool -> MaxRoiPool) and the tracing
+  code paths of torchvision's detection parts (dynamic image sizes, proposal counts).
+- `custom_translation_table()`: onnxscript functions for the current exporter
+  (`torch.onnx.export(..., dynamo=True, custom_translation_table=...)`), opsets 19-22,
+  for models whose forward torch.export can trace (a backbone, a single layer).
+
+This module imports torch.onnx machinery and onnxscript lazily: importing detkit never
+needs onnx, onnxscript or onnxruntime.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MIN_OPSET = 19                 # ONNX DeformConv
+MAX_TORCHSCRIPT_OPSET = 20     # the TorchScript exporter's newest opset
+MAX_OPSET = 22                 # DeformConv-22 adds bfloat16
+
+_registered = False
+
+
+class OnnxExportError(ValueError):
+    """A model part that cannot become standard ONNX (raised before any file is written)."""
+
+
+# --------------------------------------------------------------------- TorchScript symbolics
+
+def _static_size(value, dim: int, what: str) -> int:
+    from torch.onnx import symbolic_helper
+
+    size = symbolic_helper._get_tensor_dim_size(value, dim)
+    if size is None:
+        raise OnnxExportError(f"detkit deform_conv2d: the {what} (dimension {dim}) must be known "
+                              "when exporting to ONNX DeformConv")
+    return int(size)
+
+
+def _deform_conv2d_symbolic(g, input, offset, weight, mask, bias, stride, padding, dilation):
+    from torch.onnx import symbolic_helper
+
+    stride = symbolic_helper._get_const(stride, "is", "stride")
+    padding = symbolic_helper._get_const(padding, "is", "padding")
+    dilation = symbolic_helper._get_const(dilation, "is", "dilation")
+    kh, kw = _static_size(weight, 2, "kernel height"), _static_size(weight, 3, "kernel width")
+    in_channels = _static_size(input, 1, "input channels")
+    group_in = _static_size(weight, 1, "weight's input channels per group")
+    offset_channels = _static_size(offset, 1, "offset channels")
+    inputs = [input, weight, offset]
+    has_mask = not symbolic_helper._is_none(mask)
+    if not symbolic_helper._is_none(bias):
+        inputs.append(bias)
+    elif has_mask:
+        inputs.append(symbolic_helper._optional_input_placeholder_tensor(g))
+    if has_mask:
+        inputs.append(mask)
+    return g.op(
+        "DeformConv", *inputs,
+        kernel_shape_i=[kh, kw], strides_i=list(stride), pads_i=[padding[0], padding[1], padding[0], padding[1]],
+        dilations_i=list(dilation), group_i=in_channels // group_in,
+        offset_group_i=offset_channels // (2 * kh * kw))
+
+
+def _const(g, value, dtype=torch.int64):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _deform_roi_pool_symbolic(g, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale,
+                              sampling_ratio, gamma):
+    from torch.onnx import symbolic_helper
+
+    ph = int(symbolic_helper._get_const(pooled_height, "i", "pooled_height"))
+    pw = int(symbolic_helper._get_const(pooled_width, "i", "pooled_width"))
+    scale = float(symbolic_helper._get_const(spatial_scale, "f", "spatial_scale"))
+    ratio = max(int(symbolic_helper._get_const(sampling_ratio, "i", "sampling_ratio")), 0)
+    gamma = float(symbolic_helper._get_const(gamma, "f", "gamma"))
+    dtype = rois.type().dtype() if rois.type().dtype() is not None else torch.float32
+
+    def const_f(value):
+        return _const(g, value, dtype)
+
+    def column(index):  # rois[:, index] -> [K, 1]
+        return g.op("Slice", rois, _const(g, [index]), _const(g, [index + 1]), _const(g, [1]))
+
+    batch_index = g.op("Cast", g.op("Squeeze", column(0), _const(g, [1])), to_i=7)  # int64 [K]
+    has_offset = not symbolic_helper._is_none(offset)
+    has_mask = not symbolic_helper._is_none(mask)
+    if not has_offset:
+        boxes = g.op("Slice", rois, _const(g, [1]), _const(g, [5]), _const(g, [1]))
+        out = g.op("RoiAlign", input, boxes, batch_index, coordinate_transformation_mode_s="half_pixel",
+                   mode_s="avg", output_height_i=ph, output_width_i=pw, sampling_ratio_i=ratio,
+                   spatial_scale_f=scale)
+    else:
+        x1, y1, x2, y2 = (column(i) for i in range(1, 5))
+        s = const_f(scale)
+        roi_w = g.op("Mul", g.op("Sub", x2, x1), s)                       # [K, 1]
+        roi_h = g.op("Mul", g.op("Sub", y2, y1), s)
+        bin_w = g.op("Div", roi_w, const_f(float(pw)))
+        bin_h = g.op("Div", roi_h, const_f(float(ph)))
+        # Bin (i, j), flattened as i * pw + j: its index along y and x, [1, ph * pw].
+        bins_i = const_f([[float(b // pw) for b in range(ph * pw)]])
+        bins_j = const_f([[float(b % pw) for b in range(ph * pw)]])
+
+        def offset_channel(c):  # offset[:, c] -> [K, ph*pw]
+            part = g.op("Slice", offset, _const(g, [c]), _const(g, [c + 1]), _const(g, [1]))
+            return g.op("Reshape", part, _const(g, [-1, ph * pw]))
+
+        off_x, off_y = offset_channel(0), offset_channel(1)
+        gamma_c = const_f(gamma)
+        shift_x = g.op("Mul", g.op("Mul", gamma_c, off_x), roi_w)         # [K, ph*pw]
+        shift_y = g.op("Mul", g.op("Mul", gamma_c, off_y), roi_h)
+        # The kernel's bin start (start = x1*s - 0.5) plus 0.5, which RoiAlign takes off again.
+        begin_x = g.op("Add", g.op("Add", g.op("Mul", x1, s), g.op("Mul", bins_j, bin_w)), shift_x)
+        begin_y = g.op("Add", g.op("Add", g.op("Mul", y1, s), g.op("Mul", bins_i, bin_h)), shift_y)
+        end_x = g.op("Add", begin_x, bin_w)
+        end_y = g.op("Add", begin_y, bin_h)
+        boxes = g.op("Concat", *(g.op("Unsqueeze", t, _const(g, [2])) for t in (begin_x, begin_y, end_x, end_y)),
+                     axis_i=2)                                            # [K, ph*pw, 4]
+        boxes = g.op("Reshape", boxes, _const(g, [-1, 4]))
+        bin_batch = g.op("Reshape", g.op("Expand", g.op("Unsqueeze", batch_index, _const(g, [1])),
+                                         _const(g, [1, ph * pw])), _const(g, [-1]))
+        # ratio 0 (adaptive): ceil(bin size) of the 1x1 box, i.e. ceil(roi size / bins) up to rounding.
+        pooled = g.op("RoiAlign", input, boxes, bin_batch, coordinate_transformation_mode_s="half_pixel",
+                      mode_s="avg", output_height_i=1, output_width_i=1, sampling_ratio_i=ratio,
+                      spatial_scale_f=1.0)                                # [K*ph*pw, C, 1, 1]
+        channels = symbolic_helper._get_tensor_dim_size(input, 1)
+        if channels is None:
+            raise OnnxExportError("detkit deform_roi_pool: the input channels must be known to export")
+        pooled = g.op("Reshape", pooled, _const(g, [-1, ph, pw, channels]))
+        out = g.op("Transpose", pooled, perm_i=[0, 3, 1, 2])             # [K, C, ph, pw]
+    if has_mask:
+        out = g.op("Mul", out, mask)
+    return out
+
+
+def register_symbolics() -> None:
+    """Register the TorchScript-exporter symbolics of detkit's ops (opsets 19 and 20), once.
+
+    Also loads torchvision's (nms, roi_align, roi_pool), which importing torchvision.ops
+    registers. Safe to call many times."""
+    global _registered
+    if _registered:
+        return
+    import torchvision.ops  # noqa: F401  (registers torchvision's symbolics)
+
+    from detkit.ops import _extension
+
+    _extension.require_ops()
+    torch.onnx.register_custom_op_symbolic("detkit::deform_conv2d", _deform_conv2d_symbolic, MIN_OPSET)
+    torch.onnx.register_custom_op_symbolic("detkit::deform_roi_pool", _deform_roi_pool_symbolic, MIN_OPSET)
+    _registered = True
+
+
+# --------------------------------------------------------------------- onnxscript translation
+
+def _onnxscript_opset(opset: int):
+    import onnxscript
+
+    if opset not in range(MIN_OPSET, MAX_OPSET + 1):
+        raise OnnxExportError(f"ONNX DeformConv needs opset {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    return getattr(onnxscript, f"opset{opset}")
+
+
+def custom_translation_table(opset: int = MIN_OPSET) -> dict[Any, Any]:
+    """{torch.ops.detkit.deform_conv2d.default: onnxscript function} for
+    `torch.onnx.export(..., dynamo=True, opset_version=opset, custom_translation_table=...)`.
+
+    Needs onnxscript; the shapes of weight and offset (static in any real model) give the
+    kernel size, conv groups and offset groups."""
+    from detkit.ops import _extension
+
+    _extension.require_ops()
+    op = _onnxscript_opset(opset)
+
+    def deform_conv2d(input, offset, weight, mask=None, bias=None, stride=(1, 1), padding=(0, 0),
+                      dilation=(1, 1)):
+        kh, kw = int(weight.shape[2]), int(weight.shape[3])
+        in_channels, group_in = int(input.shape[1]), int(weight.shape[1])
+        offset_groups = int(offset.shape[1]) // (2 * kh * kw)
+        attrs = dict(kernel_shape=[kh, kw], strides=list(stride), dilations=list(dilation),
+                     pads=[padding[0], padding[1], padding[0], padding[1]], group=in_channels // group_in,
+                     offset_group=offset_groups)
+        if mask is None:
+            return op.DeformConv(input, weight, offset, bias, **attrs)
+        return op.DeformConv(input, weight, offset, bias, mask, **attrs)
+
+    return {torch.ops.detkit.deform_conv2d.default: deform_conv2d}
