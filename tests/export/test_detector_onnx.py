@@ -2,7 +2,8 @@
 
 Models carry trained-like, non-zero offsets (the offset branches of a fresh model are zero,
 which would make the deformable layers plain ones). Images are the synthetic val images of
-the default data config, drawn at their own sizes (the file's image size is dynamic).
+the default data config, drawn at their own sizes (the file's image size is dynamic), and,
+for the default run's model, two real photographs.
 """
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ VAL_INDICES = [0, 11, 31, 34]
 def val_images():
     images = synthetic_val_images(VAL_INDICES)
     assert len({tuple(img.shape) for img in images}) > 1  # sizes differ: the file's size is dynamic
+    return images
+
+
+def photographs() -> list[torch.Tensor]:
+    """Real photographs, [3, H, W] RGB in [0, 1]: the sample photos matplotlib ships (a
+    portrait, 600 x 512, and a product box, 128 x 128); none can be downloaded here."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import cv2
+
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    images = []
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        bgr = cv2.imread(str(folder / name), cv2.IMREAD_COLOR)
+        assert bgr is not None, f"cannot read {folder / name}"
+        images.append(torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255)
     return images
 
 
@@ -142,7 +158,11 @@ def test_default_run_model(val_images, tmp_path):
     model = make_trained_like(instantiate(config, _convert_="all"))
     assert model.roi_heads.box_roi_pool.kind == "mdeform"
     assert_offsets_nonzero(model, val_images[0])
-    detector = export_and_compare(model, val_images, tmp_path / "default.onnx")
+    # The synthetic val images and real photographs (other statistics, sizes and aspect ratios).
+    photos = photographs()
+    with torch.no_grad():
+        assert all(len(model([photo])[0]["scores"]) > 0 for photo in photos)  # something to compare
+    detector = export_and_compare(model, val_images + photos, tmp_path / "default.onnx")
     ops = {n.op_type for n in iter_nodes(onnx.load(str(tmp_path / "default.onnx")).graph)}  # If branches too
     assert {"DeformConv", "RoiAlign", "Resize", "NonMaxSuppression"} <= ops
     # Traced with one image, the file takes any batch (of one size): each image's detections
