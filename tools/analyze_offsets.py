@@ -20,12 +20,10 @@ exit status 2.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,14 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from detkit.cli import CONFIG_DIR, checked_argv, one_line_errors  # noqa: E402
 from detkit.data import CocoDetection  # noqa: E402
 from detkit.engine.checkpoint import load_model  # noqa: E402
+from detkit.engine.distributed import resolve_device  # noqa: E402
+from detkit.engine.evaluate import write_json  # noqa: E402
 from detkit.vis import OffsetStatistics, capture  # noqa: E402
 from detkit.vis.sampling import deformable_conv_names  # noqa: E402
-
-
-def resolve_device(name: str) -> torch.device:
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
 
 
 def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]:
@@ -84,9 +78,8 @@ def main(cfg: DictConfig) -> None:
         stats.update(result.layers, target["boxes"].numpy())
     table = stats.table()
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "offset_stats.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     payload = {"checkpoint": str(cfg.checkpoint), "data": source, **stats.result()}
-    output.write_text(json.dumps(payload, indent=2))
+    write_json(output, payload, indent=2)  # atomic
     print(f"{cfg.checkpoint} on {count} images of {source}")
     print(table)
     print(f"-> {output}")

@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     from detkit.engine.checkpoint import load_model
     from detkit.engine.datasets import build_dataset, prepare_data
     from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
-    from detkit.engine.trainer import resolve_device
+    from detkit.engine.distributed import resolve_device
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)

@@ -8,33 +8,31 @@ boxes in the image's pixels. A Hydra app: key=value arguments (configs/predict.y
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detkit.cli import CONFIG_DIR, one_line_errors  # noqa: E402
 from detkit.engine.checkpoint import load_model  # noqa: E402
+from detkit.engine.distributed import resolve_device  # noqa: E402
 from detkit.inference import list_images, predict_files  # noqa: E402
+from detkit.prediction_io import write_predictions  # noqa: E402
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="predict", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     files = list_images(cfg.input)
-    model, checkpoint = load_model(cfg.checkpoint, torch.device(cfg.device))
+    device = resolve_device(cfg.device)
+    model, checkpoint = load_model(cfg.checkpoint, device)
     root = Path(cfg.input) if Path(cfg.input).is_dir() else None
-    detections = list(predict_files(model, files, checkpoint["label_to_category_id"], cfg.device,
-                                    cfg.batch_size, root))
-    output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(detections))
-    print(f"{len(detections)} detections in {len(files)} images -> {output}")
+    count = write_predictions(cfg.output, predict_files(model, files, checkpoint["label_to_category_id"],
+                                                        device, cfg.batch_size, root))
+    print(f"{count} detections in {len(files)} images -> {cfg.output}")
 
 
 if __name__ == "__main__":

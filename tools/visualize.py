@@ -19,21 +19,15 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, ListConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from detkit.cli import CONFIG_DIR, checked_argv, one_line_errors  # noqa: E402
 from detkit.engine.checkpoint import load_model  # noqa: E402
+from detkit.engine.distributed import resolve_device  # noqa: E402
 from detkit.inference import read_image  # noqa: E402
 from detkit.vis import check_sampling_request, has_deformable_pooling, sampling_figure, save_png  # noqa: E402
-
-
-def resolve_device(name: str) -> torch.device:
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(name))
 
 
 def parse_point(point) -> tuple[float, float] | None:

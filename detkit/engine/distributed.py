@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 __all__ = [
     "env_world_size", "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank",
-    "is_main_process", "barrier", "all_gather_object", "broadcast_object", "cleanup",
+    "is_main_process", "barrier", "all_gather_object", "broadcast_object", "cleanup", "resolve_device",
 ]
 
 
@@ -97,3 +97,26 @@ def cleanup() -> None:
     """Leave the process group (no-op when none was joined)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device named by a tools' `device=` option: "auto" -> cuda if available else cpu;
+    cpu, cuda, cuda:N checked (a ValueError naming the option otherwise, or when CUDA is
+    asked for but absent); with several processes on CUDA, this process's GPU (LOCAL_RANK)."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but CUDA is not available (use device=cpu or device=auto)")
+        if is_distributed():
+            device = torch.device("cuda", get_local_rank())
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return device

@@ -47,6 +47,7 @@ from torch import nn
 
 from detkit.data import build_train_loader, targets_to_device
 from detkit.engine import distributed as dist
+from detkit.engine.distributed import resolve_device
 from detkit.engine.checkpoint import build_model, load_checkpoint, load_state_dict_strict, save_checkpoint
 from detkit.engine.datasets import build_dataset, prepare_data
 from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
@@ -69,28 +70,6 @@ class TrainingDiverged(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; with several processes on CUDA, this
-    process's GPU (LOCAL_RANK)."""
-    name = str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name} but CUDA is not available (use device=cpu or device=auto)")
-        if dist.is_distributed():
-            device = torch.device("cuda", dist.get_local_rank())
-        elif device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
-    return device
-
 
 def checkpoint_model_config(model_cfg: DictConfig) -> dict[str, Any]:
     """The resolved model node as a plain dict, with backbone.weights (an ImageNet file

@@ -62,7 +62,8 @@ def test_predict_tool_matches_torchvision(torchvision_setup, tmp_path):
     reference, checkpoint, images = torchvision_setup
     output = tmp_path / "preds.json"
     result = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={images[0].parent}",
-                      f"output={output}", f"hydra.run.dir={tmp_path / 'run'}")
+                      f"output={output}", f"hydra.run.dir={tmp_path / 'run'}",
+                      "device=cpu" if torch.cuda.is_available() else "device=auto")  # auto: the CPU here
     assert result.returncode == 0, result.stderr
     predictions = json.loads(output.read_text())
 
@@ -128,6 +129,10 @@ def test_predict_tool_reports_bad_input_in_one_line(torchvision_setup, tmp_path)
     unknown = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "no_such_key=1",
                        f"hydra.run.dir={tmp_path / 'run3'}")
     assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+    bad_device = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "device=tpu",
+                          f"hydra.run.dir={tmp_path / 'run4'}")
+    assert bad_device.returncode == 2 and "device must be auto, cpu, cuda or cuda:N; got 'tpu'" in bad_device.stderr
+    assert "Traceback" not in bad_device.stderr
 
 
 def test_read_image_errors_name_the_file(tmp_path):
