@@ -25,6 +25,8 @@ from detkit.ablation.tables import AblationTable
 __all__ = ["RunResult", "RowSummary", "collect_runs", "summarize", "render_markdown", "render_chart",
            "write_report", "METRICS"]
 
+# detkit.evaluation.coco_eval.SUMMARY_KEYS, written out so that reports load without torch and
+# pycocotools (tests/ablation/test_report.py checks the two agree).
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 

@@ -28,7 +28,6 @@ __all__ = ["evaluate_detector", "coco_stats_table", "per_class_table", "write_js
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 _STATS_LABELS = (

@@ -34,7 +34,8 @@ from pycocotools.cocoeval import COCOeval
 
 __all__ = ["COCOEvaluator", "predictions_to_coco"]
 
-_SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: The box metrics every detkit evaluation reports ("bbox/<key>" in metrics.json), in COCOeval's order.
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -180,7 +181,7 @@ class COCOEvaluator:
         cat_ids = sorted(set(self.label_to_category_id.values()))
         names = {c: str(self.coco_gt.cats[c].get("name", c)) for c in cat_ids}
         if not self._results:
-            metrics = {f"bbox/{k}": math.nan for k in _SUMMARY_KEYS}
+            metrics = {f"bbox/{k}": math.nan for k in SUMMARY_KEYS}
             metrics.update({f"bbox/AP-{names[c]}": math.nan for c in cat_ids})
             return metrics
         coco_dt = self._load_results(self.results())
@@ -199,7 +200,7 @@ class COCOEvaluator:
 
         stats = coco_eval.stats
         metrics = {f"bbox/{k}": (float(stats[i]) * 100 if stats[i] >= 0 else math.nan)
-                   for i, k in enumerate(_SUMMARY_KEYS)}
+                   for i, k in enumerate(SUMMARY_KEYS)}
         # precision: [IoU thresholds, recall thresholds, categories, area ranges, max dets]
         precision = coco_eval.eval["precision"]
         area_all = list(coco_eval.params.areaRngLbl).index("all")

@@ -148,3 +148,10 @@ def test_table_errors_name_the_problem(tmp_path):
         "title: t\nbaseline: z\npaper: {source: s, columns: [AP]}\nrows:\n  - {experiment: a, label: A, paper: [1]}\n")
     with pytest.raises(ValueError, match="baseline 'z' is not one of the rows"):
         load_table("u", tmp_path)
+
+
+def test_report_metrics_are_the_evaluation_summary_keys():
+    from detkit.ablation.report import METRICS
+    from detkit.evaluation.coco_eval import SUMMARY_KEYS
+
+    assert METRICS == SUMMARY_KEYS
