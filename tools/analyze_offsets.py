@@ -25,7 +25,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -42,15 +42,9 @@ def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]
     """The COCO-format dataset to analyse (original images, no transforms) and where it came from."""
     if cfg.images is not None:
         return CocoDetection(cfg.images, cfg.annotations), f"images={cfg.images} annotations={cfg.annotations}"
-    from detkit.engine.datasets import prepare_data, split_paths
+    from detkit.engine.datasets import data_config_for_checkpoint, prepare_data, split_paths
 
-    if cfg.get("data") is not None:
-        data_cfg, source = OmegaConf.to_container(cfg.data, resolve=True), f"data={cfg.data.kind}"
-    elif checkpoint.get("data_config"):
-        data_cfg, source = dict(checkpoint["data_config"]), "the checkpoint's data config"
-    else:
-        data_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), resolve=True)
-        source = "the default synthetic data"
+    data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
     prepare_data(data_cfg)
     image_dir, annotation_file = split_paths(data_cfg, str(cfg.split))
     return CocoDetection(image_dir, annotation_file), f"{source}, {cfg.split} split ({annotation_file})"

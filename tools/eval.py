@@ -18,7 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -31,7 +31,7 @@ logger = logging.getLogger("detkit.eval")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     from detkit.engine.checkpoint import load_model
-    from detkit.engine.datasets import build_dataset, prepare_data
+    from detkit.engine.datasets import build_dataset, data_config_for_checkpoint, prepare_data
     from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
     from detkit.engine.distributed import resolve_device
 
@@ -40,13 +40,7 @@ def main(cfg: DictConfig) -> None:
     model, checkpoint = load_model(cfg.checkpoint, device)
     if "label_to_category_id" not in checkpoint:
         raise ValueError(f"{cfg.checkpoint} has no label_to_category_id: cannot map its labels to categories")
-    if cfg.get("data") is not None:
-        data_cfg, source = OmegaConf.to_container(cfg.data, resolve=True), "data=" + str(cfg.data.kind)
-    elif checkpoint.get("data_config"):
-        data_cfg, source = checkpoint["data_config"], "the checkpoint's data config"
-    else:
-        data_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), resolve=True)
-        source = "the default synthetic data (the checkpoint stores no data config)"
+    data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
     prepare_data(data_cfg)
     dataset = build_dataset(data_cfg, "val", train=False)
     logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,

@@ -116,3 +116,19 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool,
     if len(dataset) == 0:
         raise DatasetError(f"the {split} split ({annotation_file}) has no usable images")
     return dataset
+
+
+def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,
+                               checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The data config a tool reading a checkpoint works on, and a phrase saying where it came
+    from: `data` (the tool's own `data=` choice) when given, else the checkpoint's stored
+    data config (checked by load_checkpoint), else configs/data/synthetic.yaml."""
+    if data is not None:
+        config = _plain(data)
+        return config, f"data={config.get('kind')}"
+    if checkpoint.get("data_config"):
+        return dict(checkpoint["data_config"]), "the checkpoint's data config"
+    from detkit.cli import CONFIG_DIR
+
+    default = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), resolve=True)
+    return default, "the default synthetic data (the checkpoint stores no data config)"

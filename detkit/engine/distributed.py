@@ -19,6 +19,7 @@ import torch.distributed as dist
 __all__ = [
     "env_world_size", "init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_rank",
     "is_main_process", "barrier", "all_gather_object", "broadcast_object", "cleanup", "resolve_device",
+    "unwrap_model",
 ]
 
 
@@ -120,3 +121,10 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
     return device
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers (else the model itself)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model

@@ -47,7 +47,7 @@ from torch import nn
 
 from detkit.data import build_train_loader, targets_to_device
 from detkit.engine import distributed as dist
-from detkit.engine.distributed import resolve_device
+from detkit.engine.distributed import resolve_device, unwrap_model
 from detkit.engine.checkpoint import build_model, load_checkpoint, load_state_dict_strict, save_checkpoint
 from detkit.engine.datasets import build_dataset, prepare_data
 from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
@@ -116,10 +116,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _check_config(cfg: DictConfig, world_size: int) -> None:
     """Types and ranges of the keys the loop uses, before any work (one-line ValueErrors)."""
     def number(key: str, kind: type, minimum: float | None = None, optional: bool = False) -> None:
@@ -184,7 +180,7 @@ def _save(path: Path, model: nn.Module, optimizer, scheduler, scaler, iteration:
     if not dist.is_main_process():
         return
     save_checkpoint(path, {
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap_model(model).state_dict(),
         **extra,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -201,7 +197,7 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler, scaler, data_sta
     for key in ("model", "optimizer", "scheduler", "iteration"):
         if key not in state:
             raise ValueError(f"cannot resume from {path}: it holds no {key!r} (not a training checkpoint)")
-    load_state_dict_strict(_unwrap(model), state["model"], str(path))
+    load_state_dict_strict(unwrap_model(model), state["model"], str(path))
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as exc:

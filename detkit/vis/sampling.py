@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detkit.engine.distributed import unwrap_model as unwrap
+from detkit.modeling.backbone import deformable_layers
 from detkit.ops import DeformConv2d, DeformRoIPool
 
 __all__ = [
@@ -247,14 +249,7 @@ def _normalise_stage(stage: str | None) -> str | None:
 
 def deformable_conv_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's DeformConv2d layers, in registration (forward) order."""
-    return [name for name, m in unwrap(model).named_modules() if isinstance(m, DeformConv2d)]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DistributedDataParallel / DataParallel wrapper (else the model)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    return [name for name, _ in deformable_layers(unwrap(model))]
 
 
 def _roi_pooler(model: nn.Module) -> nn.Module | None:
