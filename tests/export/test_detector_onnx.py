@@ -2,8 +2,8 @@
 
 Models carry trained-like, non-zero offsets (the offset branches of a fresh model are zero,
 which would make the deformable layers plain ones). Images are the synthetic val images of
-the default data config, drawn at their own sizes (the file's image size is dynamic), and,
-for the default run's model, two real photographs.
+the default data config, drawn at their own sizes (the file's image size is dynamic), and
+real photographs.
 """
 from __future__ import annotations
 
@@ -192,6 +192,9 @@ def test_fpn_dconv_c3_c5_mdpool_batch2_opset22(val_images, tmp_path):
     same_size = [val_images[0], val_images[0].flip(-1)]     # a batch shares one size
     detector = export_and_compare(model, same_size, tmp_path / "fpn_b2.onnx", batch_size=2, opset=22,
                                   dynamic_batch=False)
+    portrait = photographs()[0]                               # and a real photograph, twice
+    export_and_compare(model, [portrait, portrait.flip(-1)], tmp_path / "fpn_b2_photo.onnx", batch_size=2,
+                       opset=22, dynamic_batch=False)
     assert not detector.dynamic_batch and detector.batch_size == 2
     with pytest.raises(ValueError, match="exactly 2 images"):
         detector(same_size[:1])
@@ -210,7 +213,7 @@ def test_single_scale_dilated_res5_dpool(val_images, tmp_path):
                                                 **SMALL), seed=2)
     assert model.roi_heads.box_roi_pool.strides == (16,)
     assert_offsets_nonzero(model, val_images[0])
-    export_and_compare(model, val_images, tmp_path / "single.onnx", opset=20)
+    export_and_compare(model, val_images + photographs(), tmp_path / "single.onnx", opset=20)
 
 
 @pytest.mark.parametrize("layout,kind,norm", [("fpn", "align", "frozen_bn"), ("fpn", "alignv2", "gn"),
