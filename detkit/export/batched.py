@@ -25,7 +25,6 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from detkit.export.detector import resize_like_eager
 from detkit.modeling.detector import FasterRCNN
-from detkit.modeling.heads.poolers import fpn_levels
 
 
 def first_per_image(order: Tensor, image: Tensor, k: int, num_images: Tensor) -> Tensor:
@@ -41,18 +40,8 @@ def first_per_image(order: Tensor, image: Tensor, k: int, num_images: Tensor) ->
 
 def pool_rois(pooler: nn.Module, features, rois: Tensor) -> Tensor:
     """RoIPooler.forward (or GatherRoIPooler's) for rois [K, 5] given directly."""
-    params = getattr(pooler, "pooler", pooler)
-    maps = [features[n] for n in params.feature_names]
-    if len(maps) == 1:
-        return pooler._pool(maps[0], rois, params.strides[0])
-    levels = fpn_levels(rois[:, 1:], params.min_level, params.max_level, params.canonical_scale,
-                        params.canonical_level) - params.min_level
-    order, pooled = [], []
-    for i, (feature, stride) in enumerate(zip(maps, params.strides)):
-        index = torch.where(levels == i)[0]
-        order.append(index)
-        pooled.append(pooler._pool(feature, rois[index], stride).to(maps[0].dtype))
-    return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+    params = getattr(pooler, "pooler", pooler)  # GatherRoIPooler wraps the model's RoIPooler
+    return params.pool_rois(features, rois, pooler._pool)
 
 
 class BatchedDetector(nn.Module):

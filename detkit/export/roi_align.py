@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detkit.modeling.heads.poolers import RoIPooler, boxes_to_rois, fpn_levels
+from detkit.modeling.heads.poolers import RoIPooler, boxes_to_rois
 
 
 def roi_align_gather(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
@@ -124,15 +124,4 @@ class GatherRoIPooler(nn.Module):
                                 mask=mask, gamma=deform.gamma)
 
     def forward(self, features, proposals, image_shapes=None) -> Tensor:
-        p = self.pooler
-        maps = [features[n] for n in p.feature_names]
-        rois = boxes_to_rois(proposals)
-        if len(maps) == 1:
-            return self._pool(maps[0], rois, p.strides[0])
-        levels = fpn_levels(rois[:, 1:], p.min_level, p.max_level, p.canonical_scale, p.canonical_level) - p.min_level
-        order, pooled = [], []
-        for i, (feature, stride) in enumerate(zip(maps, p.strides)):
-            index = torch.where(levels == i)[0]
-            order.append(index)
-            pooled.append(self._pool(feature, rois[index], stride).to(maps[0].dtype))
-        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+        return self.pooler.pool_rois(features, boxes_to_rois(proposals), self._pool)

@@ -32,7 +32,7 @@ per level.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -142,18 +142,26 @@ class RoIPooler(nn.Module):
         if missing:
             raise ValueError(f"RoIPooler pools from {list(self.feature_names)} but features lack {missing} "
                              f"(got {list(features)})")
+        return self.pool_rois(features, boxes_to_rois(proposals))
+
+    def pool_rois(self, features: Mapping[str, Tensor], rois: Tensor,
+                  pool: Callable[[Tensor, Tensor, int], Tensor] | None = None) -> Tensor:
+        """rois [K, 5] = (batch_index, x1, y1, x2, y2) in image pixels -> [K, C, ph, pw], each RoI
+        pooled from the level the FPN rule assigns it (the only map in the single-scale layout)
+        by `pool(feature, rois, stride)` (default: this pooler's own; the ONNX export passes its
+        gather form)."""
+        pool = self._pool if pool is None else pool
         maps = [features[n] for n in self.feature_names]
-        rois = boxes_to_rois(proposals)
         if len(maps) == 1:
-            return self._pool(maps[0], rois, self.strides[0])
+            return pool(maps[0], rois, self.strides[0])
         levels = fpn_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_scale,
                             self.canonical_level) - self.min_level
         order, pooled = [], []
         for i, (feature, stride) in enumerate(zip(maps, self.strides)):
             index = torch.where(levels == i)[0]
             order.append(index)
-            pooled.append(self._pool(feature, rois[index], stride).to(maps[0].dtype))
-        # Levels come out grouped; put them back in proposal order.
+            pooled.append(pool(feature, rois[index], stride).to(maps[0].dtype))
+        # Levels come out grouped; put them back in RoI order.
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
     def extra_repr(self) -> str:
