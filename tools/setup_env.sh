@@ -32,20 +32,14 @@ fi
 source .venv/bin/activate
 pip install -q --upgrade pip
 # torch first: the extension is compiled against it (hence --no-build-isolation below).
-# The supported range, as in pyproject.toml (tests/test_packaging.py checks they agree): an
-# unbounded `pip install torch` could take a release the project's own requirement would
-# then replace, leaving the extension built against the wrong torch.
+# The supported range, as in pyproject.toml (tests/install/test_build_decision.py checks they
+# agree): an unbounded `pip install torch` could take a release that the project's own
+# requirement would then replace, leaving the extension built against the wrong torch. pip
+# does nothing when the installed versions already fit.
 TORCH_SPEC="torch>=2.11,<2.16"
 TORCHVISION_SPEC="torchvision>=0.26,<0.31"
-python - "$TORCH_SPEC" <<'PY' 2>/dev/null || {
-import sys
-import torch, torchvision  # noqa: F401
-low, high = (tuple(int(p) for p in v.split(".")) for v in sys.argv[1].split(">=")[1].split(",<"))
-sys.exit(0 if low <= tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < high else 1)
-PY
-  echo "[setup] installing torch and torchvision ($TORCH_SPEC, $TORCHVISION_SPEC)"
-  pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
-}
+echo "[setup] torch and torchvision ($TORCH_SPEC, $TORCHVISION_SPEC)"
+pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
 if [ "$cuda_compiler" = 1 ]; then
   echo "[setup] installing the CUDA compiler matching torch"
   # shellcheck disable=SC1091
