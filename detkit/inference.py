@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -54,11 +55,14 @@ def predict_files(model: nn.Module, files: Sequence[Path], label_to_category_id:
                   device: torch.device | str = "cpu", batch_size: int = 1,
                   root: Path | None = None) -> Iterable[dict]:
     """Yield COCO-style detections {"file_name", "category_id", "bbox", "score"} for `files`.
-    file_name is relative to `root` when given, else the file's name."""
+    file_name is relative to `root` when given, else the file's name. Progress: a tqdm bar of
+    the images on stderr, shown only when stderr is a terminal (tqdm's disable=None)."""
     model.eval()
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        images = [read_image(f).to(device) for f in chunk]
-        for path, prediction in zip(chunk, model(images)):
-            name = str(path.relative_to(root)) if root is not None else path.name
-            yield from to_coco_results(prediction, label_to_category_id, file_name=name)
+    with tqdm(total=len(files), desc="predicting", unit="img", disable=None) as progress:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            images = [read_image(f).to(device) for f in chunk]
+            for path, prediction in zip(chunk, model(images)):
+                name = str(path.relative_to(root)) if root is not None else path.name
+                yield from to_coco_results(prediction, label_to_category_id, file_name=name)
+            progress.update(len(chunk))

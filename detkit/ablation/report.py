@@ -1,4 +1,5 @@
-"""Ablation reports: our runs beside the paper's numbers, as Markdown and a bar chart.
+"""Ablation reports: our runs beside the paper's numbers, as Markdown and a bar chart
+(matplotlib, written as PNG and SVG).
 
 A run is a tools/train.py run folder with `metrics.json` (final COCO box metrics, percent),
 `train_stats.json` (parameters, median seconds per iteration; `detkit.engine.trainer`),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,8 +24,8 @@ import numpy as np
 
 from detkit.ablation.tables import AblationTable
 
-__all__ = ["RunResult", "RowSummary", "collect_runs", "summarize", "render_markdown", "render_chart",
-           "write_report", "METRICS"]
+__all__ = ["RunResult", "RowSummary", "collect_runs", "summarize", "render_markdown", "chart_figure",
+           "render_chart", "write_report", "METRICS"]
 
 # detkit.evaluation.coco_eval.SUMMARY_KEYS, written out so that reports load without torch and
 # pycocotools (tests/ablation/test_report.py checks the two agree).
@@ -219,83 +221,126 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
     return "\n".join(lines) + "\n"
 
 
-def render_chart(table: AblationTable, rows: Sequence[RowSummary], width: int = 960) -> np.ndarray:
-    """A bar chart (HxWx3 uint8 BGR) of each row's mean AP with ± std whiskers and a dot per
-    run, the baseline's mean as a dashed line; rows are numbered under the bars and named in
-    a legend."""
-    import cv2
+_DPI = 100
+_TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
-    font, black, grey = cv2.FONT_HERSHEY_SIMPLEX, (20, 20, 20), (150, 150, 150)
+
+def _draw_row(ax, x: int, row: RowSummary, colour: str, floor: float) -> None:
+    """Row number `x`'s bar (mean AP, artist id "bar-<x>"), its ± std error bar, one dot per
+    run ("seeds-<x>", on the bar's left half) and its value; "not run" where it has no AP."""
+    mean, std = row.mean["AP"], row.std["AP"]
+    if mean is None:
+        ax.text(x, floor, "not run" if not row.runs else "no AP", ha="center", va="bottom", color="0.45",
+                fontsize=9, gid=f"missing-{x}")
+        return
+    ax.bar(x, mean, width=0.6, color=colour, zorder=2, gid=f"bar-{x}")
+    if std is not None:
+        ax.errorbar(x, mean, yerr=std, fmt="none", ecolor="0.1", elinewidth=1.5, capsize=6, zorder=3)
+    aps = [r.metrics["AP"] for r in row.runs if r.metrics["AP"] is not None]
+    offsets = np.linspace(-0.22, -0.08, len(aps)) if len(aps) > 1 else np.array([-0.15])
+    ax.scatter(x + offsets, aps, s=14, color="0.1", zorder=4, gid=f"seeds-{x}")
+    ax.text(x + 0.08, mean, f"{mean:.1f}", ha="left", va="bottom", fontsize=9, zorder=5)
+
+
+def chart_figure(table: AblationTable, rows: Sequence[RowSummary], width: int = 960):
+    """The chart as a matplotlib Figure (Agg canvas, `width` pixels wide at 100 dpi; no pyplot
+    state). Row i (1-based, from the left) is a bar of its mean box AP with ± one sample std
+    over the seeds as an error bar and each seed's AP as a dot; the baseline's mean is a dashed
+    horizontal line (artist id "baseline"); rows without runs read "not run". The rows are
+    numbered under the bars and named in the legend below. Build and save it inside
+    `matplotlib.style.context("default")` (as `write_report` does) so that the user's
+    matplotlibrc does not change it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     n = len(rows)
-    legend_h = 22 * n + 10
-    plot_top, plot_h, left, right = 50, 300, 60, 20
-    height = plot_top + plot_h + 40 + legend_h
-    image = np.full((height, width, 3), 255, np.uint8)
-    cv2.putText(image, table.title[:110], (10, 28), font, 0.55, black, 1, cv2.LINE_AA)
+    figure = Figure(figsize=(width / _DPI, 3.9 + 0.22 * (n + 1)), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
     values = [v for row in rows for v in [row.mean["AP"]] + [r.metrics["AP"] for r in row.runs] if v is not None]
-    top = max(values + [1.0])
-    top = math.ceil(top * 1.15 / 5) * 5
-    bottom_y = plot_top + plot_h
-
-    def y_of(value: float) -> int:
-        return int(round(bottom_y - value / top * plot_h))
-
-    for tick in np.linspace(0, top, 6):
-        y = y_of(tick)
-        cv2.line(image, (left, y), (width - right, y), (230, 230, 230), 1)
-        cv2.putText(image, f"{tick:.0f}", (10, y + 5), font, 0.45, black, 1, cv2.LINE_AA)
-    cv2.putText(image, "box AP", (10, plot_top - 8), font, 0.45, black, 1, cv2.LINE_AA)
-    slot = (width - left - right) / max(n, 1)
-    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148), (75, 86, 140),
-               (194, 119, 227), (127, 127, 127)]
+    values += [row.mean["AP"] + row.std["AP"] for row in rows if row.std["AP"] is not None]
+    top = math.ceil(max(values + [1.0]) * 1.15 / 5) * 5
+    ax.set_ylim(0, top)
+    ax.set_xlim(0.4, n + 0.6)
+    handles = []
     for i, row in enumerate(rows):
-        x0, x1 = int(left + i * slot + slot * 0.2), int(left + (i + 1) * slot - slot * 0.2)
-        centre = (x0 + x1) // 2
-        colour = colours[i % len(colours)]
-        if row.mean["AP"] is not None:
-            cv2.rectangle(image, (x0, y_of(row.mean["AP"])), (x1, bottom_y), colour, -1)
-            if row.std["AP"] is not None:
-                lo, hi = y_of(max(row.mean["AP"] - row.std["AP"], 0)), y_of(row.mean["AP"] + row.std["AP"])
-                cv2.line(image, (centre, lo), (centre, hi), black, 2)
-                cv2.line(image, (centre - 6, lo), (centre + 6, lo), black, 2)
-                cv2.line(image, (centre - 6, hi), (centre + 6, hi), black, 2)
-            for j, run in enumerate(r for r in row.runs if r.metrics["AP"] is not None):
-                cv2.circle(image, (x0 + 6 + j * 7, y_of(run.metrics["AP"])), 3, black, -1, cv2.LINE_AA)
-            cv2.putText(image, f"{row.mean['AP']:.1f}", (x1 - 34, y_of(row.mean["AP"]) - 6), font, 0.45, black, 1,
-                        cv2.LINE_AA)          # right of the whisker; the run dots sit on the left
-        else:
-            cv2.putText(image, "not run", (x0, bottom_y - 8), font, 0.4, grey, 1, cv2.LINE_AA)
-        cv2.putText(image, str(i + 1), (centre - 5, bottom_y + 22), font, 0.55, black, 1, cv2.LINE_AA)
-        if row.experiment == table.baseline and row.mean["AP"] is not None:
-            y = y_of(row.mean["AP"])
-            for x in range(left, width - right, 12):
-                cv2.line(image, (x, y), (min(x + 6, width - right), y), black, 1)
-    cv2.line(image, (left, bottom_y), (width - right, bottom_y), black, 1)
-    for i, row in enumerate(rows):
-        y = bottom_y + 40 + 22 * i + 12
-        cv2.rectangle(image, (12, y - 10), (24, y + 2), colours[i % len(colours)], -1)
-        text = f"{i + 1}. {row.label} ({row.experiment}, {len(row.runs)} runs)"
-        cv2.putText(image, text[:120], (32, y), font, 0.45, black, 1, cv2.LINE_AA)
-    return image
+        colour = _TAB10[i % len(_TAB10)]
+        _draw_row(ax, i + 1, row, colour, top * 0.01)
+        runs = f"{len(row.runs)} run{'s' if len(row.runs) > 1 else ''}" if row.runs else "not run"
+        handles.append(Patch(facecolor=colour if row.runs else "none", edgecolor=colour, hatch=None if row.runs else "//",
+                             label=f"{i + 1}. {row.label} ({row.experiment}, {runs})"))
+    base = next((row for row in rows if row.experiment == table.baseline and row.mean["AP"] is not None), None)
+    if base is not None:
+        ax.axhline(base.mean["AP"], color="0.1", linestyle="--", linewidth=1, zorder=3, gid="baseline")
+        handles.append(Line2D([], [], color="0.1", linestyle="--", linewidth=1,
+                              label=f"baseline mean ({base.label})"))
+    ax.set_xticks(range(1, n + 1))
+    ax.set_xlabel("row")
+    ax.set_ylabel("box AP (%)")
+    ax.grid(axis="y", color="0.9")
+    ax.set_axisbelow(True)
+    ax.set_title(table.title, fontsize=11, loc="left")
+    figure.legend(handles=handles, loc="outside lower left", fontsize=9, frameon=False)
+    return figure
+
+
+def render_chart(table: AblationTable, rows: Sequence[RowSummary], width: int = 960) -> np.ndarray:
+    """The chart of `chart_figure` as an HxWx3 uint8 BGR image (W = `width`; for cv2.imwrite)."""
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        figure = chart_figure(table, rows, width)
+        figure.canvas.draw()
+        rgba = np.asarray(figure.canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., 2::-1])
+
+
+def _save_atomically(figure, path: Path, fmt: str) -> None:
+    """figure -> `path` in format `fmt` via a temporary file in the same folder and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(tmp, format=fmt, dpi=_DPI, metadata={"Date": None} if fmt == "svg" else None)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_chart(table: AblationTable, rows: Sequence[RowSummary], chart_path: Path) -> None:
+    """The chart as `chart_path` (its suffix picks the format, PNG for .png) and as an SVG next
+    to it (same name, .svg; text kept as text). ValueError for a suffix matplotlib cannot write."""
+    import matplotlib.style
+
+    fmt = chart_path.suffix.lstrip(".").lower() or "png"
+    with matplotlib.style.context("default"):
+        figure = chart_figure(table, rows)
+        if fmt not in figure.canvas.get_supported_filetypes():
+            raise ValueError(f"cannot write a chart as {chart_path}: use a .png file name")
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "detkit"}):
+            _save_atomically(figure, chart_path, fmt)
+            if fmt != "svg":
+                _save_atomically(figure, chart_path.with_suffix(".svg"), "svg")
 
 
 def write_report(table: AblationTable, runs: Sequence[RunResult], markdown_path: str | Path | None = None,
                  chart_path: str | Path | None = None) -> str:
     """Summarise `runs` (`collect_runs`) for `table`, write the Markdown (with the chart
-    linked) and the PNG; returns the Markdown."""
-    import cv2
-
+    linked) and the chart: `chart_path` (PNG) and the same chart as SVG beside it
+    (`<name>.svg`); every file is written atomically. Returns the Markdown."""
     rows = summarize(table, runs)
     markdown = render_markdown(table, rows)
     if chart_path is not None:
         chart_path = Path(chart_path)
         chart_path.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(chart_path), render_chart(table, rows)):
-            raise OSError(f"could not write {chart_path}")
+        _write_chart(table, rows, chart_path)
         if markdown_path is not None:
             markdown += f"\n![{table.title}]({chart_path.name})\n"
     if markdown_path is not None:
         markdown_path = Path(markdown_path)
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(markdown)
+        tmp = markdown_path.with_name(f".{markdown_path.name}.tmp")
+        tmp.write_text(markdown)
+        os.replace(tmp, markdown_path)
     return markdown

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -72,12 +73,13 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from filelock import FileLock
+from tqdm import tqdm
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -90,6 +92,8 @@ __all__ = [
     "default_synthetic_root",
     "visible_annotations",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Class names; category id of SYNTHETIC_CLASSES[i] is i + 1.
 SYNTHETIC_CLASSES: tuple[str, ...] = (
@@ -633,15 +637,22 @@ def _default_workers() -> int:
 
 
 def _write_split(cfg: SyntheticConfig, root: Path, split: str, count: int, workers: int) -> Path:
+    """Render and write one split's images and its annotation JSON. Progress: a tqdm bar of the
+    images on stderr, on rank 0 only and only when stderr is a terminal (tqdm's disable=None)."""
+    from detkit.engine.distributed import is_main_process
+
     image_dir, ann_file = synthetic_paths(root, split)
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     tasks = [(cfg, split, i, str(image_dir)) for i in range(count)]
+    progress = {"total": count, "desc": f"synthetic {split} images", "unit": "img",
+                "disable": None if is_main_process() else True}
     if workers <= 1 or count < 8:
-        results = [_render_and_save(t) for t in tasks]
+        results = [_render_and_save(t) for t in tqdm(tasks, **progress)]
     else:
         with _pool_context().Pool(min(workers, count)) as pool:
-            results = list(pool.imap(_render_and_save, tasks, chunksize=max(1, min(32, count // (4 * workers)))))
+            chunksize = max(1, min(32, count // (4 * workers)))
+            results = list(tqdm(pool.imap(_render_and_save, tasks, chunksize=chunksize), **progress))
     images, annotations = [], []
     for index, h, w, anns in sorted(results, key=lambda r: r[0]):
         image_id = index + 1
@@ -718,21 +729,6 @@ def _manifest_matches(root: Path, cfg: SyntheticConfig) -> bool:
     return True
 
 
-@contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): callers should not generate concurrently
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 _OWN_ENTRIES = {"train", "val", "annotations", _MANIFEST}
 
 
@@ -747,15 +743,17 @@ def ensure_synthetic_dataset(root: str | os.PathLike | None = None, config: Synt
     temporary sibling folder that is then renamed to `root` (an existing stale
     or incomplete `root` is replaced: it must contain only what this generator
     writes, else this refuses with a ValueError rather than delete anything).
-    A lock file next to `root` makes concurrent callers wait for one
-    generation.
+    A lock file next to `root` (`.<name>.lock`, a filelock.FileLock, no timeout)
+    makes concurrent callers wait for one generation, which the others then reuse.
+    `verbose`: log the start and the end of a generation (INFO, logger
+    "detkit.data.synthetic").
     """
     root = Path(root) if root is not None else default_synthetic_root()
     cfg = dataclasses.replace(config or SyntheticConfig(), **overrides).normalized()
     if _manifest_matches(root, cfg):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / f".{root.name}.lock"):
+    with FileLock(str(root.parent / f".{root.name}.lock")):
         if _manifest_matches(root, cfg):  # another process generated it while we waited
             return root
         # Leftovers of killed generations (safe to remove: we hold the lock).
@@ -771,8 +769,8 @@ def ensure_synthetic_dataset(root: str | os.PathLike | None = None, config: Synt
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         if verbose:
-            print(f"[detkit] generating synthetic dataset ({cfg.num_train} train / {cfg.num_val} val images) "
-                  f"into {root}", flush=True)
+            logger.info("generating synthetic dataset (%d train / %d val images) into %s", cfg.num_train,
+                        cfg.num_val, root)
         try:
             seconds = _generate(cfg, tmp, workers)
         except BaseException:
@@ -786,5 +784,5 @@ def ensure_synthetic_dataset(root: str | os.PathLike | None = None, config: Synt
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if verbose:
-            print(f"[detkit] synthetic dataset ready in {seconds:.1f} s", flush=True)
+            logger.info("synthetic dataset ready in %.1f s", seconds)
     return root

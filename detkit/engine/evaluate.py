@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from detkit.data import CocoDetection, build_test_loader
 from detkit.engine import distributed as dist
@@ -49,6 +50,10 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, device: torch.de
     dropped (e.g. a 91-label torchvision model on COCO's 80 categories).
     Collective when distributed: every rank must call it. Returns (metrics on
     rank 0 / None elsewhere, the evaluator holding the gathered detections).
+
+    Progress: a tqdm bar of rank 0's batches on stderr, shown only when stderr is a
+    terminal (tqdm's disable=None), so logs and CI output stay clean; it is cleared
+    when the pass ends.
     """
     mapping = dict(label_to_category_id if label_to_category_id is not None else dataset.label_to_category_id)
     mapping = {int(k): int(v) for k, v in mapping.items() if int(v) in dataset.coco.cats}
@@ -62,7 +67,9 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, device: torch.de
     evaluator = COCOEvaluator(dataset.coco, mapping, verbose=False)
     was_training = model.training
     model.eval()
-    for images, targets in loader:
+    progress = tqdm(loader, desc="evaluation", unit="batch", leave=False,
+                    disable=None if dist.is_main_process() else True)
+    for images, targets in progress:
         outputs = model([image.to(device) for image in images])
         outputs = [{k: v.cpu() for k, v in out.items()} for out in outputs]
         for out in outputs:

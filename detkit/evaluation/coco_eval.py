@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = ["COCOEvaluator", "predictions_to_coco"]
+
+logger = logging.getLogger(__name__)
 
 #: The box metrics every detkit evaluation reports ("bbox/<key>" in metrics.json), in COCOeval's order.
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -99,7 +102,8 @@ class COCOEvaluator:
         label_to_category_id: contiguous model label -> COCO category id. Only
             these categories are evaluated (all of the ground truth's when the
             mapping covers them).
-        verbose: print the standard 12-line COCOeval summary in `evaluate`.
+        verbose: log the standard 12-line COCOeval summary in `evaluate` (INFO, logger
+            "detkit.evaluation.coco_eval"); `summary` holds it either way.
     """
 
     def __init__(self, coco_gt: COCO, label_to_category_id: Mapping[int, int], verbose: bool = True) -> None:
@@ -110,12 +114,14 @@ class COCOEvaluator:
             raise ValueError(f"category ids {missing[:10]} are not in the ground truth")
         self.verbose = verbose
         self.coco_eval: COCOeval | None = None
+        self.summary: str | None = None  # COCOeval.summarize()'s text, set by evaluate()
         self.reset()
 
     def reset(self) -> None:
         """Forget all predictions."""
         self._results: dict[int, list[dict[str, Any]]] = {}
         self.coco_eval = None
+        self.summary = None
 
     def update(self, predictions: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> None:
         """Add a batch: model outputs and the matching targets (for image_id, scale, orig_size)."""
@@ -176,7 +182,7 @@ class COCOEvaluator:
         IoU .50:.95, all areas, 100 detections). NaN where COCOeval has no
         ground truth (an area range or a class absent from the seen images).
         With no image seen, every value is NaN. The COCOeval object stays in
-        `self.coco_eval`.
+        `self.coco_eval` and its 12-line summary text in `self.summary`.
         """
         cat_ids = sorted(set(self.label_to_category_id.values()))
         names = {c: str(self.coco_gt.cats[c].get("name", c)) for c in cat_ids}
@@ -194,8 +200,9 @@ class COCOEvaluator:
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
             coco_eval.summarize()
+        self.summary = summary.getvalue()
         if self.verbose:
-            print(summary.getvalue(), end="", flush=True)
+            logger.info("COCOeval summary:\n%s", self.summary.rstrip("\n"))
         self.coco_eval = coco_eval
 
         stats = coco_eval.stats

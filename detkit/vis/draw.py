@@ -1,4 +1,4 @@
-"""Drawing sampling points, deformable RoI bins and detections with OpenCV.
+"""Drawing sampling points and deformable RoI bins with OpenCV, detections with torchvision.
 
 Every function draws on an HxWx3 uint8 RGB array of the ORIGINAL image's size (colours
 are RGB) and returns the array; `save_png` converts to BGR for `cv2.imwrite`.
@@ -10,7 +10,8 @@ deepest level first as small semi-transparent dots; each activation unit a white
 with a black rim. Deformable RoI bins: the regular bin grid faint, and every shifted bin as
 a rectangle of half the bin's size around its shifted centre (whole bins would overlap),
 joined to its regular centre by a thin line; for DCNv2 the opacity and thickness follow
-the bin's mask. Detections: boxes with "class score" labels.
+the bin's mask. Detections: boxes with "class score" labels
+(torchvision.utils.draw_bounding_boxes, at whole pixels).
 
 Points are in the pixel-index frame (OpenCV's: pixel (x, y) is centred on (x, y)); boxes
 and bins are drawn at their corner coordinates as detectors conventionally do (half a
@@ -85,30 +86,41 @@ def _label_of(label: int, class_names: Mapping | Sequence | None) -> str:
     return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
 
 
+def _label_font() -> str:
+    """The TrueType file of the label text: DejaVu Sans, shipped with matplotlib."""
+    import matplotlib
+
+    return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+
+
 def draw_detections(canvas: np.ndarray, boxes, labels=None, scores=None, class_names=None,
                     color: tuple[int, int, int] = BOX_COLOR) -> np.ndarray:
-    """Boxes [N, 4] (x1, y1, x2, y2) with "name score" labels (class_names: {label: name})."""
-    boxes = np.asarray(boxes.detach().cpu() if isinstance(boxes, Tensor) else boxes, np.float64).reshape(-1, 4)
+    """Draw boxes [N, 4] (x1, y1, x2, y2 in the canvas's pixels, x1 <= x2 and y1 <= y2) on
+    `canvas` (HxWx3 uint8 RGB, changed in place) and return it.
+
+    torchvision.utils.draw_bounding_boxes draws each box, corners rounded to whole pixels, as an
+    outline `_thickness` pixels wide inside the box in `color` (RGB), and its "name score" label
+    (class_names: {label: name} or a list; the label number without it) in black on a `color`
+    patch at the box's top-left corner, inside the box.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    boxes = torch.as_tensor(np.asarray(boxes.detach().cpu() if isinstance(boxes, Tensor) else boxes, np.float64)
+                            ).reshape(-1, 4)
+    if len(boxes) == 0:
+        return canvas
     labels = None if labels is None else [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
     scores = None if scores is None else [float(v) for v in (scores.tolist() if hasattr(scores, "tolist") else scores)]
-    thickness = _thickness(canvas)
-    font_scale = max(0.35, min(canvas.shape[:2]) / 700)
-    for k, (x1, y1, x2, y2) in enumerate(boxes):
-        cv2.rectangle(canvas, (_fixed(x1), _fixed(y1)), (_fixed(x2), _fixed(y2)), color, thickness,
-                      cv2.LINE_AA, _SHIFT)
-        parts = []
-        if labels is not None:
-            parts.append(_label_of(labels[k], class_names))
-        if scores is not None:
-            parts.append(f"{scores[k]:.2f}")
-        if parts:
-            text = " ".join(parts)
-            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-            tx = int(np.clip(x1, 0, max(canvas.shape[1] - tw, 0)))
-            ty = int(np.clip(y1, th + base, canvas.shape[0]))
-            cv2.rectangle(canvas, (tx, ty - th - base), (tx + tw, ty), color, -1)
-            cv2.putText(canvas, text, (tx, ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1,
-                        cv2.LINE_AA)
+    texts = None
+    if labels is not None or scores is not None:
+        texts = [" ".join(([_label_of(labels[k], class_names)] if labels is not None else [])
+                          + ([f"{scores[k]:.2f}"] if scores is not None else [])) for k in range(len(boxes))]
+    image = torch.from_numpy(np.ascontiguousarray(canvas)).permute(2, 0, 1)      # [3, H, W] uint8
+    drawn = draw_bounding_boxes(image, boxes.round(), texts, colors=tuple(int(c) for c in color),
+                                width=_thickness(canvas), font=_label_font(),
+                                font_size=max(10, round(min(canvas.shape[:2]) / 23)), label_colors=(0, 0, 0),
+                                fill_labels=True)
+    canvas[...] = drawn.permute(1, 2, 0).numpy()
     return canvas
 
 

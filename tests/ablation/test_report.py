@@ -79,24 +79,81 @@ def test_markdown_layout(sweep):
     assert "Zhu et al." in text and "arXiv 1811.11168" in text
 
 
+def _longest_vertical_run(mask: np.ndarray) -> int:
+    """The most consecutive True pixels in any column of an HxW mask (a bar's height in pixels)."""
+    best = 0
+    for column in mask.T:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], column.astype(np.int8), [0]])))
+        if len(edges):
+            best = max(best, int((edges[1::2] - edges[::2]).max()))
+    return best
+
+
 def test_chart_draws_bars_to_scale(sweep):
     table = load_table("dcnv2_table1")
     image = render_chart(table, summarize(table, collect_runs([sweep])))
-    assert image.dtype == np.uint8 and image.ndim == 3
-    # Bar heights follow the means: measure each bar's height in its own colour along its left edge.
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[1] == 960
+    # Bar heights follow the means: measure each bar's height in its own colour (BGR; the legend's
+    # patches of the same colour are short and lie elsewhere).
     heights = []
-    for i in (0, 1):                                   # rows 1 and 2 (blue, orange)
-        colour = [(180, 119, 31), (14, 127, 255)][i]
-        mask = np.all(image == colour, axis=2)
-        heights.append(mask.any(axis=1)[:350].sum())
+    for colour in [(180, 119, 31), (14, 127, 255)]:      # rows 1 and 2 (blue, orange)
+        heights.append(_longest_vertical_run(np.all(image == colour, axis=2)))
+    assert heights[0] > 100
     assert heights[1] / heights[0] == pytest.approx(26.0 / 21.0, rel=0.03)
+
+
+def test_chart_ignores_the_users_matplotlib_settings(sweep):
+    import matplotlib
+    from cycler import cycler
+
+    table = load_table("dcnv2_table1")
+    rows = summarize(table, collect_runs([sweep]))
+    expected = render_chart(table, rows)
+    with matplotlib.rc_context({"axes.prop_cycle": cycler(color=["k"]), "figure.facecolor": "red",
+                                "font.size": 20, "lines.linestyle": ":"}):
+        assert np.array_equal(render_chart(table, rows), expected)
+
+
+def _svg_groups(root) -> dict[str, object]:
+    return {g.get("id"): g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("id")}
+
+
+def _path_ys(element) -> list[float]:
+    """The y coordinates of the first SVG path under `element` ("M x y L x y ..." as matplotlib writes)."""
+    d = next(element.iter("{http://www.w3.org/2000/svg}path")).get("d").replace("z", "").split()
+    return [float(v) for v in d[2::3]]
 
 
 def test_write_report_files(sweep, tmp_path):
     table = load_table("dcnv2_table1")
     text = write_report(table, collect_runs([sweep]), tmp_path / "out" / "t.md", tmp_path / "out" / "t.png")
-    assert (tmp_path / "out" / "t.md").read_text() == text and "![" in text
+    assert (tmp_path / "out" / "t.md").read_text() == text and "![" in text and "(t.png)" in text
     assert cv2.imread(str(tmp_path / "out" / "t.png")) is not None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.md", "t.png", "t.svg"]  # no temp files left
+
+    png = cv2.imread(str(tmp_path / "out" / "t.png"))
+    assert png.shape[1] == 960 and 400 <= png.shape[0] <= 800
+    assert (png.min(axis=2) < 200).mean() > 0.03                       # not blank: bars, text, axes
+    assert np.all(png == (180, 119, 31), axis=2).sum() > 1000          # row 1's bar, tab:blue in BGR
+
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(tmp_path / "out" / "t.svg").getroot()
+    texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert table.title in texts
+    groups = _svg_groups(root)
+    # One bar per row that was run (rows 1, 2 and 5 of the table's 5); the others read "not run".
+    assert sorted(k for k in groups if k.startswith("bar-")) == ["bar-1", "bar-2", "bar-5"]
+    assert sorted(k for k in groups if k.startswith("missing-")) == ["missing-3", "missing-4"]
+    assert all("not run" in "".join(groups[k].itertext()) for k in ("missing-3", "missing-4"))
+    for row in (1, 2, 5):                                               # a dot per seed
+        assert len(list(groups[f"seeds-{row}"].iter("{http://www.w3.org/2000/svg}use"))) == 3
+    baseline = next(groups["baseline"].iter("{http://www.w3.org/2000/svg}path"))
+    assert "stroke-dasharray" in baseline.get("style")                 # dashed
+    base_y, bar1_top, bar2_top = _path_ys(groups["baseline"])[0], min(_path_ys(groups["bar-1"])), \
+        min(_path_ys(groups["bar-2"]))
+    assert base_y == pytest.approx(bar1_top, abs=0.01) and bar2_top < base_y - 5   # at row 1's mean (21 < 26)
+    assert len(set(_path_ys(groups["baseline"]))) == 1                 # horizontal
 
 
 def test_mixed_data_settings_are_refused(sweep):
@@ -110,12 +167,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_renders_tables_with_runs(sweep, tmp_path):
-    result = run(str(sweep))
+    result = run(f"runs=[{sweep}]")
     assert result.returncode == 0, result.stderr
     assert "DCNv2 Table 1" in result.stdout and "DCNv1 Table 1" not in result.stdout   # only tables with runs
-    result = run(str(sweep / "dcnv2" / "regular" / "seed0"), "--out", str(tmp_path / "rep"))
+    result = run(f"runs=[{sweep / 'dcnv2' / 'regular' / 'seed0'}]", f"out={tmp_path / 'rep'}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "rep" / "dcnv2_table1.md").is_file() and (tmp_path / "rep" / "dcnv2_table1.png").is_file()
+    assert (tmp_path / "rep" / "dcnv2_table1.svg").is_file()                        # the chart as SVG beside it
 
 
 @pytest.mark.parametrize("args, message", [
@@ -130,7 +188,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "bad" / "metrics.json").write_text("{not json")
     make_run(tmp_path / "other", "smoke", 0, 1.0, 0.1, 1)
     paths = {"EMPTY": tmp_path / "empty", "BADJSON": tmp_path / "bad", "OTHER": tmp_path / "other"}
-    result = run(*[str(paths.get(a, a)) for a in args])
+    result = run("runs=[" + ",".join(str(paths.get(a, a)) for a in args) + "]")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -237,3 +237,69 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="notes.txt"):
         ensure_synthetic_dataset(root, CACHE_CFG, workers=1, verbose=False)
     assert (root / "notes.txt").read_text() == "keep me"
+
+
+def test_a_concurrent_caller_waits_for_the_lock_then_reuses_the_dataset(tmp_path, monkeypatch):
+    import threading
+
+    from filelock import FileLock
+
+    root = tmp_path / "shapes"
+    returned, calls = [], []
+    waiter = threading.Thread(target=lambda: returned.append(
+        ensure_synthetic_dataset(root, CACHE_CFG, workers=1, verbose=False)))
+    with FileLock(str(tmp_path / ".shapes.lock")):          # another process holds the lock ...
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not root.exists()       # ... so this caller waits
+        generate_synthetic_coco(root, CACHE_CFG.num_train, CACHE_CFG.num_val, CACHE_CFG.image_size,
+                                CACHE_CFG.seed, workers=1, **{k: v for k, v in TINY.items() if k != "image_size"})
+        real_generate = synthetic._generate
+        monkeypatch.setattr(synthetic, "_generate", lambda *a, **k: calls.append(a) or real_generate(*a, **k))
+    waiter.join(60)
+    assert not waiter.is_alive() and returned == [root]
+    assert calls == []                                        # it reused what the holder generated
+    assert (tmp_path / ".shapes.lock").exists()               # the lock file stays (waiters share its inode)
+
+
+def test_generation_is_logged_not_printed(tmp_path, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="detkit.data.synthetic"):
+        ensure_synthetic_dataset(tmp_path / "shapes", CACHE_CFG, workers=1)
+        ensure_synthetic_dataset(tmp_path / "quiet", CACHE_CFG, workers=1, verbose=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "detkit.data.synthetic"]
+    assert len(messages) == 2 and messages[0].startswith("generating synthetic dataset (6 train / 2 val images)")
+    assert str(tmp_path / "shapes") in messages[0] and messages[1].startswith("synthetic dataset ready in")
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""                            # stderr is no terminal here: no progress bar
+
+
+class _Terminal:
+    """A stand-in for stderr that says it is a terminal, so that tqdm (disable=None) draws."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_progress_bar_on_a_terminal_on_rank_0_only(tmp_path, monkeypatch, main_process):
+    import detkit.engine.distributed as dist
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(dist, "is_main_process", lambda: main_process)
+    _generate(tmp_path / "shapes", num_train=3, num_val=2)
+    if main_process:
+        assert "synthetic train images" in terminal.text and "3/3" in terminal.text and "2/2" in terminal.text
+    else:
+        assert terminal.text == ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 
 import numpy as np
@@ -68,14 +69,21 @@ def test_ground_truth_spans_all_area_ranges(gt):
     assert min(areas) < 32 ** 2 and max(areas) > 96 ** 2 and any(32 ** 2 <= a < 96 ** 2 for a in areas)
 
 
-def test_perfect_predictions_give_ap_100(gt, capsys):
-    ev, m = _evaluate(gt, [_perfect(gt, i) for i in gt.imgs], verbose=True)
+def test_perfect_predictions_give_ap_100(gt, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="detkit.evaluation.coco_eval"):
+        ev, m = _evaluate(gt, [_perfect(gt, i) for i in gt.imgs], verbose=True)
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl"):
         assert m[key] == pytest.approx(100.0), key
     assert m["bbox/AP-cat"] == pytest.approx(100.0) and m["bbox/AP-dog"] == pytest.approx(100.0)
     assert "bbox/AP-zebra" in m and math.isnan(m["bbox/AP-zebra"])  # no ground truth -> NaN
-    summary = capsys.readouterr().out
+    # The COCOeval summary is logged (verbose) and kept in `summary`, not printed.
+    summary = caplog.text
     assert summary.count("Average Precision") == 6 and summary.count("Average Recall") == 6
+    assert ev.summary.count("Average Precision") == 6 and ev.summary.count("Average Recall") == 6
+    assert capsys.readouterr().out == ""
+    with caplog.at_level(logging.INFO, logger="detkit.evaluation.coco_eval"):
+        quiet, _ = _evaluate(gt, [_perfect(gt, i) for i in gt.imgs])
+    assert quiet.summary == ev.summary and caplog.text.count("Average Precision") == 6   # verbose=False: not logged
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.7, (0.5, 0.8)])

@@ -4,9 +4,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from detkit.vis import draw_roi_bins, draw_sampling_points, roi_bins, sampling_figure, save_png, to_rgb_uint8
-from detkit.vis.draw import LEVEL_COLORS
+from detkit.vis import (draw_detections, draw_roi_bins, draw_sampling_points, roi_bins, sampling_figure, save_png,
+                        to_rgb_uint8)
+from detkit.vis.draw import BOX_COLOR, LEVEL_COLORS
 from tests.vis.builders import build_tiny, smooth_image
 
 IMAGE_H, IMAGE_W = 80, 100
@@ -20,6 +22,23 @@ def test_points_are_drawn_where_they_are_in_their_level_colour():
         for x, y in level.astype(int):
             assert tuple(canvas[y, x]) == LEVEL_COLORS[index]
     assert canvas[0, 0].sum() == 0 and canvas[59, 40].sum() == 0  # far from every point
+
+
+def test_detection_boxes_are_drawn_where_they_are():
+    canvas = np.zeros((60, 80, 3), np.uint8)
+    out = draw_detections(canvas, torch.tensor([[10.0, 15.0, 50.0, 45.0]]))
+    assert out is canvas                                                  # drawn in place (sampling_figure)
+    for y, x in [(15, 30), (45, 30), (30, 10), (30, 50), (15, 10), (45, 50)]:   # on the edges and corners
+        assert tuple(canvas[y, x]) == BOX_COLOR, (y, x)
+    for y, x in [(30, 30), (16, 11), (44, 49), (30, 5), (30, 55), (10, 30), (50, 30)]:  # inside / outside
+        assert canvas[y, x].sum() == 0, (y, x)
+    # The "name score" label: black text on a patch of the box colour, inside the box's top-left corner.
+    labelled = draw_detections(np.zeros((60, 80, 3), np.uint8), [[10, 15, 50, 45]], [1], [0.5], {1: "ab"})
+    inside = labelled[16:45, 11:50]
+    assert np.all(inside == BOX_COLOR, axis=2).sum() > 20 and (labelled[16:30, 11:30].sum(axis=2) == 0).any()
+    assert np.array_equal(labelled[40:45, 11:50], canvas[40:45, 11:50])   # the label sits at the top
+    changed = np.argwhere(labelled.sum(axis=2) > 0)                      # nothing above or left of the box
+    assert changed.min(axis=0).tolist() == [15, 10] and changed[:, 0].max() == 45
 
 
 def test_roi_bins_are_drawn_inside_the_box_region():
