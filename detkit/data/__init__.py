@@ -4,6 +4,7 @@
 - `coco`: `CocoDetection` (pycocotools + OpenCV) and `DatasetError`.
 - `transforms`: resize / flip / to-tensor on numpy images in the loader workers.
 - `loader`: collate, aspect-ratio grouping, endless seeded training stream, test sharding.
+- `sources`: what a `data` config node builds (`SyntheticShapes`, `CocoFolder`).
 """
 from detkit.data.coco import CocoDetection, DatasetError, coco_paths, load_coco_json
 from detkit.data.loader import (
@@ -26,6 +27,7 @@ from detkit.data.synthetic import (
     render_synthetic_image,
     synthetic_paths,
 )
+from detkit.data.sources import CocoFolder, DataSource, SyntheticShapes
 from detkit.data.transforms import (
     Compose,
     RandomHorizontalFlip,
@@ -41,4 +43,5 @@ __all__ = [
     "GENERATOR_VERSION", "SYNTHETIC_CLASSES", "SyntheticConfig", "default_synthetic_root",
     "ensure_synthetic_dataset", "generate_synthetic_coco", "render_synthetic_image", "synthetic_paths",
     "Compose", "RandomHorizontalFlip", "ResizeShortestSide", "ToTensor", "build_transforms",
+    "CocoFolder", "DataSource", "SyntheticShapes",
 ]

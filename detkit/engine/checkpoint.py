@@ -5,7 +5,7 @@ A detkit checkpoint is a dict saved with `torch.save` (docs/checkpoints.md):
     {"format": "detkit-checkpoint", "version": 1,
      "model": state_dict,
      "model_config": {...},          # the resolved model node (`_target_` names detkit builders)
-     "data_config": {...},           # the resolved data node of the training run
+     "data_config": {...},           # the resolved data node of the training run (`_target_`: a data source)
      "label_to_category_id": {...},  # model label -> dataset category id (COCO ids)
      "class_names": {...},           # model label -> name
      ... training state (optimizer, scheduler, iteration, RNG) for resumable runs}
@@ -13,9 +13,10 @@ A detkit checkpoint is a dict saved with `torch.save` (docs/checkpoints.md):
 Everything in it is plain containers, numbers, strings and tensors, so it loads with
 `torch.load(weights_only=True)`. Loading one runs no code from it: `load_checkpoint`
 refuses, before anything is built, configs whose `_target_` is not one of detkit's builders
-(`detkit.modeling.build.BUILDERS`), Hydra options, interpolations and non-plain values
-(`detkit.engine.stored_config`), and `build_model` looks builders up in that registry
-instead of importing what a config names.
+(the registry of config targets, `detkit.engine.config.targets()`), Hydra options,
+interpolations and non-plain values (`detkit.engine.stored_config`), and `build_model` (and
+`detkit.engine.datasets.build_data_source` for the data config) looks builders up in that
+registry instead of importing what a config names.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def build_model(model_config: Mapping[str, Any], source: str = "model config", *
     """Build a model from its config node (a mapping with `_target_`), resolved plain data.
 
     Only detkit's builders run: the tree is checked first (`check_stored_config`: every
-    `_target_` at any depth must be a key of `detkit.modeling.build.BUILDERS`, no other Hydra
+    `_target_` at any depth must be a name of `detkit.engine.config.targets()`, no other Hydra
     options, no interpolations) and built by looking the targets up in that registry, never
     by importing a name (`detkit.engine.stored_config.build_stored`). An OmegaConf node (the
     caller's own config, never something read from a checkpoint) is resolved first.

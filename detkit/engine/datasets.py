@@ -1,103 +1,79 @@
-"""Datasets from a `data` config node (configs/data/*.yaml), for tools/train.py and tools/eval.py.
+"""Datasets from a `data` config node (configs/data/*.yaml): the node builds a
+`detkit.data.sources.DataSource` (`build_data_source`), which prepares the data and makes the
+datasets.
 
-Two kinds:
+`build_data_source(data_cfg)` builds the node through detkit's registry of config targets
+(`_target_` looked up, never imported; `detkit.engine.stored_config.build_stored`), for a
+run's own config and for the `data_config` stored in a checkpoint alike. A node without
+`_target_`, as detkit stored them before data nodes had one (`kind: synthetic|coco`), gets
+the class of its kind (`detkit.data.sources.KIND_TARGETS`).
 
-- `kind: synthetic`: detkit's shapes dataset in `root` (a cache folder, `~` expanded),
-  generated there first when missing or stale (`data.generator` holds the
-  `detkit.data.SyntheticConfig` fields); splits "train" and "val".
-- `kind: coco`: the COCO 2017 layout under `root` (root/train2017, root/val2017,
-  root/annotations/instances_{train,val}2017.json); `train_split`/`val_split` name them.
-
-Both give `detkit.data.CocoDetection` datasets resized by `ResizeShortestSide(min_size,
-max_size)` (flipped with `flip_prob` in training). Problems with the data on disk raise
-`DatasetError` (a ValueError) with a one-line message.
+The functions below it (`data_root`, `synthetic_config`, `prepare_data`, `split_paths`,
+`build_dataset`) are the interface of before, kept for their callers: each builds the source
+and asks it. Problems with the data on disk raise `DatasetError` (a ValueError) with a
+one-line message.
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from detkit.data import (CocoDetection, DatasetError, SyntheticConfig, build_transforms, coco_paths,
-                         ensure_synthetic_dataset, synthetic_paths)
-from detkit.engine import distributed as dist
+from detkit.data import CocoDetection, SyntheticConfig
+from detkit.data.sources import KIND_TARGETS, DataSource, synthetic_generator_config
 
-__all__ = ["KINDS", "data_root", "synthetic_config", "prepare_data", "split_paths", "build_dataset"]
+__all__ = ["KINDS", "build_data_source", "data_root", "synthetic_config", "prepare_data", "split_paths",
+           "build_dataset", "data_config_for_checkpoint"]
 
-logger = logging.getLogger(__name__)
-
-KINDS = ("synthetic", "coco")
+KINDS = tuple(KIND_TARGETS)
 
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _kind(data_cfg: Mapping[str, Any]) -> str:
-    kind = data_cfg.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"data.kind must be one of {list(KINDS)}; got {kind!r}")
-    return kind
+def build_data_source(data_cfg: DictConfig | Mapping[str, Any], source: str = "the data config",
+                      root: str = "data") -> DataSource:
+    """The `DataSource` a data node describes (an OmegaConf node is resolved first). A node
+    without `_target_` is mapped from its `kind`; a `defaults` key (a data yaml read with
+    OmegaConf.load instead of composed) is ignored. Errors are one-line ValueErrors
+    (CheckpointError naming `source` and the node for what the registry refuses)."""
+    from detkit.engine.stored_config import build_stored
+
+    config = dict(_plain(data_cfg) or {})
+    config.pop("defaults", None)
+    if "_target_" not in config:
+        kind = config.get("kind")
+        if kind not in KIND_TARGETS:
+            raise ValueError(f"data.kind must be one of {list(KINDS)}; got {kind!r}")
+        config = {"_target_": KIND_TARGETS[kind], **config}
+    built = build_stored(config, source, root=root)
+    if not isinstance(built, DataSource):
+        raise ValueError(f"{source}: {config['_target_']} built a {type(built).__name__}, not a data source")
+    return built
 
 
 def data_root(data_cfg: Mapping[str, Any]) -> Path:
     """data.root with `~` expanded."""
-    root = data_cfg.get("root")
-    if not root:
-        raise ValueError("data.root is empty: pass data.root=PATH")
-    return Path(os.path.expanduser(str(root)))
+    return build_data_source(data_cfg).root
 
 
 def synthetic_config(data_cfg: Mapping[str, Any]) -> SyntheticConfig:
     """The `SyntheticConfig` of a synthetic data node (its `generator` fields)."""
-    options = dict(_plain(data_cfg.get("generator")) or {})
-    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown data.generator options {unknown}; known: {sorted(known)}")
-    if isinstance(options.get("image_size"), list):
-        options["image_size"] = tuple(options["image_size"])
-    return SyntheticConfig(**options).normalized()
+    return synthetic_generator_config(data_cfg.get("generator"))
 
 
 def prepare_data(data_cfg: Mapping[str, Any]) -> None:
-    """Make the data available to every process before datasets are built.
-
-    Synthetic: rank 0 generates the dataset if needed while the others wait at a
-    barrier. COCO: checks that the root folder exists (the datasets check the rest).
-    """
-    kind = _kind(data_cfg)
-    root = data_root(data_cfg)
-    if kind == "synthetic":
-        config = synthetic_config(data_cfg)
-        if dist.is_main_process():
-            logger.info("synthetic dataset in %s (generated first if missing or stale)", root)
-            start = time.perf_counter()
-            ensure_synthetic_dataset(root, config, verbose=False)  # returns at once when cached
-            seconds = time.perf_counter() - start
-            if seconds > 1.0:
-                logger.info("generated the synthetic dataset (%d train / %d val images) in %s in %.1f s",
-                            config.num_train, config.num_val, root, seconds)
-        dist.barrier()
-    elif not root.is_dir():
-        raise DatasetError(f"COCO root folder not found: {root} (expected train2017/, val2017/ and "
-                           f"annotations/instances_{{train,val}}2017.json under it)")
+    """`DataSource.prepare`: synthetic, rank 0 generates the dataset if needed while the others
+    wait at a barrier; COCO, checks that the root folder exists (the datasets check the rest)."""
+    build_data_source(data_cfg).prepare()
 
 
 def split_paths(data_cfg: Mapping[str, Any], split: str) -> tuple[Path, Path]:
     """(image_dir, annotation_file) of split "train" or "val" of the configured dataset."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
-    root = data_root(data_cfg)
-    if _kind(data_cfg) == "synthetic":
-        return synthetic_paths(root, split)
-    return coco_paths(root, str(data_cfg.get(f"{split}_split", f"{split}2017")))
+    return build_data_source(data_cfg).split_paths(split)
 
 
 def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool,
@@ -107,22 +83,15 @@ def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool,
 
     `category_ids`: the category ids it must have (DatasetError otherwise).
     """
-    image_dir, annotation_file = split_paths(data_cfg, split)
-    transforms = build_transforms(train, min_size=_plain(data_cfg.get("min_size", 800)),
-                                  max_size=int(data_cfg.get("max_size", 1333)),
-                                  flip_prob=float(data_cfg.get("flip_prob", 0.5)))
-    dataset = CocoDetection(image_dir, annotation_file, transforms,
-                            remove_images_without_annotations=train, category_ids=category_ids)
-    if len(dataset) == 0:
-        raise DatasetError(f"the {split} split ({annotation_file}) has no usable images")
-    return dataset
+    return build_data_source(data_cfg).dataset(split, train, category_ids=category_ids)
 
 
 def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,
                                checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The data config a tool reading a checkpoint works on, and a phrase saying where it came
     from: `data` (the tool's own `data=` choice) when given, else the checkpoint's stored
-    data config (checked by load_checkpoint), else configs/data/synthetic.yaml."""
+    data config (checked by load_checkpoint), else configs/data/synthetic.yaml (its keys,
+    without the defaults list)."""
     if data is not None:
         config = _plain(data)
         return config, f"data={config.get('kind')}"
@@ -131,4 +100,5 @@ def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,
     from detkit.cli import CONFIG_DIR
 
     default = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), resolve=True)
+    default.pop("defaults", None)
     return default, "the default synthetic data (the checkpoint stores no data config)"

@@ -8,20 +8,25 @@ tree to Hydra's `instantiate` or to OmegaConf:
 - `check_stored_config(node, source)` walks the whole tree *before anything is imported or
   called* and returns a plain copy (dicts, lists, str, int, float, bool, None). It refuses,
   with a one-line `CheckpointError` naming the key path and the offending value:
-  a `_target_` that is not a key of `detkit.modeling.build.BUILDERS` (at any depth: nested
-  nodes, lists, `_args_`); any other Hydra option key (`_partial_`, `_recursive_`,
+  a `_target_` that is not a name of detkit's registry of config targets
+  (`detkit.engine.config.targets()`: model, box head, data and schedule builders; at any
+  depth: nested nodes, lists, `_args_`); any other Hydra option key (`_partial_`, `_recursive_`,
   `_convert_`, and any `_name_` key a later Hydra may add); `_args_` that is not a list or
   sits on a node without `_target_`; a string holding `${` (an interpolation: `${oc.env:..}`,
   `${now:..}`, any resolver; stored configs are resolved when written, so nothing is
   resolved when reading); a builder argument that names a file to read
-  (`detkit.modeling.build.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
+  (`detkit.engine.config.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
   bytes, sets ...); nesting deeper than `MAX_DEPTH`.
 - `build_stored(node, source)` checks, then builds: every `_target_` is looked up in
-  `BUILDERS` by its exact name (a dict lookup: no import by name, no Hydra), children first
+  the registry by its exact name (a dict lookup: no import by name, no Hydra), children first
   in key order, `_args_` as positional arguments, dicts and lists passed as plain dicts and
   lists. That is what `hydra.utils.instantiate(node, _convert_="all")` does for the configs
   detkit ships (tests/engine/test_checkpoint_safety.py compares the two), without a second
   parser of the tree whose reading could differ from this check's.
+- `build_partial(node, source, *args)`: the same for a `_partial_: true` node of a run's own
+  config (never a stored one: those refuse `_partial_`), called with `args` first, as
+  `hydra.utils.instantiate(node)(*args)` would (the optimizer with the model, the LR
+  schedule with the optimizer: `detkit.engine.optim.build_from_config`).
 - `check_label_map` / `check_class_names`: the class mappings (int -> int, int -> str).
 """
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["CheckpointError", "ALLOWED_TARGETS", "MAX_DEPTH", "check_stored_config", "build_stored",
-           "check_label_map", "check_class_names"]
+           "build_partial", "check_label_map", "check_class_names"]
 
 MAX_DEPTH = 32
 _HYDRA_KEY = re.compile(r"^_.+_$")      # _target_, _args_, _partial_, _recursive_, _convert_, ...
@@ -40,15 +45,15 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def _registry() -> tuple[Mapping[str, Any], Mapping[str, tuple[str, ...]]]:
-    # Imported when first needed, so that readers of plain files (the ablation report) do not
-    # pay for torch: detkit.modeling.build holds the allowlist, next to the builders it names.
-    from detkit.modeling.build import BUILDERS, FILE_ARGUMENTS
+    # Called when first needed, so that readers of plain files (the ablation report) do not
+    # pay for torch: the registry imports the builders it names when first asked for.
+    from detkit.engine.config import FILE_ARGUMENTS, targets
 
-    return BUILDERS, FILE_ARGUMENTS
+    return targets(), FILE_ARGUMENTS
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ALLOWED_TARGETS":  # frozenset of the dotted names in detkit.modeling.build.BUILDERS
+    if name == "ALLOWED_TARGETS":  # frozenset of the dotted names of the registry
         return frozenset(_registry()[0])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -110,7 +115,7 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
         if not isinstance(target, str) or target not in builders:
             raise _refuse(source, _join(path, "_target_"),
                           f"_target_ {_short(target)} is not a detkit builder (allowed: "
-                          f"{', '.join(sorted(builders))}; the list is BUILDERS in detkit/modeling/build.py)")
+                          f"{', '.join(sorted(builders))}; the list is targets() in detkit/engine/config.py)")
         bad_key = next((k for k in node if not isinstance(k, str) or not k.isidentifier()), None)
         if bad_key is not None:
             raise _refuse(source, _join(path, bad_key), f"{_short(bad_key)} cannot be an argument of {target}")
@@ -133,14 +138,26 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
 
 
 def build_stored(node: Any, source: str, *, root: str = "", allow_files: bool = False) -> Any:
-    """`check_stored_config`, then build the tree with the builders of `BUILDERS` (module
+    """`check_stored_config`, then build the tree with the registry's builders (module
     docstring). A builder that rejects its arguments (TypeError, ValueError) gives a one-line
     CheckpointError naming the node."""
     plain = check_stored_config(node, source, root=root, allow_files=allow_files)
     return _build(plain, str(source), root)
 
 
-def _build(node: Any, source: str, path: str) -> Any:
+def build_partial(node: Any, source: str, *args: Any, root: str = "") -> Any:
+    """Build a `_partial_: true` node of a run's own config, resolved plain data, called with
+    `args` before its keyword arguments: `hydra.utils.instantiate(node)(*args)` through the
+    registry. The node minus `_partial_` is checked as a stored config is (files allowed)."""
+    if not isinstance(node, dict) or node.get("_partial_") is not True or "_target_" not in node:
+        raise _refuse(str(source), root, f"{_short(node)} is not a node with a _target_ and _partial_: true "
+                                         f"(it is called with {len(args)} more argument(s))")
+    plain = check_stored_config({k: v for k, v in node.items() if k != "_partial_"}, source, root=root,
+                                allow_files=True)
+    return _build(plain, str(source), root, args)
+
+
+def _build(node: Any, source: str, path: str, first_args: tuple = ()) -> Any:
     if isinstance(node, list):
         return [_build(item, source, _join(path, i)) for i, item in enumerate(node)]
     if not isinstance(node, dict):
@@ -153,7 +170,7 @@ def _build(node: Any, source: str, path: str) -> Any:
     kwargs = {key: _build(value, source, _join(path, key)) for key, value in node.items()
               if key not in ("_target_", "_args_")}
     try:
-        return builder(*args, **kwargs)
+        return builder(*first_args, *args, **kwargs)
     except CheckpointError:
         raise
     except (TypeError, ValueError) as exc:

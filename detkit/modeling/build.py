@@ -18,13 +18,13 @@
 Deformable poolers hold `detkit.ops.DeformRoIPool`, so their offset branches are found
 by `detkit.ops.offset_branch_parameters(model)`.
 
-`BUILDERS` (end of this file) is the allowlist of the builders that a stored configuration
-(a checkpoint's) may name as `_target_`; see docs/checkpoints.md.
+Every `_target_` a config names (these builders, the box head builders, the data sources,
+the optimizer and schedule builders) is looked up in one registry, `detkit.engine.config`
+(`BUILDERS` here is the same mapping); see docs/checkpoints.md.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -35,7 +35,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detkit.modeling.backbone import ResNet, load_torchvision_weights
 from detkit.modeling.detector import FasterRCNN
-from detkit.modeling.heads.box_head import FastRCNNPredictor, TwoMLPHead
+from detkit.modeling.heads.box_head import (BoxHeadBuilder, BoxPredictorBuilder, FastRCNNPredictorBuilder,
+                                            TwoMLPHeadBuilder)
 from detkit.modeling.heads.poolers import RoIPooler
 from detkit.modeling.neck.fpn import FPN
 
@@ -79,19 +80,28 @@ def build_roi_heads(box_roi_pool: nn.Module, in_channels: int, output_size: int,
                     representation_size: int = 1024, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                     batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                     bbox_reg_weights: Sequence[float] | None = None, score_thresh: float = 0.05,
-                    nms_thresh: float = 0.5, detections_per_img: int = 100) -> RoIHeads:
-    """RoI heads: `box_roi_pool` -> [K, in_channels, output_size, output_size] -> 2fc head of
-    `representation_size` -> class scores (num_classes, background included) and boxes.
+                    nms_thresh: float = 0.5, detections_per_img: int = 100,
+                    box_head: BoxHeadBuilder | None = None,
+                    box_predictor: BoxPredictorBuilder | None = None) -> RoIHeads:
+    """RoI heads: `box_roi_pool` -> [K, in_channels, output_size, output_size] -> box head ->
+    [K, F] -> box predictor -> class scores [K, num_classes] (background included) and box
+    deltas [K, 4 * num_classes].
 
+    box_head: a `BoxHeadBuilder` (a model config's `box_head` node), called with
+    (in_channels, output_size); None means the 2fc head of `representation_size`
+    (`TwoMLPHeadBuilder`). box_predictor: a `BoxPredictorBuilder`, called with
+    (box_head.out_features, num_classes); None means `FastRCNNPredictorBuilder`.
     bbox_reg_weights None means torchvision's (10, 10, 5, 5).
     """
     pooled_size = getattr(box_roi_pool, "output_size", output_size)
     if pooled_size not in (output_size, (output_size, output_size)):
         raise ValueError(f"box_roi_pool pools to {pooled_size} but output_size is {output_size}")
-    box_head = TwoMLPHead(int(in_channels) * int(output_size) ** 2, int(representation_size))
-    box_predictor = FastRCNNPredictor(int(representation_size), int(num_classes))
+    head_builder = TwoMLPHeadBuilder(int(representation_size)) if box_head is None else box_head
+    predictor_builder = FastRCNNPredictorBuilder() if box_predictor is None else box_predictor
+    head = head_builder(int(in_channels), int(output_size))       # built first: the init order of before
+    predictor = predictor_builder(int(head_builder.out_features), int(num_classes))
     weights = None if bbox_reg_weights is None else tuple(float(w) for w in bbox_reg_weights)
-    return RoIHeads(box_roi_pool, box_head, box_predictor, fg_iou_thresh=fg_iou_thresh,
+    return RoIHeads(box_roi_pool, head, predictor, fg_iou_thresh=fg_iou_thresh,
                     bg_iou_thresh=bg_iou_thresh, batch_size_per_image=batch_size_per_image,
                     positive_fraction=positive_fraction, bbox_reg_weights=weights,
                     score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
@@ -114,16 +124,23 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, layout: str = "fpn"
                       anchor_sizes: Sequence[Sequence[int]] | None = None,
                       aspect_ratios: Sequence[float] = ASPECT_RATIOS, pooler_output_size: int = 7,
                       pooler_sampling_ratio: int = 2, deform_gamma: float = 0.1, deform_hidden_dim: int = 1024,
-                      representation_size: int = 1024, rpn_options: Mapping | None = None,
+                      representation_size: int | None = None, box_head: BoxHeadBuilder | None = None,
+                      box_predictor: BoxPredictorBuilder | None = None, rpn_options: Mapping | None = None,
                       roi_heads_options: Mapping | None = None,
                       transform_options: Mapping | None = None) -> FasterRCNN:
     """Faster R-CNN around `backbone` in the "fpn" or "single_scale" layout (module docstring).
 
     pooler_kind: "align", "alignv2", "pool", "deform" or "mdeform" (`RoIPooler`). rpn_feature and
     pool_feature are the single-scale layout's maps. anchor_sizes None means the
-    layout's default. rpn_options, roi_heads_options and transform_options are passed
+    layout's default. box_head, box_predictor: the optional config nodes of the same names
+    (`detkit.modeling.heads.box_head`), built by `build_roi_heads` with the pooled size;
+    without box_head, the 2fc head of `representation_size` (None: 1024), which cannot be
+    given with a box_head. rpn_options, roi_heads_options and transform_options are passed
     as keyword arguments to `build_rpn`, `build_roi_heads` and `build_transform`.
     """
+    if box_head is not None and representation_size is not None:
+        raise ValueError("representation_size is the width of the default box head; with a box_head node, set "
+                         "the head's own options there instead")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     channels, strides = dict(backbone.out_channels), dict(backbone.strides)
@@ -154,7 +171,8 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, layout: str = "fpn"
                        hidden_dim=deform_hidden_dim)
     rpn = build_rpn(channels[rpn_features[0]], anchor_sizes, aspect_ratios, **dict(rpn_options or {}))
     roi_heads = build_roi_heads(pooler, pool_channels, pooler_output_size, num_classes,
-                                representation_size=representation_size, **dict(roi_heads_options or {}))
+                                representation_size=1024 if representation_size is None else representation_size,
+                                box_head=box_head, box_predictor=box_predictor, **dict(roi_heads_options or {}))
     transform = build_transform(**dict(transform_options or {}))
     return FasterRCNN(backbone, rpn, roi_heads, transform, neck, rpn_in_features=rpn_features,
                       num_classes=num_classes)
@@ -171,23 +189,13 @@ def build_resnet(weights: str | None = None, **resnet_args) -> ResNet:
 
 # ------------------------------------------------------------------ the registry of config targets
 
-# THE ALLOWLIST: every `_target_` that a configuration read back from a file (a checkpoint's
-# `model_config`, `data_config`, ...) may name, mapped to the callable it builds with. A target
-# is looked up here by its exact dotted name, never imported: a name that is not a key here is
-# refused before anything is called (`detkit.engine.stored_config`). Training builds through
-# this registry too (`detkit.engine.checkpoint.build_model`), so a config naming anything else
-# fails before training, not when its checkpoint is loaded. Add a builder here (and nowhere
-# else) when a shipped config starts naming it; tests/engine/test_checkpoint_safety.py checks
-# that every `_target_` under configs/ is listed and that each name is the import path of the
-# function it maps to (the configs stay valid Hydra configs that build the same thing).
-BUILDERS: Mapping[str, Callable[..., Any]] = MappingProxyType({
-    "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
-    "detkit.modeling.build.build_resnet": build_resnet,
-})
+def __getattr__(name: str) -> Any:
+    # BUILDERS, FILE_ARGUMENTS and ALLOWED_TARGETS were defined here when the allowlist held
+    # only the model's builders; they now name the one registry of config targets (model, data,
+    # schedule), `detkit.engine.config`, imported when first asked for (it imports this module).
+    if name in ("BUILDERS", "FILE_ARGUMENTS", "ALLOWED_TARGETS"):
+        from detkit.engine import config
 
-# Arguments of the builders above that name a file to read. A config stored in a checkpoint
-# leaves them null (the checkpoint holds the weights; training stores `backbone.weights: null`).
-FILE_ARGUMENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "detkit.modeling.build.build_resnet": ("weights",),
-})
-ALLOWED_TARGETS: frozenset[str] = frozenset(BUILDERS)
+        return {"BUILDERS": config.targets, "FILE_ARGUMENTS": config.file_arguments,
+                "ALLOWED_TARGETS": config.allowed_targets}[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

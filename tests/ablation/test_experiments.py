@@ -114,12 +114,12 @@ def test_coco_experiment_has_the_papers_setting(experiment):
 
 
 def test_coco_experiment_without_imagenet_weights_is_refused():
-    from detkit.engine.trainer import _check_config
+    from detkit.engine.config import check_train_config
 
     cfg = compose("dcnv2/regular", *COCO)
     with pytest.raises(ValueError, match=r"model.backbone.weights is null.*resnet50.pth"):
-        _check_config(cfg, world_size=1)
-    _check_config(compose("dcnv2/regular", *COCO, "model.backbone.weights=/w/r50.pth"), world_size=1)
+        check_train_config(cfg, world_size=1)
+    check_train_config(compose("dcnv2/regular", *COCO, "model.backbone.weights=/w/r50.pth"), world_size=1)
 
 
 def test_unknown_data_setting_names_the_missing_config():

@@ -18,6 +18,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from detkit.engine import config as config_registry
 from detkit.engine import stored_config
 from detkit.engine.checkpoint import CheckpointError, build_model, load_checkpoint, load_model, save_checkpoint
 from detkit.engine.stored_config import build_stored, check_class_names, check_label_map, check_stored_config
@@ -249,6 +250,43 @@ def test_every_shipped_target_is_allowed_and_nothing_more():
     assert targets <= ALLOWED_TARGETS
     assert ALLOWED_TARGETS == set(BUILDERS) == stored_config.ALLOWED_TARGETS
     assert all(name.startswith("detkit.") for name in ALLOWED_TARGETS)
+    # One registry for every config: the model's builders, the data sources, the schedule's.
+    assert ALLOWED_TARGETS == config_registry.allowed_targets() and BUILDERS is config_registry.targets()
+    assert {"detkit.modeling.build.build_faster_rcnn", "detkit.data.sources.SyntheticShapes",
+            "detkit.data.sources.CocoFolder", "detkit.engine.optim.build_optimizer",
+            "detkit.engine.optim.build_scheduler"} <= targets
+
+
+def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
+    """A data_config naming anything but a detkit data source, or with a Hydra option, is
+    refused on loading; the data config a training run stores (the composed node, resolved)
+    loads and rebuilds its source."""
+    state = good_state()
+    for data_config, key_path, names in [
+        ({"_target_": "os.system", "command": "true"}, "data_config._target_", "'os.system'"),
+        ({"_target_": "detkit.data.sources.SyntheticShapes", "_partial_": True, "root": "/x"},
+         "data_config._partial_", "_partial_"),
+        ({"_target_": "detkit.data.sources.CocoFolder", "_convert_": "all", "root": "/x"},
+         "data_config._convert_", "_convert_"),
+    ]:
+        path = write_raw(tmp_path / "bad.pth", {**state, "data_config": data_config})
+        with pytest.raises(CheckpointError) as excinfo:
+            load_checkpoint(path)
+        refused(excinfo, key_path, names)
+    from hydra import compose, initialize_config_dir
+
+    from detkit.data import SyntheticShapes
+    from detkit.engine.datasets import build_data_source
+
+    config_registry.register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        data = compose("train", overrides=[f"data.root={tmp_path}"]).data
+    stored = OmegaConf.to_container(data, resolve=True)
+    save_checkpoint(tmp_path / "new.pth", {**state, "data_config": stored})
+    loaded = load_checkpoint(tmp_path / "new.pth")["data_config"]
+    assert loaded == stored and loaded["_target_"] == "detkit.data.sources.SyntheticShapes"
+    source = build_data_source(loaded, str(tmp_path / "new.pth"), root="data_config")
+    assert type(source) is SyntheticShapes and source.root == tmp_path
 
 
 def test_each_allowed_name_is_the_import_path_of_its_builder():

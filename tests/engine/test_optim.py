@@ -151,3 +151,79 @@ def test_bad_schedules_are_rejected():
         build_scheduler(optimizer, 10, 0.001, [20, 10], 0.1, 30)
     with pytest.raises(ValueError, match="warmup"):
         build_scheduler(optimizer, 10, 0.0, [20], 0.1, 30)
+
+
+# ---------------------------------------------------------------------------- from the schedule config
+
+ALL_SCHEDULES = sorted(str(p.relative_to(SCHEDULES))[:-5] for p in SCHEDULES.rglob("*.yaml"))
+
+
+def composed_schedule(name: str):
+    from hydra import compose, initialize_config_dir
+
+    from detkit.engine.config import register_configs
+
+    register_configs()  # what the CLI does before composing
+    with initialize_config_dir(config_dir=str(SCHEDULES.parent), version_base="1.3"):
+        return compose("train", overrides=[f"schedule={name}"]).schedule
+
+
+def legacy_build(sched, model):
+    """The trainer's call before schedule.optimizer / schedule.scheduler existed."""
+    optimizer = build_optimizer(model, float(sched.base_lr), float(sched.momentum), float(sched.weight_decay),
+                                OmegaConf.to_container(sched.lr_mult) if sched.lr_mult else None,
+                                weight_decay_norm=float(sched.weight_decay_norm))
+    scheduler = build_scheduler(optimizer, int(sched.warmup_iters), float(sched.warmup_factor),
+                                list(sched.steps), float(sched.gamma), int(sched.max_iters))
+    return optimizer, scheduler
+
+
+def assert_same(a, b, sched) -> None:
+    (opt_a, sched_a), (opt_b, sched_b) = a, b
+    assert type(opt_a) is type(opt_b) and opt_a.defaults == opt_b.defaults
+    assert len(opt_a.param_groups) == len(opt_b.param_groups)
+    for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups):   # same order, names, lr, wd
+        assert group_a.keys() == group_b.keys()
+        assert [id(p) for p in group_a["params"]] == [id(p) for p in group_b["params"]]
+        settings_a, settings_b = ({k: v for k, v in g.items() if k != "params"} for g in (group_a, group_b))
+        assert settings_a == settings_b
+    assert type(sched_a) is type(sched_b) and sched_a.state_dict() == sched_b.state_dict()
+    fa, fb = sched_a.lr_lambdas[0], sched_b.lr_lambdas[0]
+    assert vars(fa) == vars(fb) and all(fa(i) == fb(i) for i in probe_iterations(sched))
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULES)
+def test_build_from_config_is_the_trainers_optimizer_and_schedule(name):
+    from hydra.utils import instantiate
+
+    from detkit.engine.optim import build_from_config
+
+    sched = composed_schedule(name)
+    model = Tiny()
+    ours = build_from_config(sched, model)
+    assert_same(ours, legacy_build(sched, model), sched)
+    # ... and what Hydra makes of the same nodes.
+    optimizer = instantiate(sched.optimizer)(model)
+    assert_same(ours, (optimizer, instantiate(sched.scheduler)(optimizer)), sched)
+    # The nodes follow the flat keys users override.
+    sched.base_lr, sched.lr_mult.deform_conv, sched.steps = 0.5, 0.25, [7]
+    optimizer, scheduler = build_from_config(sched, model)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["default"]["initial_lr"] == 0.5 and groups["deform_conv"]["initial_lr"] == 0.125
+    assert scheduler.lr_lambdas[0].steps == [7]
+
+
+def test_build_from_config_refuses_what_is_not_a_partial_detkit_builder():
+    from detkit.engine.optim import build_from_config
+    from detkit.engine.stored_config import CheckpointError
+
+    sched = OmegaConf.to_container(composed_schedule("synthetic_cpu"), resolve=True)
+    bad = {**sched, "optimizer": {**sched["optimizer"], "_target_": "torch.optim.Adam"}}
+    with pytest.raises(CheckpointError, match=r"refused schedule.optimizer._target_: _target_ 'torch.optim.Adam'"):
+        build_from_config(bad, Tiny())
+    whole = {**sched, "scheduler": {k: v for k, v in sched["scheduler"].items() if k != "_partial_"}}
+    with pytest.raises(CheckpointError, match=r"refused schedule.scheduler: .*_partial_: true"):
+        build_from_config(whole, Tiny())
+    with pytest.raises(CheckpointError, match=r"cannot build schedule.optimizer with "
+                                              r"detkit.engine.optim.build_optimizer: .*deform_convs"):
+        build_from_config({**sched, "optimizer": {**sched["optimizer"], "lr_mult": {"deform_convs": 1.0}}}, Tiny())

@@ -1,0 +1,204 @@
+"""The typed schemas of detkit.engine.config: every shipped schedule and data config is typed
+by its schema, an unknown key or a wrong type fails when the config is composed with a message
+naming the key, and `check_train_config` keeps the ranges and cross-field rules."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import typing
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from detkit.cli import check_config
+from detkit.data.synthetic import SyntheticConfig
+from detkit.engine.config import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
+                                  SyntheticDataConfig, SyntheticGeneratorConfig, TrainConfig, check_train_config,
+                                  register_configs)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SCHEDULES = sorted(str(p.relative_to(CONFIGS / "schedule"))[:-5] for p in (CONFIGS / "schedule").rglob("*.yaml"))
+DATA = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
+TRAIN_SCHEMA_ENTRY = "  - /schema/train@_here_"
+ABLATE_SCHEMA_DEFAULTS = "defaults:\n  - /schema/ablate@_here_\n  - _self_\n"
+
+register_configs()  # what the CLI does before composing (the tests compose in-process)
+
+
+def composed(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def scratch_configs(tmp_path_factory) -> Path:
+    """configs/ with train.yaml's defaults list starting with the top-level schema (the entry the
+    orchestrator adds to configs/train.yaml; kept if already there), ablate.yaml with its schema,
+    and experiments with typos."""
+    root = tmp_path_factory.mktemp("configs") / "configs"
+    shutil.copytree(CONFIGS, root)
+    train = root / "train.yaml"
+    text = train.read_text()
+    if TRAIN_SCHEMA_ENTRY not in text:
+        assert "defaults:\n" in text
+        text = text.replace("defaults:\n", f"defaults:\n{TRAIN_SCHEMA_ENTRY}\n", 1)
+        train.write_text(text)
+    ablate = root / "ablate.yaml"
+    if "/schema/ablate@_here_" not in ablate.read_text():
+        ablate.write_text(ABLATE_SCHEMA_DEFAULTS + ablate.read_text())
+    typos = root / "experiment" / "typo"
+    typos.mkdir()
+    for name, body in {"schedule_key": "schedule:\n  max_iter: 5\n",
+                       "schedule_type": "schedule:\n  warmup_iters: many\n",
+                       "generator_key": "data:\n  generator:\n    num_trian: 5\n",
+                       "generator_type": "data:\n  generator:\n    clutter: lots\n",
+                       "top_key": "eval_perod: 5\n",
+                       "top_type": "num_workers: two\n"}.items():
+        (typos / f"{name}.yaml").write_text(f"# @package _global_\n{body}")
+    return root
+
+
+def test_register_configs_is_idempotent():
+    register_configs()
+    register_configs()
+    repo = ConfigStore.instance().repo[SCHEMA_GROUP]
+    assert set(repo) == {f"{name}.yaml" for name in SCHEMAS}
+    assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in SCHEMAS.items())
+
+
+def test_generator_schema_mirrors_synthetic_config():
+    """The same fields, in the same order, with the same defaults; the types OmegaConf checks
+    are SyntheticConfig's (a tuple of floats as a list, int-or-pair as Any)."""
+    ours, theirs = dataclasses.fields(SyntheticGeneratorConfig), dataclasses.fields(SyntheticConfig)
+    assert [f.name for f in ours] == [f.name for f in theirs]
+    hints, schema_hints = typing.get_type_hints(SyntheticConfig), typing.get_type_hints(SyntheticGeneratorConfig)
+    for mine, field in zip(ours, theirs):
+        default = mine.default_factory() if mine.default is dataclasses.MISSING else mine.default
+        expected = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert default == expected and type(default) is type(expected), field.name
+        if hints[field.name] in (int, float, str, bool):
+            assert schema_hints[field.name] is hints[field.name], field.name
+        elif hints[field.name] == tuple[float, ...]:
+            assert schema_hints[field.name] == typing.List[float], field.name
+        else:
+            assert schema_hints[field.name] is typing.Any, field.name
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_is_typed(name):
+    cfg = composed([f"schedule={name}"])
+    assert OmegaConf.get_type(cfg.schedule) is ScheduleConfig
+    assert isinstance(cfg.schedule.base_lr, float) and isinstance(cfg.schedule.max_iters, int)
+    assert cfg.schedule.optimizer.base_lr == cfg.schedule.base_lr   # the nodes follow the flat keys
+    assert cfg.schedule.scheduler.steps == cfg.schedule.steps
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_every_data_config_is_typed(name):
+    cfg = composed([f"data={name}", "data.root=/data/x"])
+    expected = CocoDataConfig if name == "coco" else SyntheticDataConfig
+    assert OmegaConf.get_type(cfg.data) is expected
+    assert cfg.data._target_ == expected._target_ and cfg.data.kind == expected.kind
+    if expected is SyntheticDataConfig:
+        assert OmegaConf.get_type(cfg.data.generator) is SyntheticGeneratorConfig
+        assert isinstance(cfg.data.generator.min_object_size, float)   # 16 in the yaml, a float field
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.max_iters=abc", "schedule.max_iters"),
+    ("schedule.lr_mult.deform_conv=fast", "schedule.lr_mult.deform_conv"),
+    ("schedule.steps=[1,x]", "schedule.steps"),
+    ("schedule.max_iter=3", "schedule.max_iter"),
+    ("data.generator.num_train=many", "data.generator.num_train"),
+    ("data.generator.num_trian=3", "data.generator.num_trian"),
+    ("data.aspect_grouping=sometimes", "data.aspect_grouping"),
+])
+def test_bad_overrides_fail_at_composition_naming_the_key(override, key):
+    with pytest.raises(ValueError) as excinfo:
+        check_config("train", [override])
+    message = str(excinfo.value)
+    assert "\n" not in message and key in message, message
+
+
+@pytest.mark.parametrize("experiment, key, kind", [
+    ("schedule_key", "schedule.max_iter", "not in 'ScheduleConfig'"),
+    ("schedule_type", "schedule.warmup_iters", "could not be converted to Integer"),
+    ("generator_key", "data.generator.num_trian", "not in 'SyntheticGeneratorConfig'"),
+    ("generator_type", "data.generator.clutter", "could not be converted to Float"),
+    ("top_key", "eval_perod", "not in 'TrainConfig'"),
+    ("top_type", "num_workers", "could not be converted to Integer"),
+])
+def test_bad_config_files_fail_at_composition_naming_the_key(scratch_configs, experiment, key, kind):
+    with pytest.raises(Exception) as excinfo:
+        composed([f"experiment=typo/{experiment}"], scratch_configs)
+    message = str(excinfo.value)
+    assert f"full_key: {key}\n" in message + "\n" and kind in message, message
+
+
+def test_top_level_schema_types_train_yaml(scratch_configs):
+    cfg = composed(["experiment=smoke", "+extra_key=1"], scratch_configs)   # '+' still adds keys
+    assert OmegaConf.get_type(cfg) is TrainConfig and cfg.extra_key == 1
+    assert list(cfg)[:len(dataclasses.fields(TrainConfig))] == [f.name for f in dataclasses.fields(TrainConfig)]
+    # The composed values are those of the config without the schema.
+    plain = OmegaConf.to_container(composed(["experiment=smoke"]), resolve=True)
+    typed = OmegaConf.to_container(composed(["experiment=smoke"], scratch_configs), resolve=True)
+    assert typed == plain
+    with pytest.raises(Exception, match="seed"):
+        composed(["seed=zero"], scratch_configs)
+
+
+def test_ablate_schema_types_ablate_yaml(scratch_configs):
+    typed = composed(["table=all", "seeds=[0,1]"], scratch_configs, name="ablate")
+    assert OmegaConf.get_type(typed) is AblateConfig
+    plain = composed(["table=all", "seeds=[0,1]"], name="ablate")
+    assert OmegaConf.to_container(typed, resolve=True) == OmegaConf.to_container(plain, resolve=True)
+    assert list(typed) == [f.name for f in dataclasses.fields(AblateConfig)]
+    composed(["table=dcnv1_table1", "seeds=3", "threads_per_job=1"], scratch_configs, name="ablate")
+    for override, key in (("jobs=two", "jobs"), ("threads_per_job=one", "threads_per_job")):
+        with pytest.raises(Exception, match=f"override {key}="):
+            composed(["table=all", override], scratch_configs, name="ablate")
+
+
+# ---------------------------------------------------------------------------- check_train_config
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed must be a number >= 0; got -1"),
+    ("num_workers=-2", "num_workers must be a number >= 0"),
+    ("eval_batch_size=0", "eval_batch_size must be a number >= 1"),
+    ("log_period=-1", "log_period must be a number >= 0"),
+    ("schedule.max_iters=0", "schedule.max_iters must be a number >= 1"),
+    ("schedule.base_lr=-0.1", "schedule.base_lr must be a number >= 0"),
+    ("schedule.grad_clip=-1", "schedule.grad_clip must be a number >= 0"),
+    ("schedule.lr_mult.deform_conv=-1", "schedule.lr_mult.deform_conv must be a number >= 0"),
+    ("model.num_classes=1", "model.num_classes must be a number >= 2"),
+    ("amp=fp8", "amp must be null, bf16 or fp16"),
+])
+def test_ranges_the_types_cannot_express(override, message):
+    cfg = composed([override])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_train_config(cfg, world_size=1)
+
+
+def test_good_configs_and_cross_field_rules():
+    check_train_config(composed([]), world_size=1)
+    check_train_config(composed(["eval_period=null", "schedule.grad_clip=null", "amp=bf16"]), world_size=2)
+    with pytest.raises(ValueError, match=r"schedule.batch_size \(4, .*multiple of the number of processes \(3\)"):
+        check_train_config(composed([]), world_size=3)
+    frozen = composed(["model=faster_rcnn_r50_fpn"])
+    with pytest.raises(ValueError, match="model.backbone.weights is null"):
+        check_train_config(frozen, world_size=1)
+    check_train_config(composed(["model=faster_rcnn_r50_fpn", "model.backbone.weights=/w/r50.pth"]), world_size=1)
+    check_train_config(composed(["model=faster_rcnn_r50_fpn", "resume=true"]), world_size=1)
+
+
+def test_a_preset_generator_composes_with_coco_and_is_still_typed():
+    """experiment=smoke shrinks data.generator whatever the data choice; with data=coco the
+    options are kept (typed) and unused, as before the data nodes had schemas."""
+    cfg = composed(["experiment=smoke", "data=coco", "data.root=/data/coco"])
+    assert OmegaConf.get_type(cfg.data) is CocoDataConfig and cfg.data.generator.num_train == 16
+    assert composed(["data=coco", "data.root=/data/coco"]).data.generator is None
+    with pytest.raises(ValueError, match="data.generator.num_train"):
+        check_config("train", ["experiment=smoke", "data=coco", "data.root=/x", "data.generator.num_train=many"])
