@@ -18,7 +18,7 @@ import os
 import sys
 
 import torch
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +61,17 @@ def _extension():
     )
 
 
+def _packages() -> list[str]:
+    # Here, not in pyproject.toml, because no package discovery finds detkit.configs: it is
+    # the top-level configs/ folder (package-dir and package-data in pyproject.toml); its
+    # config groups are listed too, as the data-only packages they are.
+    groups = find_namespace_packages(where=os.path.join(ROOT, "configs"))
+    return [*find_namespace_packages(where=ROOT, include=["detkit*"]), "detkit.configs",
+            *(f"detkit.configs.{group}" for group in groups)]
+
+
 setup(
+    packages=_packages(),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -4,81 +4,12 @@
     python tools/analyze_offsets.py checkpoint=PATH data=coco data.root=/data/coco max_images=500
     python tools/analyze_offsets.py checkpoint=PATH images=FOLDER annotations=instances.json
 
-For every deformable conv layer: the effective dilation (mean distance between the sampling
-locations of horizontally/vertically adjacent taps, in units of the layer's input grid; a
-plain conv with dilation d gives d) over the activations whose centre lies on a small,
-medium or large ground-truth box (COCO area thresholds 32^2 and 96^2 of the box in the
-original image; the smallest box when several contain it) or on background: mean and
-standard deviation, and the mean mask value for DCNv2 layers (see detkit/vis/offset_stats.py).
-Images are fed at their original size (the model's transform resizes them as in inference).
-
-Data (first that applies): `images` + `annotations`; `data=...` (its `split`, default val);
-the data config stored in the checkpoint; the default synthetic dataset. Prints the table
-and writes offset_stats.json into the run folder (`hydra.run.dir`, default
-outputs/analyze_offsets/<time>) or to `output`. Mistakes end with one line on stderr and
-exit status 2.
+The tool is detkit.cli.analyze_offsets (its documentation, options and exit statuses are there);
+installed, it is also the console script `detkit-analyze-offsets`.
 """
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from detkit.cli import CONFIG_DIR, checked_argv, one_line_errors  # noqa: E402
-from detkit.data import CocoDetection  # noqa: E402
-from detkit.engine.checkpoint import load_model  # noqa: E402
-from detkit.engine.distributed import resolve_device  # noqa: E402
-from detkit.engine.evaluate import write_json  # noqa: E402
-from detkit.vis import OffsetStatistics, capture  # noqa: E402
-from detkit.vis.sampling import deformable_conv_names  # noqa: E402
-
-
-def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]:
-    """The COCO-format dataset to analyse (original images, no transforms) and where it came from."""
-    if cfg.images is not None:
-        return CocoDetection(cfg.images, cfg.annotations), f"images={cfg.images} annotations={cfg.annotations}"
-    from detkit.engine.datasets import data_config_for_checkpoint, prepare_data, split_paths
-
-    data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    prepare_data(data_cfg)
-    image_dir, annotation_file = split_paths(data_cfg, str(cfg.split))
-    return CocoDetection(image_dir, annotation_file), f"{source}, {cfg.split} split ({annotation_file})"
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="analyze_offsets", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    if (cfg.images is None) != (cfg.annotations is None):
-        raise ValueError("pass both images=FOLDER and annotations=JSON (or neither, to use a data config)")
-    if cfg.max_images is not None and int(cfg.max_images) < 1:
-        raise ValueError(f"max_images must be at least 1 (or null for all), got {cfg.max_images}")
-    model, checkpoint = load_model(cfg.checkpoint, resolve_device(cfg.device))
-    if not deformable_conv_names(model):
-        raise ValueError(f"{cfg.checkpoint} has no deformable conv layers: there is no effective dilation to "
-                         f"measure")
-    dataset, source = open_dataset(cfg, checkpoint)
-    count = len(dataset) if cfg.max_images is None else min(len(dataset), int(cfg.max_images))
-    if count == 0:
-        raise ValueError(f"no images in {source}")
-    stats = OffsetStatistics()
-    for index in range(count):
-        image, target = dataset[index]
-        result = capture(model, image, top_k=0)
-        stats.update(result.layers, target["boxes"].numpy())
-    table = stats.table()
-    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "offset_stats.json"
-    payload = {"checkpoint": str(cfg.checkpoint), "data": source, **stats.result()}
-    write_json(output, payload, indent=2)  # atomic
-    print(f"{cfg.checkpoint} on {count} images of {source}")
-    print(table)
-    print(f"-> {output}")
-
+from detkit.cli.analyze_offsets import main
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *checked_argv("analyze_offsets", sys.argv[1:])]
-    main()
+    sys.exit(main())

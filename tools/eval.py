@@ -3,58 +3,12 @@
     python tools/eval.py checkpoint=outputs/train/<run>/checkpoints/last.pth
     python tools/eval.py checkpoint=PATH data=coco data.root=/data/coco
 
-Rebuilds the model from the checkpoint, runs it over the val split and COCOeval,
-logs the 12 summary numbers and the per-class AP, and writes `metrics.json` (as a
-training run's) and `detections.json` (COCO results: image_id, category_id, bbox
-[x, y, w, h], score) into its run folder (`hydra.run.dir`, default
-outputs/eval/<time>). Without `data=...` it evaluates on the dataset the checkpoint
-was trained on, so on a finished run's checkpoint it reproduces that run's metrics.json.
+The tool is detkit.cli.eval (its documentation, options and exit statuses are there);
+installed, it is also the console script `detkit-eval`.
 """
-from __future__ import annotations
-
-import logging
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from detkit.cli import CONFIG_DIR, checked_argv, one_line_errors  # noqa: E402  (torch comes later)
-
-logger = logging.getLogger("detkit.eval")
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    from detkit.engine.checkpoint import load_model
-    from detkit.engine.datasets import build_dataset, data_config_for_checkpoint, prepare_data
-    from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
-    from detkit.engine.distributed import resolve_device
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = resolve_device(cfg.device)
-    model, checkpoint = load_model(cfg.checkpoint, device)
-    if "label_to_category_id" not in checkpoint:
-        raise ValueError(f"{cfg.checkpoint} has no label_to_category_id: cannot map its labels to categories")
-    data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    prepare_data(data_cfg)
-    dataset = build_dataset(data_cfg, "val", train=False)
-    logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,
-                checkpoint.get("iteration", "n/a"), len(dataset), data_cfg["kind"], source)
-    metrics, evaluator = evaluate_detector(model, dataset, device, checkpoint["label_to_category_id"],
-                                           batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
-    logger.info("box AP %.2f\n%s\nper-class AP:\n%s", metrics["bbox/AP"], coco_stats_table(evaluator),
-                per_class_table(metrics))
-    result = {"iteration": checkpoint["iteration"]} if "iteration" in checkpoint else {}
-    write_json(run_dir / "metrics.json", {**result, **metrics})
-    write_json(run_dir / "detections.json", evaluator.results(), indent=None)
-    logger.info("wrote %s and %s", run_dir / "metrics.json", run_dir / "detections.json")
-
+from detkit.cli.eval import main
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *checked_argv("eval", sys.argv[1:])]
-    main()
+    sys.exit(main())

@@ -1,83 +1,13 @@
 """Turn torchvision's fasterrcnn_resnet50_fpn weights into a detkit checkpoint.
 
-    python tools/import_torchvision.py SRC.pth DST.pth
+    python tools/import_torchvision.py src=SRC.pth dst=DST.pth
 
-SRC is a state dict of `torchvision.models.detection.fasterrcnn_resnet50_fpn` (e.g. the
-COCO_V1 weights file, 37.0 box AP). DST holds the same weights under detkit's names plus
-the model config that rebuilds the same detector (configs/model/faster_rcnn_r50_fpn.yaml:
-RGB in [0, 1], ImageNet mean/std, shorter side 800, longer side at most 1333, the same
-post-processing) and torchvision's 91-entry COCO label space (label == COCO category id).
-`tools/predict.py checkpoint=DST.pth ...` then gives torchvision's detections.
+The tool is detkit.cli.import_torchvision (its documentation, options and exit statuses are there);
+installed, it is also the console script `detkit-import-torchvision`.
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from detkit.cli import CONFIG_DIR, one_line_errors  # noqa: E402
-from detkit.engine.checkpoint import build_model, load_state_dict_strict, save_checkpoint  # noqa: E402
-
-# torchvision module prefix -> detkit module prefix; every other key keeps its name.
-RENAMES = (("backbone.body.", "backbone."), ("backbone.fpn.", "neck.fpn."))
-NUM_CLASSES = 91
-
-
-def detkit_key(torchvision_key: str) -> str:
-    for old, new in RENAMES:
-        if torchvision_key.startswith(old):
-            return new + torchvision_key[len(old):]
-    return torchvision_key
-
-
-def coco_class_names() -> dict[int, str]:
-    """torchvision's COCO category names by label (shipped with torchvision, no download)."""
-    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-
-    names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
-    return {label: name for label, name in enumerate(names) if label > 0}
-
-
-@one_line_errors
-def convert(src: Path, dst: Path) -> None:
-    if not src.is_file():
-        raise FileNotFoundError(f"no such file: {src}")
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{src} does not hold a state dict of tensors")
-    model_config = OmegaConf.load(CONFIG_DIR / "model" / "faster_rcnn_r50_fpn.yaml")
-    model_config.num_classes = NUM_CLASSES
-    model_config = OmegaConf.to_container(model_config, resolve=True)
-    model = build_model(model_config)
-    # BatchNorm step counters (present when the source model had trainable BN) mean nothing
-    # to the frozen BN the imported model uses.
-    weights = {detkit_key(k): v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
-    load_state_dict_strict(model, weights, str(src))
-    save_checkpoint(dst, {
-        "model": model.state_dict(),
-        "model_config": model_config,
-        "label_to_category_id": {label: label for label in range(1, NUM_CLASSES)},
-        "class_names": coco_class_names(),
-        "source": f"torchvision fasterrcnn_resnet50_fpn weights from {src.name}",
-    })
-    print(f"wrote {dst}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", type=Path, help="torchvision fasterrcnn_resnet50_fpn state dict (.pth)")
-    parser.add_argument("dst", type=Path, help="detkit checkpoint to write")
-    args = parser.parse_args()
-    convert(args.src, args.dst)
-
+from detkit.cli.import_torchvision import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

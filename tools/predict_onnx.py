@@ -2,43 +2,12 @@
 
     python tools/predict_onnx.py onnx=model.onnx input=IMAGE_OR_FOLDER output=preds.json
 
-Writes the JSON of tools/predict.py (a list of {"file_name", "category_id", "bbox":
-[x, y, w, h], "score"}, boxes in the image's pixels), category ids from the file's
-metadata. Needs onnxruntime (pip install -e ".[export]"), not the checkpoint.
-Exit status: 0 written; 2 (one line on stderr) for a bad file, input or argument.
+The tool is detkit.cli.predict_onnx (its documentation, options and exit statuses are there);
+installed, it is also the console script `detkit-predict-onnx`.
 """
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from detkit.cli import CONFIG_DIR, checked_argv, one_line_errors  # noqa: E402
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="predict_onnx", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ValueError("tools/predict_onnx.py needs onnxruntime: pip install -e \".[export]\"") from None
-    from detkit.export.runtime import OnnxDetector, load_label_map
-    from detkit.inference import list_images, predict_files
-    from detkit.prediction_io import write_predictions
-
-    files = list_images(cfg.input)
-    detector = OnnxDetector(cfg.onnx, intra_op_threads=cfg.threads)
-    root = Path(cfg.input) if Path(cfg.input).is_dir() else None
-    detections = predict_files(detector, files, load_label_map(detector), "cpu", detector.batch_size, root)
-    count = write_predictions(cfg.output, detections)
-    print(f"{count} detections in {len(files)} images -> {cfg.output}")
-
+from detkit.cli.predict_onnx import main
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], *checked_argv("predict_onnx", sys.argv[1:])]
-    main()
+    sys.exit(main())

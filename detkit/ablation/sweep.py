@@ -1,15 +1,18 @@
-"""Run every row of ablation tables for several seeds through tools/train.py.
+"""Run every row of ablation tables for several seeds through the training tool.
 
 Each (experiment, seed) is one training run in its own folder, `<out>/<experiment>/seed<N>/`,
 so a row shared by two tables (DCNv1 Table 1's "res5a,b,c" is Table 3's "deformable conv")
-is trained once. A run is a `tools/train.py` subprocess with
+is trained once. A run is a training-tool subprocess (tools/train.py's job, run from the
+installed package, so no checkout is needed) in the caller's working folder:
 
-    experiment=<experiment> data=<data> seed=<N> hydra.run.dir=<run folder> resume=true <train...>
+    python -m detkit.cli.train experiment=<experiment> data=<data> seed=<N> \
+        hydra.run.dir=<run folder> resume=true <train...>
 
-and the exact override list is kept in `<run folder>/ablate.json`. Running the sweep again
-skips finished runs (metrics.json present) made with the same overrides, resumes
-interrupted ones from their last checkpoint, and refuses, before starting anything, a
-folder made with other overrides (it would mix two settings in one report).
+with the run folder absolute (`out` resolved against the caller's working folder); the exact
+override list is kept in `<run folder>/ablate.json`. Running the sweep again skips finished
+runs (metrics.json present) made with the same overrides, resumes interrupted ones from their
+last checkpoint, and refuses, before starting anything, a folder made with other overrides
+(it would mix two settings in one report).
 Runs go in seed-major order (every experiment with seed 0 first), so that a sweep cut
 short still has whole seeds.
 
@@ -35,8 +38,7 @@ from detkit.cli import quote_override
 
 __all__ = ["RunSpec", "plan_runs", "check_run_folders", "train_command", "run_sweep", "RUN_RECORD"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO_ROOT / "tools" / "train.py"
+TRAIN_MODULE = "detkit.cli.train"    # what every run executes (python -m)
 RUN_RECORD = "ablate.json"       # the overrides a run folder was made with
 
 
@@ -101,7 +103,8 @@ def check_run_folders(specs: list[RunSpec]) -> None:
 
 
 def train_command(spec: RunSpec) -> list[str]:
-    return [sys.executable, str(TRAIN_SCRIPT), *spec.overrides, "resume=true"]
+    """The command line of run `spec`: this interpreter, the training tool's module, its overrides."""
+    return [sys.executable, "-m", TRAIN_MODULE, *spec.overrides, "resume=true"]
 
 
 def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None = None,
@@ -129,8 +132,7 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
         (spec.run_dir / RUN_RECORD).write_text(json.dumps({"overrides": list(spec.overrides)}, indent=1))
         start = time.perf_counter()
         with open(spec.run_dir / "stdout.log", "ab") as output:
-            code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO_ROOT)
+            code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env)
         seconds = time.perf_counter() - start
         if code == 0 and spec.finished:
             ap = json.loads((spec.run_dir / "metrics.json").read_text()).get("bbox/AP")

@@ -1,6 +1,7 @@
 """Ablation tables: which experiments make up a paper's table, and the paper's numbers.
 
-A table is `configs/ablation/<name>.yaml`:
+A table is `configs/ablation/<name>.yaml` (in `detkit.cli.CONFIG_DIR`: an installed detkit's
+package data, or a checkout's configs/):
 
     title: "DCNv1 Table 1: ..."
     baseline: dcnv1/baseline            # the row others are compared with

@@ -1,6 +1,8 @@
 """tools/ablate.py end to end: a one-iteration run of every table through the sweep command
 (pre-training stage included) gives a report with every row; a second call reuses the
-finished runs; a changed setting is refused before anything starts."""
+finished runs; a changed setting is refused before anything starts. The sweep runs in a
+temporary working folder with a relative out= (resolved there), and starts its training runs
+through the package (python -m detkit.cli.train), not through a checkout's script."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from detkit.ablation.sweep import plan_runs, train_command
 from detkit.ablation.tables import load_table, table_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +43,7 @@ def ablate(env, cwd: Path, *args: str, timeout: float = 900) -> subprocess.Compl
 def sweep(env, tmp_path_factory):
     work = tmp_path_factory.mktemp("ablate")
     out = work / "sweep"
-    result = ablate(env, work, "table=all", "seeds=[3]", "jobs=2", f"out={out}", "--", *TINY)
+    result = ablate(env, work, "table=all", "seeds=[3]", "jobs=2", "out=sweep", "--", *TINY)   # work/sweep
     return result, out, work
 
 
@@ -107,3 +110,9 @@ def test_bad_arguments_fail_before_anything_runs(sweep, env, args, message):
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_runs_start_the_training_module(tmp_path):
+    spec = plan_runs([load_table("dcnv1_table3")], "synthetic", [0], tmp_path / "out")[0]
+    assert spec.run_dir == (tmp_path / "out" / spec.experiment / "seed0").resolve()
+    assert train_command(spec) == [sys.executable, "-m", "detkit.cli.train", *spec.overrides, "resume=true"]

@@ -1,5 +1,6 @@
 """tools/export_backbone.py: a detkit checkpoint's backbone, written in torchvision's format,
-initialises another detector's backbone (deformable blocks included)."""
+initialises another detector's backbone (deformable blocks included). A one-shot Hydra app:
+nothing is written into the working folder (no outputs/, .hydra/ or log file)."""
 from __future__ import annotations
 
 import subprocess
@@ -15,8 +16,10 @@ from detkit.ops import DeformConv2d
 EXPORT = str(Path(__file__).resolve().parents[2] / "tools" / "export_backbone.py")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, EXPORT, *args], capture_output=True, text=True, timeout=120)
+def run(cwd: Path, checkpoint: Path, output: Path) -> subprocess.CompletedProcess:
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, EXPORT, f"checkpoint={checkpoint}", f"output={output}"], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_exported_backbone_loads_into_a_deformable_resnet(tmp_path):
@@ -27,8 +30,10 @@ def test_exported_backbone_loads_into_a_deformable_resnet(tmp_path):
     state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
     state["rpn.head.conv.weight"] = torch.zeros(1)                      # not part of the backbone
     save_checkpoint(tmp_path / "last.pth", {"model": state, "model_config": {}})
-    result = run(str(tmp_path / "last.pth"), str(tmp_path / "backbone.pth"))
+    result = run(tmp_path / "work", tmp_path / "last.pth", tmp_path / "backbone.pth")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {tmp_path / 'backbone.pth'} ({len(source.state_dict())} tensors)"
+    assert list((tmp_path / "work").iterdir()) == []
     exported = torch.load(tmp_path / "backbone.pth", weights_only=True)
     assert set(exported) == set(source.state_dict())
 
@@ -44,10 +49,26 @@ def test_exported_backbone_loads_into_a_deformable_resnet(tmp_path):
 def test_errors_are_one_line(tmp_path):
     torch.save({"weights": 1}, tmp_path / "plain.pth")
     save_checkpoint(tmp_path / "headless.pth", {"model": {"rpn.x": torch.zeros(1)}})
-    for args, message in [([str(tmp_path / "missing.pth")], "checkpoint not found"),
-                          ([str(tmp_path / "plain.pth")], "is not a detkit checkpoint"),
-                          ([str(tmp_path / "headless.pth")], "has no backbone.* weights")]:
-        result = run(*args, str(tmp_path / "out.pth"))
+    for name, message in [("missing.pth", "checkpoint not found"),
+                          ("plain.pth", "is not a detkit checkpoint"),
+                          ("headless.pth", "has no backbone.* weights")]:
+        result = run(tmp_path / "work", tmp_path / name, tmp_path / "out.pth")
         assert result.returncode == 2 and message in result.stderr
         assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out.pth").exists()
+        assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_arguments_are_checked_in_one_line(tmp_path):
+    """Hydra-style arguments: a missing one or an unknown key is one line, exit status 2."""
+    work = tmp_path / "work"
+    work.mkdir()
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    for args, message in [([f"checkpoint={a}"], "no value for output"),
+                          ([f"checkpoint={a}", f"output={b}", "outptu=x"], "outptu"),
+                          ([str(a), str(b)], "arguments are key=value")]:     # the old positional form
+        result = subprocess.run([sys.executable, EXPORT, *args], cwd=work, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert list(work.iterdir()) == []

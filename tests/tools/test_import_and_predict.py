@@ -52,7 +52,7 @@ def torchvision_setup(tmp_path_factory):
         reference.roi_heads.box_predictor.cls_score.weight.mul_(3)
     src, dst = tmp / "torchvision.pth", tmp / "imported.pth"
     torch.save(reference.state_dict(), src)
-    result = run_tool("tools/import_torchvision.py", str(src), str(dst))
+    result = run_tool("tools/import_torchvision.py", f"src={src}", f"dst={dst}")
     assert result.returncode == 0, result.stderr
     return reference, dst, write_images(tmp / "images")
 
@@ -107,7 +107,7 @@ def test_import_rejects_weights_that_do_not_fit(tmp_path):
                                                                  num_classes=5)
     src = tmp_path / "five_classes.pth"
     torch.save(small.state_dict(), src)
-    result = run_tool("tools/import_torchvision.py", str(src), str(tmp_path / "out.pth"))
+    result = run_tool("tools/import_torchvision.py", f"src={src}", f"dst={tmp_path / 'out.pth'}")
     assert result.returncode == 2
     assert "roi_heads.box_predictor.cls_score.weight" in result.stderr and "shape" in result.stderr
     assert "Traceback" not in result.stderr

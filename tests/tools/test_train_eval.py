@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 
 from detkit.engine.checkpoint import load_model
@@ -97,6 +98,28 @@ def test_smoke_run(smoke, env):
     assert re.search(rf"iter {SMOKE_ITERS}/{SMOKE_ITERS} .*total .*lr .*s/it .*eta", log)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert not (work / "outputs").exists()
+
+
+def test_console_script_and_module_make_the_same_run(smoke, env, tmp_path):
+    """`detkit-train` (a console script: another argv[0], main() imported from detkit.cli.train)
+    and `python -m detkit.cli.train` make the run folder tools/train.py makes: train.log,
+    .hydra/ with the same job name, the same metrics bit for bit."""
+    result, run_dir, _ = smoke
+    assert result.returncode == 0
+    script = tmp_path / "bin" / "detkit-train"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom detkit.cli.train import main\nif __name__ == '__main__':\n"
+                      "    sys.exit(main())\n")
+    expected = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("events.out"))
+    for name, command in {"script": [str(script)], "module": ["-m", "detkit.cli.train"]}.items():
+        out = tmp_path / name
+        done = run([sys.executable, *command, "experiment=smoke", f"hydra.run.dir={out}"], env, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events.out")) == expected
+        assert "train.log" in expected and (out / ".hydra" / "overrides.yaml").is_file()
+        assert OmegaConf.load(out / ".hydra" / "hydra.yaml").hydra.job.name == "train"
+        assert read_metrics(out) == read_metrics(run_dir)
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_synthetic_annotations_load_in_pycocotools(smoke, env):

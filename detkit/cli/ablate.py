@@ -1,0 +1,166 @@
+"""Run a whole ablation table (every row x every seed) and write its report.
+
+    python tools/ablate.py table=dcnv1_table1                     # synthetic data, seeds 0 1 2
+    python tools/ablate.py table=all jobs=2                       # every table, 2 runs at a time
+    python tools/ablate.py table=dcnv2_table1 data=coco seeds=[0] out=/runs/dcnv2 -- \
+        data.root=/data/coco model.backbone.weights=/w/resnet50.pth   # the paper's schedule
+    python tools/ablate.py table=fpn_mmdet -- schedule.max_iters=1     # overrides for every run
+
+(or `detkit-ablate ...`, `python -m detkit.cli.ablate ...`). Options are in
+configs/ablate.yaml, as key=value arguments like every tool's; everything after `--` is
+passed verbatim to every training run (tools/train.py's overrides): the one exception to
+the tools' single command-line style, since those overrides belong to another app's config.
+Runs go to OUT/<experiment>/seed<N>/ (tools/train.py run folders, each started as
+`python -m detkit.cli.train`); finished runs are skipped and interrupted ones resumed when
+the command is run again. Reports: OUT/<table>.md, OUT/<table>.png and OUT/<table>.svg (tools/report.py
+renders them again from the run folders at any time).
+
+With data=synthetic the runs start from a backbone pre-trained once on a disjoint synthetic
+split (pretrain=auto: experiment=pretrain/backbone_synthetic into OUT/pretrain/), as the
+papers start from ImageNet weights; with data=coco pass ImageNet weights after --.
+
+Exit status: 0 every run finished; 1 some run failed (the others still ran; the report
+marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothing started).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from detkit.cli import check_config, one_line_errors
+
+
+def _int_list(value, key: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ValueError(f"{key} must be a non-empty list of non-negative integers, e.g. {key}=[0,1,2]; got {value!r}")
+    return list(value)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(ablate's own overrides, the training runs' overrides after `--`)."""
+    train: list[str] = []
+    if "--" in argv:
+        argv, train = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    bad = [arg for arg in train if "=" not in arg or arg.startswith("-")]
+    if bad:
+        raise ValueError(f"after -- come key=value overrides for tools/train.py; got {' '.join(bad)}")
+    return argv, train
+
+
+def read_options(argv: list[str]) -> dict:
+    """configs/ablate.yaml with `argv`, checked: {table(s), seeds, jobs, threads_per_job, data, out, pretrain}."""
+    from omegaconf import OmegaConf
+
+    from detkit.ablation.tables import load_table, table_names
+
+    cfg = check_config("ablate", argv)
+    options = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    names = options["table"]
+    names = table_names() if names == "all" else ([names] if isinstance(names, str) else list(names))
+    options["tables"] = [load_table(str(n)) for n in names]
+    options["seeds"] = _int_list(options["seeds"], "seeds")
+    jobs = options["jobs"]
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer; got {jobs!r}")
+    threads = options["threads_per_job"]
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads_per_job must be a positive integer or null; got {threads!r}")
+    options["data"], options["out"] = str(options["data"]), Path(str(options["out"]))
+    if options["pretrain"] == "auto":
+        options["pretrain"] = "backbone_synthetic" if options["data"] == "synthetic" else None
+    return options
+
+
+def plan(options: dict, train: list[str]):
+    """(the runs, the pre-training run or None), checked before anything starts: the run
+    folders, and every experiment's training config composed once (the seeds only change seed=)."""
+    from detkit.ablation.sweep import check_run_folders, plan_pretrain, plan_runs, pretrained_backbone, weights_override
+
+    pretrain, out = options["pretrain"], options["out"]
+    pretrain_spec = plan_pretrain(str(pretrain), out, train) if pretrain else None
+    if pretrain_spec is not None:
+        if any(arg.startswith("model.backbone.weights=") for arg in train):
+            raise ValueError("pass either pretrain=NAME or -- model.backbone.weights=PATH, not both "
+                             "(pretrain=null to use your weights)")
+        try:
+            check_config("train", list(pretrain_spec.overrides))
+        except ValueError as exc:
+            raise ValueError(f"pretrain={pretrain}: {exc}") from None
+        train = [*train, weights_override(pretrained_backbone(pretrain_spec))]
+    specs = plan_runs(options["tables"], options["data"], options["seeds"], out, train)
+    check_run_folders(specs + ([pretrain_spec] if pretrain_spec else []))
+    return specs, pretrain_spec
+
+
+def first_train_config(specs, seeds: list[int]):
+    """Every experiment's composed training config checked; the first one returned."""
+    first = None
+    for spec in specs[:len(specs) // len(seeds)]:
+        try:
+            composed = check_config("train", list(spec.overrides))
+        except ValueError as exc:
+            raise ValueError(f"experiment {spec.experiment}: {exc}") from None
+        first = first or composed
+    return first
+
+
+def pretrain_backbone(pretrain_spec, threads: int | None) -> None:
+    """Train the pre-training run unless its backbone file exists, then write that file."""
+    from detkit.ablation.sweep import pretrained_backbone, run_sweep
+
+    backbone = pretrained_backbone(pretrain_spec)
+    if not backbone.is_file():
+        result = run_sweep([pretrain_spec], jobs=1, threads_per_job=threads)
+        if not pretrain_spec.finished:
+            raise RuntimeError(f"pre-training {pretrain_spec.experiment} {result[pretrain_spec]}: see "
+                               f"{pretrain_spec.run_dir / 'stdout.log'}")
+        from detkit.engine.checkpoint import export_backbone
+
+        export_backbone(pretrain_spec.run_dir / "checkpoints" / "last.pth", backbone)
+    print(f"backbone of every run: {backbone}")
+
+
+def write_reports(tables, specs, out: Path) -> None:
+    from detkit.ablation.report import collect_runs, write_report
+
+    finished = [s.run_dir for s in specs if s.finished]
+    runs = collect_runs(finished) if finished else []
+    for table in tables:
+        markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
+        print(markdown)
+        print(f"wrote {out / (table.name + '.md')}, {out / (table.name + '.png')} and {out / (table.name + '.svg')}")
+
+
+def ablate(argv: list[str]) -> int:
+    """The whole command on `argv` (the arguments after the program name); its exit status."""
+    argv, train = split_argv(argv)
+    options = read_options(argv)
+    specs, pretrain_spec = plan(options, train)
+    first_config = first_train_config(specs, options["seeds"])
+
+    from detkit.ablation.sweep import run_sweep
+    from detkit.engine.datasets import prepare_data
+
+    prepare_data(first_config.data)      # once, before parallel runs would race to generate it
+    jobs, threads = options["jobs"], options["threads_per_job"]
+    if pretrain_spec is not None:
+        pretrain_backbone(pretrain_spec, threads and threads * jobs)
+    status = run_sweep(specs, jobs=jobs, threads_per_job=threads)
+    write_reports(options["tables"], specs, options["out"])
+    failed = [s for s, result in status.items() if result.startswith("failed")]
+    for spec in failed:
+        print(f"error: {spec.experiment} seed {spec.seed} {status[spec]}: see {spec.run_dir / 'stdout.log'}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main() -> int:
+    """Entry point: sys.argv; returns the exit status (errors a user can fix: one line, exit 2)."""
+    return one_line_errors(ablate)(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
