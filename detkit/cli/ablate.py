@@ -142,7 +142,7 @@ def ablate(argv: list[str]) -> int:
     first_config = first_train_config(specs, options["seeds"])
 
     from detkit.ablation.sweep import run_sweep
-    from detkit.engine.datasets import prepare_data
+    from detkit.data.build import prepare_data
 
     prepare_data(first_config.data)      # once, before parallel runs would race to generate it
     jobs, threads = options["jobs"], options["threads_per_job"]

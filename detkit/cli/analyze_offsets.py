@@ -30,7 +30,7 @@ from detkit.cli import run_app
 from detkit.data import CocoDetection
 from detkit.engine.checkpoint import load_model
 from detkit.engine.distributed import resolve_device
-from detkit.engine.evaluate import write_json
+from detkit.io import write_json
 from detkit.vis import OffsetStatistics, capture
 from detkit.vis.sampling import deformable_conv_names
 
@@ -39,7 +39,7 @@ def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]
     """The COCO-format dataset to analyse (original images, no transforms) and where it came from."""
     if cfg.images is not None:
         return CocoDetection(cfg.images, cfg.annotations), f"images={cfg.images} annotations={cfg.annotations}"
-    from detkit.engine.datasets import data_config_for_checkpoint, prepare_data, split_paths
+    from detkit.data.build import data_config_for_checkpoint, prepare_data, split_paths
 
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
     prepare_data(data_cfg)

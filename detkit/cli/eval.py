@@ -24,10 +24,11 @@ logger = logging.getLogger("detkit.eval")
 def job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from detkit.data.build import build_dataset, data_config_for_checkpoint, prepare_data
     from detkit.engine.checkpoint import load_model
-    from detkit.engine.datasets import build_dataset, data_config_for_checkpoint, prepare_data
     from detkit.engine.distributed import resolve_device
-    from detkit.engine.evaluate import coco_stats_table, evaluate_detector, per_class_table, write_json
+    from detkit.evaluation.evaluate import coco_stats_table, evaluate_detector, per_class_table
+    from detkit.io import write_json
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)

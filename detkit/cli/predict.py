@@ -15,8 +15,8 @@ from pathlib import Path
 from detkit.cli import run_app
 from detkit.engine.checkpoint import load_model
 from detkit.engine.distributed import resolve_device
-from detkit.inference import list_images, predict_files
-from detkit.prediction_io import write_predictions
+from detkit.evaluation.inference import list_images, predict_files
+from detkit.io import write_predictions
 
 
 def job(cfg) -> None:

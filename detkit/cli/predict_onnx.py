@@ -21,8 +21,8 @@ def job(cfg) -> None:
     except ImportError:
         raise ValueError("tools/predict_onnx.py needs onnxruntime: pip install -e \".[export]\"") from None
     from detkit.export.runtime import OnnxDetector, load_label_map
-    from detkit.inference import list_images, predict_files
-    from detkit.prediction_io import write_predictions
+    from detkit.evaluation.inference import list_images, predict_files
+    from detkit.io import write_predictions
 
     files = list_images(cfg.input)
     detector = OnnxDetector(cfg.onnx, intra_op_threads=cfg.threads)

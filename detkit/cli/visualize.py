@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from detkit.cli import run_app
 from detkit.engine.checkpoint import load_model
 from detkit.engine.distributed import resolve_device
-from detkit.inference import read_image
+from detkit.evaluation.inference import read_image
 from detkit.vis import check_sampling_request, has_deformable_pooling, sampling_figure, save_png
 
 

@@ -27,7 +27,7 @@ max_size)` (flipped with `flip_prob` in training). Problems with the data on dis
 
 `kind` ("synthetic" / "coco") stays a key of the node, as it was before `_target_`: tools
 print it, and a data config stored by an older detkit (no `_target_`) is mapped from it to
-its class (`KIND_TARGETS`, `detkit.engine.datasets.build_data_source`).
+its class (`KIND_TARGETS`, `detkit.data.build.build_data_source`).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Everything in it is plain containers, numbers, strings and tensors, so it loads 
 refuses, before anything is built, configs whose `_target_` is not one of detkit's builders
 (the registry of config targets, `detkit.engine.config.targets()`), Hydra options,
 interpolations and non-plain values (`detkit.engine.stored_config`), and `build_model` (and
-`detkit.engine.datasets.build_data_source` for the data config) looks builders up in that
+`detkit.data.build.build_data_source` for the data config) looks builders up in that
 registry instead of importing what a config names.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ predictor builders, the data sources, the optimizer and schedule builders), mapp
 callable it builds with. A target is looked up here by its exact dotted name, never imported
 by name: `detkit.engine.stored_config` refuses any other name before anything is called, for
 configs read back from checkpoints and for the training run's own (`build_model`,
-`detkit.engine.datasets.build_data_source`, `detkit.engine.optim.build_from_config`), so a
+`detkit.data.build.build_data_source`, `detkit.engine.optim.build_from_config`), so a
 config naming anything else fails before training rather than when its checkpoint is loaded.
 A new part (a head, a dataset) is its class plus one line here plus a config file;
 tests/engine/test_checkpoint_safety.py checks that every `_target_` under configs/ is listed

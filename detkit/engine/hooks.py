@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from detkit.engine import distributed as dist
-from detkit.engine.evaluate import coco_stats_table, per_class_table, write_json
+from detkit.evaluation.evaluate import coco_stats_table, per_class_table
+from detkit.io import write_json
 from detkit.engine.loop import LoopState, diverged
 from detkit.engine.state import save_training_state
 from detkit.ops import offset_branch_parameters

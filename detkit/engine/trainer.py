@@ -48,9 +48,9 @@ from detkit.data import build_train_loader
 from detkit.engine import distributed as dist
 from detkit.engine.checkpoint import build_model
 from detkit.engine.config import check_train_config
-from detkit.engine.datasets import build_data_source
+from detkit.data.build import build_data_source
 from detkit.engine.distributed import resolve_device
-from detkit.engine.evaluate import evaluate_detector
+from detkit.evaluation.evaluate import evaluate_detector
 from detkit.engine.hooks import CheckpointHook, EvalHook, Hook, MetricWriter, ResultsHook, TrainingRun, train_stats
 from detkit.engine.loop import LoopState, Trainer, TrainingDiverged
 from detkit.engine.optim import build_from_config

@@ -2,7 +2,7 @@
 
 `OnnxDetector(path)` is called like `FasterRCNN.eval()`: a list of [3, H, W] float RGB
 tensors in [0, 1] -> one {"boxes", "scores", "labels"} dict per image, so
-`detkit.inference.predict_files` (the JSON of tools/predict.py) runs it unchanged.
+`detkit.evaluation.inference.predict_files` (the JSON of tools/predict.py) runs it unchanged.
 """
 from __future__ import annotations
 

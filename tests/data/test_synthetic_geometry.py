@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 import detkit.data.synthetic as synthetic
 from detkit.cli import CONFIG_DIR, check_config
 from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
-from detkit.engine.datasets import build_dataset, prepare_data, synthetic_config
+from detkit.data.build import build_dataset, prepare_data, synthetic_config
 
 SMALL, LARGE = 32 ** 2, 96 ** 2        # COCOeval's area ranges: small < 32^2 <= medium <= 96^2 < large
 GEOMETRY = CONFIG_DIR / "data" / "synthetic_geometry.yaml"

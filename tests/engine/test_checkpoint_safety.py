@@ -276,7 +276,7 @@ def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from detkit.data import SyntheticShapes
-    from detkit.engine.datasets import build_data_source
+    from detkit.data.build import build_data_source
 
     config_registry.register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

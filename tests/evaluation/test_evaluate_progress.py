@@ -8,7 +8,7 @@ from torch import nn
 from detkit.data import CocoDetection, generate_synthetic_coco
 from detkit.data.transforms import ToTensor
 from detkit.engine import distributed as dist
-from detkit.engine.evaluate import evaluate_detector
+from detkit.evaluation.evaluate import evaluate_detector
 
 
 class _NoDetections(nn.Module):

@@ -11,7 +11,7 @@ CODE = """
 import sys
 for name in ("onnx", "onnxscript", "onnxruntime"):
     sys.modules[name] = None          # any import of them now raises ImportError
-import detkit, detkit.ops, detkit.ops.onnx, detkit.modeling.build, detkit.inference, detkit.export
+import detkit, detkit.ops, detkit.ops.onnx, detkit.modeling.build, detkit.evaluation.inference, detkit.export
 import detkit.export.roi_align
 try:
     detkit.export.OnnxDetector("missing.onnx")

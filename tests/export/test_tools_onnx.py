@@ -16,7 +16,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from detkit.engine.checkpoint import save_checkpoint  # noqa: E402
-from detkit.inference import list_images, predict_files  # noqa: E402
+from detkit.evaluation.inference import list_images, predict_files  # noqa: E402
 from tests.export.test_detector_onnx import make_trained_like, synthetic_val_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

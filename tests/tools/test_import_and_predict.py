@@ -17,7 +17,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detkit.engine.checkpoint import load_model
-from detkit.inference import read_image
+from detkit.evaluation.inference import read_image
 
 REPO = Path(__file__).resolve().parents[2]
 

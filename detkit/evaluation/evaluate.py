@@ -9,13 +9,9 @@ evaluated later reproduces the numbers of the run that wrote it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +19,9 @@ from tqdm import tqdm
 
 from detkit.data import CocoDetection, build_test_loader
 from detkit.engine import distributed as dist
-from detkit.evaluation import COCOEvaluator
+from detkit.evaluation.coco_eval import COCOEvaluator
 
-__all__ = ["evaluate_detector", "coco_stats_table", "per_class_table", "write_json"]
+__all__ = ["evaluate_detector", "coco_stats_table", "per_class_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,22 +98,3 @@ def per_class_table(metrics: Mapping[str, float]) -> str:
     width = max((len(name) for name, _ in rows), default=5)
     return "\n".join(f"  {name:<{width}}  {v:6.2f}" if not math.isnan(v) else f"  {name:<{width}}     n/a"
                      for name, v in rows)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
-    """Write `data` as JSON (NaN/inf as null), atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=indent))
-    os.replace(tmp, path)

@@ -1,0 +1,45 @@
+"""Files detkit writes for people and tools to read: JSON written atomically.
+
+- `write_json`: metrics.json, train_stats.json, detections.json, offset_stats.json, ...
+  (NaN/inf as null; a temporary file renamed into place, so a killed process never leaves
+  half a file).
+- `write_predictions`: the predictions JSON of tools/predict.py and tools/predict_onnx.py,
+  a list of {"file_name", "category_id", "bbox": [x, y, w, h], "score"}
+  (`detkit.evaluation.inference.to_coco_results`) on one line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_json", "write_predictions"]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    """Write `data` as JSON (NaN/inf as null), atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=indent))
+    os.replace(tmp, path)
+
+
+def write_predictions(output: str | os.PathLike, detections: Iterable[dict]) -> int:
+    """Write `detections` to `output` atomically (folders created); return their count."""
+    detections = list(detections)
+    write_json(output, detections, indent=None)
+    return len(detections)
