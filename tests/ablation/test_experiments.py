@@ -113,6 +113,26 @@ def test_coco_experiment_has_the_papers_setting(experiment):
     check_model(cfg, experiment, depth=depth)
 
 
+@pytest.mark.parametrize("experiment", sorted(EXPECTED))
+def test_synthetic_geometry_experiment_trains_from_scratch_at_the_data_scale(experiment):
+    """data=synthetic_geometry rows: the same R34 half-width layouts and offset multipliers,
+    trained from scratch (trainable BN, nothing frozen, no weights: the config check passes
+    without any), at the data's own resize so that large objects stay large."""
+    from detkit.engine.config import check_train_config
+
+    cfg = compose(experiment, "data=synthetic_geometry")
+    assert cfg.data.root.endswith("synthetic_geometry") and cfg.data.generator.size_distribution == "log"
+    backbone = cfg.model.backbone
+    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "bn", 0)
+    assert not backbone.weights
+    transform = cfg.model.transform_options
+    assert (transform.min_size, transform.max_size) == (cfg.data.min_size, cfg.data.max_size) == (320, 480)
+    schedule = cfg.schedule
+    assert schedule.warmup_iters < schedule.steps[0] < schedule.steps[-1] < schedule.max_iters
+    check_train_config(cfg, world_size=1)
+    check_model(cfg, experiment, depth=34)
+
+
 def test_coco_experiment_without_imagenet_weights_is_refused():
     from detkit.engine.config import check_train_config
 
