@@ -33,7 +33,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["COCOEvaluator", "predictions_to_coco"]
+__all__ = ["COCOEvaluator", "coco_records", "predictions_to_coco"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,31 @@ def _scale_xy(target: Mapping[str, Any]) -> tuple[float, float]:
     raise ValueError(f"target['scale'] must be a number or (scale_x, scale_y); got {scale.tolist()}")
 
 
+def _rounded(value: Any, digits: int | None) -> float:
+    return float(value) if digits is None else round(float(value), digits)
+
+
+def coco_records(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_category_id: Mapping[int, int],
+                 bbox_digits: int | None = None, score_digits: int | None = None,
+                 **fields: Any) -> list[dict[str, Any]]:
+    """COCO result records of one image's detections.
+
+    boxes [N, 4] float64 (x1, y1, x2, y2, pixels) become "bbox" [x, y, w, h]; scores [N];
+    labels [N] model labels become "category_id" through `label_to_category_id` (KeyError for
+    a label it lacks). Each record is {**fields, "category_id", "bbox", "score"} (that key
+    order), the bbox values rounded to `bbox_digits` decimals and the score to `score_digits`
+    (None: exact floats).
+    """
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return [{**fields, "category_id": int(label_to_category_id[int(label)]),
+             "bbox": [_rounded(v, bbox_digits) for v in box], "score": _rounded(score, score_digits)}
+            for box, score, label in zip(xywh, scores, labels)]
+
+
 def predictions_to_coco(prediction: Mapping[str, Any], target: Mapping[str, Any],
                         label_to_category_id: Mapping[int, int]) -> list[dict[str, Any]]:
-    """One image's model output -> COCO result entries in the original image's pixels (see module doc)."""
+    """One image's model output -> COCO result entries in the original image's pixels (see module doc),
+    bbox rounded to 3 decimals and score to 5 (`coco_records`)."""
     image_id = int(_as_numpy(target["image_id"]).reshape(-1)[0])
     boxes = _as_numpy(prediction["boxes"]).astype(np.float64).reshape(-1, 4)
     scores = _as_numpy(prediction["scores"]).astype(np.float64).reshape(-1)
@@ -79,10 +101,8 @@ def predictions_to_coco(prediction: Mapping[str, Any], target: Mapping[str, Any]
     if unknown:
         raise ValueError(f"image {image_id}: predicted labels {unknown[:5]} have no category id "
                          f"(known labels: {sorted(label_to_category_id)[:10]}...)")
-    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    return [{"image_id": image_id, "category_id": int(label_to_category_id[int(lab)]),
-             "bbox": [round(float(v), 3) for v in box], "score": round(float(s), 5)}
-            for box, s, lab in zip(xywh, scores, labels)]
+    return coco_records(boxes, scores, labels, label_to_category_id, bbox_digits=3, score_digits=5,
+                        image_id=image_id)
 
 
 class COCOEvaluator:

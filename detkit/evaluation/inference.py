@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detkit.evaluation.coco_eval import coco_records
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -42,12 +44,12 @@ def list_images(input_path: str | os.PathLike) -> list[Path]:
 def to_coco_results(prediction: Mapping[str, Tensor], label_to_category_id: Mapping[int, int],
                     **fields) -> list[dict]:
     """One image's {"boxes" [N,4] x1y1x2y2, "scores", "labels"} as COCO results:
-    [{**fields, "category_id", "bbox": [x, y, w, h], "score"}]."""
-    boxes = prediction["boxes"].detach().cpu().double()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [{**fields, "category_id": int(label_to_category_id[int(label)]), "bbox": [float(v) for v in box],
-             "score": float(score)}
-            for box, score, label in zip(xywh, prediction["scores"].tolist(), prediction["labels"].tolist())]
+    [{**fields, "category_id", "bbox": [x, y, w, h], "score"}], unrounded (`coco_records`)."""
+    def host(name: str, dtype: torch.dtype):
+        return prediction[name].detach().cpu().to(dtype).numpy()
+
+    return coco_records(host("boxes", torch.float64), host("scores", torch.float64), host("labels", torch.int64),
+                        label_to_category_id, **fields)
 
 
 @torch.inference_mode()

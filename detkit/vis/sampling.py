@@ -48,7 +48,6 @@ every layer; DCN's detectors use one group.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,17 +57,17 @@ from torch import Tensor, nn
 
 from detkit.engine.distributed import unwrap_model as unwrap
 from detkit.modeling.backbone import deformable_layers
+from detkit.modeling.backbone.resnet import STAGE_MODULES, ResNet
 from detkit.ops import DeformConv2d, DeformRoIPool
 
 __all__ = [
     "STAGES", "ImageGeometry", "LayerOffsets", "RoIBins", "Capture", "capture", "capture_deformable_offsets",
-    "unwrap", "deformable_conv_names", "has_deformable_pooling", "stage_of", "select_stage", "check_sampling_request",
-    "locate_unit", "follow_sampling_points", "roi_bins", "deformable_roi_bins",
+    "unwrap", "deformable_conv_names", "deformable_conv_stages", "has_deformable_pooling", "select_stage",
+    "check_sampling_request", "locate_unit", "follow_sampling_points", "roi_bins", "deformable_roi_bins",
 ]
 
-#: Stage name -> the ResNet module holding it (detkit/torchvision names).
-STAGES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
-_LAYER_RE = re.compile(r"(?:^|\.)layer([1-4])(?:\.|$)")
+#: Stage name -> the ResNet module holding it (detkit/torchvision names), the ResNet's own table.
+STAGES = STAGE_MODULES
 
 
 # --------------------------------------------------------------------------- geometry
@@ -116,6 +115,8 @@ class LayerOffsets:
     mask: [G, K, Ho, Wo] (DCNv2, after the sigmoid) or None (DCNv1).
     input_size: (H_in, W_in) of the layer's input grid.
     input_stride: (sy, sx) network-input pixels per input-grid cell.
+    stage: the ResNet stage ("res2".."res5") holding the layer, as the model reports it
+        (`deformable_conv_stages`), or None.
     """
 
     name: str
@@ -128,6 +129,7 @@ class LayerOffsets:
     input_size: tuple[int, int]
     input_stride: tuple[int, int]
     geometry: ImageGeometry
+    stage: str | None = None
 
     def __post_init__(self) -> None:
         self.offset = np.asarray(self.offset, np.float64)
@@ -156,10 +158,6 @@ class LayerOffsets:
     @property
     def output_stride(self) -> tuple[int, int]:
         return self.input_stride[0] * self.stride[0], self.input_stride[1] * self.stride[1]
-
-    @property
-    def stage(self) -> str | None:
-        return stage_of(self.name)
 
     def output_to_image(self, row: np.ndarray | float, col: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Output-grid positions (row, col) -> original pixel-index (x, y): the activation centres."""
@@ -229,12 +227,6 @@ class Capture:
 
 # --------------------------------------------------------------------------- model inspection
 
-def stage_of(name: str) -> str | None:
-    """The ResNet stage ("res2".."res5") of a qualified module name, or None."""
-    match = _LAYER_RE.search(name)
-    return f"res{int(match.group(1)) + 1}" if match else None
-
-
 def _normalise_stage(stage: str | None) -> str | None:
     if stage is None:
         return None
@@ -252,6 +244,22 @@ def deformable_conv_names(model: nn.Module) -> list[str]:
     return [name for name, _ in deformable_layers(unwrap(model))]
 
 
+def deformable_conv_stages(model: nn.Module) -> dict[str, str | None]:
+    """{qualified name: stage} of the model's DeformConv2d layers, in registration (forward)
+    order; the stage ("res2".."res5") is what the detkit ResNet holding the layer reports
+    (`ResNet.stage_of`), None for a layer outside any ResNet."""
+    model = unwrap(model)
+    resnets = [(prefix, module) for prefix, module in model.named_modules() if isinstance(module, ResNet)]
+
+    def stage(name: str) -> str | None:
+        for prefix, resnet in resnets:
+            if not prefix or name.startswith(prefix + "."):
+                return resnet.stage_of(name[len(prefix) + 1:] if prefix else name)
+        return None
+
+    return {name: stage(name) for name, _ in deformable_layers(model)}
+
+
 def _roi_pooler(model: nn.Module) -> nn.Module | None:
     return getattr(getattr(unwrap(model), "roi_heads", None), "box_roi_pool", None)
 
@@ -261,13 +269,13 @@ def has_deformable_pooling(model: nn.Module) -> bool:
     return isinstance(getattr(_roi_pooler(model), "deform_pool", None), DeformRoIPool)
 
 
-def select_stage(layers: Sequence, stage: str | None) -> list:
-    """The layers (LayerOffsets, or qualified names) of one stage ("res5", "res4", ... or
-    "layer4", ...); all of them when stage is None."""
+def select_stage(layers: Sequence[LayerOffsets], stage: str | None) -> list[LayerOffsets]:
+    """The layers (LayerOffsets) of one stage ("res5", "res4", ... or "layer4", ...), by their
+    `stage`; all of them when stage is None."""
     stage = _normalise_stage(stage)
     if stage is None:
         return list(layers)
-    return [layer for layer in layers if stage_of(layer if isinstance(layer, str) else layer.name) == stage]
+    return [layer for layer in layers if layer.stage == stage]
 
 
 def check_sampling_request(model: nn.Module, stage: str | None = None, num_layers: int = 3) -> int:
@@ -276,11 +284,13 @@ def check_sampling_request(model: nn.Module, stage: str | None = None, num_layer
     pooling, and no stage was asked for). ValueError with the reason otherwise."""
     if int(num_layers) < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-    names = deformable_conv_names(model)
+    stages = deformable_conv_stages(model)
+    names = list(stages)
     if not names and not has_deformable_pooling(model):
         raise ValueError("the model has no deformable layers (neither deformable convolutions nor deformable "
                          "RoI pooling): there is nothing to visualise")
-    chosen = select_stage(names, stage)
+    wanted = _normalise_stage(stage)
+    chosen = names if wanted is None else [name for name in names if stages[name] == wanted]
     if not names and stage is None:
         return 0
     if len(chosen) < num_layers:
@@ -307,7 +317,7 @@ def _infer_stride(padded: int, grid: int, other_padded: int, other_grid: int, na
 
 
 def _layer_offsets(name: str, module: DeformConv2d, input_shape: Sequence[int], offset: Tensor,
-                   mask: Tensor | None, geometry: ImageGeometry) -> LayerOffsets:
+                   mask: Tensor | None, geometry: ImageGeometry, stage: str | None) -> LayerOffsets:
     kh, kw = module.kernel_size
     groups = module.offset_groups
     _, _, height, width = (int(v) for v in input_shape)
@@ -319,7 +329,7 @@ def _layer_offsets(name: str, module: DeformConv2d, input_shape: Sequence[int], 
     sy = _infer_stride(ph, height, pw, width, name)
     sx = _infer_stride(pw, width, ph, height, name)
     return LayerOffsets(name, off, msk, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
-                        tuple(module.dilation), (height, width), (sy, sx), geometry)
+                        tuple(module.dilation), (height, width), (sy, sx), geometry, stage)
 
 
 # --------------------------------------------------------------------------- capture
@@ -353,7 +363,8 @@ def capture(model: nn.Module, image, top_k: int = 3, roi_boxes: Tensor | np.ndar
     device = parameter.device if parameter is not None else torch.device("cpu")
     tensor = tensor.to(device)
     original_size = (int(tensor.shape[1]), int(tensor.shape[2]))
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, DeformConv2d)}
+    modules = dict(deformable_layers(model))
+    stages = deformable_conv_stages(model)
     records: list[tuple[str, DeformConv2d, tuple[int, ...], Tensor, Tensor | None]] = []
     sizes: dict[str, tuple[int, int]] = {}
     pool_features: dict[str, Tensor] = {}
@@ -389,7 +400,7 @@ def capture(model: nn.Module, image, top_k: int = 3, roi_boxes: Tensor | np.ndar
             geometry = ImageGeometry(original_size, sizes["network"], sizes["padded"])
             order = torch.argsort(detections["scores"], descending=True, stable=True)
             detections = {k: v[order] for k, v in detections.items()}
-            layers = [_layer_offsets(name, module, shape, offset, mask, geometry)
+            layers = [_layer_offsets(name, module, shape, offset, mask, geometry, stages[name])
                       for name, module, shape, offset, mask in records]
             bins: list[RoIBins] = []
             if deformable_pool:
@@ -530,12 +541,10 @@ def deformable_roi_bins(pooler: nn.Module, features: Mapping[str, Tensor], boxes
                         labels: Sequence[int] | None = None) -> list[RoIBins]:
     """Bins of a deformable `RoIPooler` for boxes [N, 4] in original pixels.
 
-    Does what the pooler does for a proposal: maps the box to network-input pixels, picks its
-    feature map (the FPN level rule when there are several), divides it by that map's stride
-    and runs the shared `deform_pool.predict_offsets` on it (batch index 0).
+    Maps the boxes to network-input pixels and asks the pooler which feature map each goes to
+    (`RoIPooler.level_indices`) and how it shifts its bins (`RoIPooler.predict_offsets`, one
+    box at a time, batch index 0).
     """
-    from detkit.modeling.heads.poolers import fpn_levels
-
     deform_pool = getattr(pooler, "deform_pool", None)
     if not isinstance(deform_pool, DeformRoIPool):
         raise ValueError("the RoI pooler is not deformable")
@@ -543,21 +552,15 @@ def deformable_roi_bins(pooler: nn.Module, features: Mapping[str, Tensor], boxes
     if len(boxes) == 0:
         return []
     net_boxes = torch.from_numpy(geometry.boxes_to_network(boxes))
-    names, strides = list(pooler.feature_names), list(pooler.strides)
-    if len(names) > 1:
-        levels = (fpn_levels(net_boxes, pooler.min_level, pooler.max_level, pooler.canonical_scale,
-                             pooler.canonical_level) - pooler.min_level).tolist()
-    else:
-        levels = [0] * len(boxes)
+    levels = pooler.level_indices(net_boxes).tolist()
+    first_image = {name: features[name][:1] for name in pooler.feature_names}
     out: list[RoIBins] = []
     for k, level in enumerate(levels):
-        feature = features[names[level]][:1]
-        scale = 1.0 / strides[level]
-        # As RoIPooler._pool: cast to the feature's dtype, then scale to the level's pixels.
-        roi = torch.cat([net_boxes.new_zeros(1), net_boxes[k]]).reshape(1, 5).to(feature)
-        roi = torch.cat([roi[:, :1], roi[:, 1:] * scale], dim=1)
-        offset, mask = deform_pool.predict_offsets(feature, roi)
+        # One box at a time, so its offsets do not depend on the other boxes (batched fc layers
+        # may sum in another order).
+        roi = torch.cat([net_boxes.new_zeros(1), net_boxes[k]]).reshape(1, 5)
+        offset, mask = pooler.predict_offsets(first_image, roi)
         out.append(roi_bins(boxes[k], offset[0], None if mask is None else mask[0], deform_pool.gamma,
                             score=None if scores is None else float(scores[k]),
-                            label=None if labels is None else int(labels[k]), feature=names[level]))
+                            label=None if labels is None else int(labels[k]), feature=pooler.feature_names[level]))
     return out

@@ -14,6 +14,8 @@ import torch.multiprocessing as tmp
 from pycocotools.coco import COCO
 
 from detkit.evaluation import COCOEvaluator, predictions_to_coco
+from detkit.evaluation.coco_eval import coco_records
+from detkit.evaluation.inference import to_coco_results
 
 CATEGORIES = [{"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}, {"id": 9, "name": "zebra"}]  # no zebra GT
 LABEL_TO_CAT = {1: 2, 2: 5, 3: 9}
@@ -143,6 +145,37 @@ def test_results_format_and_conversion(gt):
     assert results[1]["bbox"] == [600.0, 450.0, 40.0, 30.0] and results[1]["category_id"] == 2
     entries = predictions_to_coco(prediction, {"image_id": torch.tensor(3)}, LABEL_TO_CAT)
     assert entries[1]["bbox"] == [1200.0, 900.0, 200.0, 100.0]  # no scale, no orig_size: untouched
+
+
+def test_coco_records_convert_and_round_only_when_asked():
+    boxes = np.array([[10.123456, 20.5, 30.0004, 60.25], [0.0, 0.0, 1.0 / 3, 2.0 / 3]])
+    scores, labels = np.array([0.123456789, 0.5]), np.array([2, 1])
+    exact = coco_records(boxes, scores, labels, LABEL_TO_CAT, file_name="a.jpg")
+    assert [list(r) for r in exact] == [["file_name", "category_id", "bbox", "score"]] * 2
+    assert exact[0] == {"file_name": "a.jpg", "category_id": 5, "score": 0.123456789,
+                        "bbox": [10.123456, 20.5, 30.0004 - 10.123456, 60.25 - 20.5]}
+    assert exact[1]["bbox"] == [0.0, 0.0, 1.0 / 3, 2.0 / 3] and exact[1]["category_id"] == 2
+    rounded = coco_records(boxes, scores, labels, LABEL_TO_CAT, bbox_digits=3, score_digits=5, image_id=7)
+    assert [list(r) for r in rounded] == [["image_id", "category_id", "bbox", "score"]] * 2
+    assert rounded[0]["bbox"] == [10.123, 20.5, 19.877, 39.75] and rounded[0]["score"] == 0.12346
+    assert rounded[1]["bbox"] == [0.0, 0.0, 0.333, 0.667]
+    with pytest.raises(KeyError):
+        coco_records(boxes, scores, np.array([2, 99]), LABEL_TO_CAT)
+    assert coco_records(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), LABEL_TO_CAT) == []
+
+
+def test_predictions_json_is_unrounded_and_evaluation_rounded():
+    prediction = {"boxes": torch.tensor([[10.1234567, 20.5, 30.0004, 60.25]]),
+                  "scores": torch.tensor([0.123456789]), "labels": torch.tensor([2])}
+    x1, y1, x2, y2 = prediction["boxes"].double()[0].tolist()
+    score = prediction["scores"].tolist()[0]
+    [for_json] = to_coco_results(prediction, LABEL_TO_CAT, file_name="a.jpg")
+    assert list(for_json) == ["file_name", "category_id", "bbox", "score"]
+    assert for_json == {"file_name": "a.jpg", "category_id": 5, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+    [for_eval] = predictions_to_coco(prediction, {"image_id": 3}, LABEL_TO_CAT)
+    assert list(for_eval) == ["image_id", "category_id", "bbox", "score"]
+    assert for_eval["bbox"] == [round(v, 3) for v in for_json["bbox"]] and for_eval["score"] == round(score, 5)
+    assert for_eval["bbox"] != for_json["bbox"] and for_eval["score"] != for_json["score"]
 
 
 def test_updates_replace_an_image_and_bad_inputs_raise(gt):

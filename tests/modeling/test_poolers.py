@@ -9,8 +9,8 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
 from detkit.modeling.heads.poolers import POOLER_KINDS, RoIPooler, boxes_to_rois, fpn_levels
-from detkit.ops import offset_branch_parameters
-from tests.helpers import generator, uniform
+from detkit.ops import deform_roi_pool, offset_branch_parameters
+from tests.helpers import generator, normal, uniform
 
 FPN_NAMES = ["p2", "p3", "p4", "p5"]
 FPN_STRIDES = [4, 8, 16, 32]
@@ -64,6 +64,61 @@ def test_proposals_cover_every_level():
     # The multi-level tests below are only meaningful if every level gets RoIs.
     levels = expected_levels(torch.cat(proposals_all_levels(seed=2)))
     assert set(levels.tolist()) == {2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("kind", POOLER_KINDS)
+def test_level_indices_name_the_map_forward_pools_from(kind):
+    # Every map a constant (its stride), so the pooled value tells which map a RoI came from.
+    features = OrderedDict((name, torch.full((2, CHANNELS, IMAGE_H // s, IMAGE_W // s), float(s)))
+                           for name, s in zip(FPN_NAMES, FPN_STRIDES))
+    edges = torch.tensor([[0, 0, 224, 224], [0, 0, 112, 112], [0, 0, 111.5, 111.5], [0, 0, 448, 448],
+                          [10, 10, 14, 14]], dtype=torch.float32)
+    proposals = [torch.cat([proposals_all_levels(seed=17)[0], edges]), proposals_all_levels(seed=18)[1]]
+    pooler = RoIPooler(kind, FPN_NAMES, FPN_STRIDES, CHANNELS, OUTPUT, SAMPLING, hidden_dim=HIDDEN)
+    pooled = pooler(features, proposals, [(IMAGE_H, IMAGE_W)] * 2)
+    boxes = torch.cat(proposals)
+    indices = pooler.level_indices(boxes)
+    assert indices.dtype == torch.int64 and set(indices.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(indices, expected_levels(boxes) - 2)
+    scale = 0.5 if kind == "mdeform" else 1.0          # a fresh mask is sigmoid(0)
+    strides = torch.tensor(FPN_STRIDES, dtype=torch.float32)[indices]
+    torch.testing.assert_close(pooled.amax(dim=(1, 2, 3)), scale * strides, rtol=1e-5, atol=1e-5)
+    single = RoIPooler(kind, ["res5"], [32], CHANNELS, OUTPUT, SAMPLING, hidden_dim=HIDDEN)
+    assert torch.equal(single.level_indices(boxes), torch.zeros(len(boxes), dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kind", ["deform", "mdeform"])
+def test_predict_offsets_are_what_forward_pools_with(kind):
+    features = pyramid(seed=19, dtype=torch.float64)
+    proposals = proposals_all_levels(seed=2, dtype=torch.float64)
+    pooler = RoIPooler(kind, FPN_NAMES, FPN_STRIDES, CHANNELS, OUTPUT, SAMPLING, hidden_dim=HIDDEN).double()
+    gen = generator(20)
+    with torch.no_grad():
+        for p in pooler.deform_pool.offset_branch.parameters():
+            p.copy_(normal(p.shape, gen, std=0.3))
+    rois = boxes_to_rois(proposals)
+    offset, mask = pooler.predict_offsets(features, rois)
+    assert offset.shape == (len(rois), 2, OUTPUT, OUTPUT) and offset.abs().amin() > 0
+    assert (mask is None) == (kind == "deform")
+    if mask is not None:
+        assert mask.shape == (len(rois), 1, OUTPUT, OUTPUT)
+    # Pooling each RoI by hand from its level with these offsets gives the forward's output.
+    expected = []
+    for k, level in enumerate(expected_levels(rois[:, 1:]).tolist()):
+        roi = torch.cat([rois[k, :1], rois[k, 1:] / 2 ** level])[None]
+        expected.append(deform_roi_pool(features[f"p{level}"], roi, offset[k:k + 1],
+                                        None if mask is None else mask[k:k + 1], OUTPUT, 1.0, SAMPLING,
+                                        pooler.gamma))
+    torch.testing.assert_close(pooler(features, proposals, [(IMAGE_H, IMAGE_W)] * 2), torch.cat(expected),
+                               rtol=1e-12, atol=1e-12)
+    # RoI order: one RoI alone gets the row it got in the batch.
+    for k in (0, len(rois) // 2, len(rois) - 1):
+        alone, alone_mask = pooler.predict_offsets(features, rois[k:k + 1])
+        torch.testing.assert_close(alone, offset[k:k + 1], rtol=1e-12, atol=1e-12)
+        if mask is not None:
+            torch.testing.assert_close(alone_mask, mask[k:k + 1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no offsets"):
+        RoIPooler("alignv2", FPN_NAMES, FPN_STRIDES, CHANNELS).predict_offsets(features, rois)
 
 
 def test_align_one_level_equals_multiscale_roi_align():

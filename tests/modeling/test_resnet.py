@@ -246,6 +246,22 @@ def test_deformable_placement(depth, spec):
     assert order == [n for n, _ in found]
 
 
+@pytest.mark.parametrize("depth", [18, 50, 101])
+def test_stage_of_every_deformable_layer_of_a_conv3_5_model(depth):
+    spec = {"res3": "all", "res4": "all", "res5": "all"}    # DCNv2's conv3-conv5
+    model = _meta_resnet(depth=depth, deform_blocks=spec)
+    found = deformable_layers(model)
+    # The stage whose module tree holds each layer (by identity, not by its name).
+    holder = {id(m): stage for stage in STAGE_NAMES for m in getattr(model, LAYER_OF[stage]).modules()}
+    stages = [model.stage_of(name) for name, _ in found]
+    assert stages == [holder[id(m)] for _, m in found]
+    counts = block_counts(depth)
+    assert stages == [s for s in ("res3", "res4", "res5") for _ in range(counts[s])]
+    # Names outside the stages (the stem, unknown ones) have none; a stage module is its own.
+    assert [model.stage_of(n) for n in ("conv1", "bn1", "layer1", "layer2.0", "layer10.0.conv2", "")] == \
+        [None, None, "res2", "res3", None, None]
+
+
 def test_last_blocks_matches_negative_indices():
     counts = block_counts(50)
     wanted = {"res5": counts["res5"], "res4": len(DCN_V1_6_LAYERS["res4"])}

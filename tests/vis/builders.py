@@ -62,16 +62,16 @@ def conv_out(size: int, stride: int, padding: int, dilation: int, kernel: int = 
 
 def synthetic_layer(name: str, input_size: tuple[int, int], input_stride: int, geometry: ImageGeometry,
                     stride: int = 1, dilation: int = 1, offset: np.ndarray | None = None,
-                    mask: np.ndarray | None = None) -> LayerOffsets:
+                    mask: np.ndarray | None = None, stage: str | None = None) -> LayerOffsets:
     """A 3x3 deformable layer (padding = dilation, as ResNet's) with the given offsets
-    ([9, 2, Ho, Wo] or broadcastable; zero by default), one offset group."""
+    ([9, 2, Ho, Wo] or broadcastable; zero by default), one offset group, in `stage`."""
     out = (conv_out(input_size[0], stride, dilation, dilation), conv_out(input_size[1], stride, dilation, dilation))
     full = np.zeros((1, 9, 2) + out)
     if offset is not None:
         full[0] = np.broadcast_to(np.asarray(offset, np.float64), (9, 2) + out)
     return LayerOffsets(name, full, None if mask is None else np.broadcast_to(mask, (1, 9) + out).copy(),
                         (3, 3), (stride, stride), (dilation, dilation), (dilation, dilation), tuple(input_size),
-                        (input_stride, input_stride), geometry)
+                        (input_stride, input_stride), geometry, stage)
 
 
 def identity_geometry(height: int, width: int) -> ImageGeometry:

@@ -6,9 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from detkit.modeling.backbone import deformable_layers
-from detkit.vis import capture, capture_deformable_offsets, follow_sampling_points, locate_unit, roi_bins
+from detkit.ops import DeformConv2d
+from detkit.vis import (capture, capture_deformable_offsets, follow_sampling_points, locate_unit, roi_bins,
+                        select_stage)
+from detkit.vis.sampling import deformable_conv_stages
 from tests.vis.builders import MAX_SIZE, MIN_SIZE, build_tiny, single_scale_config, smooth_image
 
 IMAGE_H, IMAGE_W = 80, 100
@@ -69,6 +73,25 @@ def test_capture_reads_offsets_masks_and_geometry():
     sigmoid = 1 / (1 + np.exp(-logits))
     np.testing.assert_allclose(chosen.mask[0], np.broadcast_to(sigmoid[:, None, None], chosen.mask.shape[1:]),
                                atol=1e-6)
+
+
+def test_layer_stages_come_from_the_model():
+    model = build_tiny(backbone={"deform_blocks": {"res2": [0], "res4": "all", "res5": [-1]}})
+    backbone = model.backbone
+    stage_modules = {"res2": backbone.layer1, "res3": backbone.layer2, "res4": backbone.layer3,
+                     "res5": backbone.layer4}
+    holder = {id(m): stage for stage, module in stage_modules.items() for m in module.modules()}
+    modules = dict(deformable_layers(model))
+    stages = deformable_conv_stages(model)
+    assert list(stages) == list(modules)
+    assert stages == {name: holder[id(m)] for name, m in modules.items()}
+    assert sorted(set(stages.values())) == ["res2", "res4", "res5"]
+    _, layers = capture_deformable_offsets(model, smooth_image(IMAGE_H, IMAGE_W))
+    assert [layer.stage for layer in layers] == list(stages.values())
+    assert [layer.name for layer in select_stage(layers, "layer3")] == [n for n, s in stages.items() if s == "res4"]
+    # A bare ResNet answers for itself; a DeformConv2d outside any ResNet has no stage.
+    assert deformable_conv_stages(backbone) == {name.removeprefix("backbone."): s for name, s in stages.items()}
+    assert deformable_conv_stages(nn.Sequential(DeformConv2d(3, 3, 3, 1, padding=1))) == {"0": None}
 
 
 def test_capture_restores_training_mode():

@@ -107,8 +107,10 @@ def test_three_dilated_layers_cover_the_7x7_grid():
 
 def test_uses_the_last_num_layers_and_the_stage():
     geometry = identity_geometry(32 * 16, 32 * 16)
-    layers = [synthetic_layer(f"backbone.layer3.{i}.conv2", (32, 32), 16, geometry, dilation=1) for i in range(2)]
-    layers += [synthetic_layer(f"backbone.layer4.{i}.conv2", (32, 32), 16, geometry, dilation=2) for i in range(2)]
+    layers = [synthetic_layer(f"backbone.layer3.{i}.conv2", (32, 32), 16, geometry, dilation=1, stage="res4")
+              for i in range(2)]
+    layers += [synthetic_layer(f"backbone.layer4.{i}.conv2", (32, 32), 16, geometry, dilation=2, stage="res5")
+               for i in range(2)]
     unit_xy = (16 * 16, 16 * 16)
     everything = follow_sampling_points(layers, unit_xy, num_layers=2)
     res5 = follow_sampling_points(layers, unit_xy, num_layers=2, stage="res5")

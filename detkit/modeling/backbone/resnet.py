@@ -30,6 +30,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from detkit.ops import DeformConv2d
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+#: Stage -> the name of the ResNet submodule holding it (torchvision's names).
+STAGE_MODULES = {stage: f"layer{i + 1}" for i, stage in enumerate(STAGE_NAMES)}
 FEATURE_NAMES = ("stem",) + STAGE_NAMES
 NORMS = ("frozen_bn", "bn", "gn")
 _ARCH = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
@@ -233,7 +235,7 @@ class ResNet(nn.Module):
                 blocks.append(block_cls(in_c, width * 2 ** i, stride if b == 0 else 1, dilation, make_norm,
                                         deform_kw if b in placement.get(stage, ()) else None))
                 in_c = width * 2 ** i * block_cls.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.add_module(STAGE_MODULES[stage], nn.Sequential(*blocks))
             channels[stage], strides[stage] = in_c, strides[FEATURE_NAMES[i]] * stride
         self.out_channels = {f: channels[f] for f in out_features}
         self.strides = strides
@@ -247,7 +249,7 @@ class ResNet(nn.Module):
         """The modules making up "stem" or a stage "resN"."""
         if name == "stem":
             return [self.conv1, self.bn1]
-        return [getattr(self, f"layer{STAGE_NAMES.index(name) + 1}")]
+        return [getattr(self, STAGE_MODULES[name])]
 
     def _init_weights(self) -> None:
         # He init (fan_out) for convs, norms at weight 1 / bias 0 (their defaults); offset branches stay zero.
@@ -264,13 +266,19 @@ class ResNet(nn.Module):
                 part.eval()
         return self
 
+    def stage_of(self, name: str) -> str | None:
+        """The stage ("res2".."res5") holding the submodule `name`, qualified from this ResNet
+        ("layer4.0.conv2" -> "res5"); None for the stem and for names outside the stages."""
+        head = name.split(".", 1)[0]
+        return next((stage for stage, module in STAGE_MODULES.items() if module == head), None)
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x [B, 3, H, W] normalised image -> {name: [B, out_channels[name], H/stride, W/stride]}."""
         last = max(FEATURE_NAMES.index(f) for f in self.out_features)
         feats = {"stem": self.maxpool(self.relu(self.bn1(self.conv1(x))))}
         x = feats["stem"]
-        for i, stage in enumerate(STAGE_NAMES[:last]):
-            x = feats[stage] = getattr(self, f"layer{i + 1}")(x)
+        for stage in STAGE_NAMES[:last]:
+            x = feats[stage] = getattr(self, STAGE_MODULES[stage])(x)
         return {f: feats[f] for f in self.out_features}
 
 

@@ -81,6 +81,8 @@ class RoIPooler(nn.Module):
     forward(features {name: [B, C, H_l, W_l]}, proposals [N_i, 4] per image in
     (x1, y1, x2, y2) image pixels, image_shapes [(h, w)] per image) ->
     [sum N_i, C, output_size, output_size], in the order of the proposals.
+    `level_indices` tells which map each box is pooled from, and `predict_offsets` what a
+    deformable pooler shifts its bins by (both for visualisation, `detkit.vis`).
     """
 
     def __init__(self, kind: str, feature_names: Sequence[str], strides: Sequence[int], in_channels: int,
@@ -123,9 +125,19 @@ class RoIPooler(nn.Module):
                 self.in_channels, output_size, spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
                 gamma=self.gamma, modulated=kind == "mdeform", hidden_dim=hidden_dim, num_hidden=num_hidden)
 
+    @staticmethod
+    def _cast(feature: Tensor, rois: Tensor) -> Tensor:
+        """rois in the feature's dtype (left as they are under autocast, which picks the op's dtype)."""
+        return rois if torch.is_autocast_enabled(feature.device.type) else rois.to(feature.dtype)
+
+    @staticmethod
+    def _to_level(rois: Tensor, scale: float) -> Tensor:
+        """rois [K, 5] in image pixels -> in the pixels of a level of stride 1 / scale, for
+        `deform_pool` (whose spatial_scale is 1)."""
+        return torch.cat([rois[:, :1], rois[:, 1:] * scale], dim=1)
+
     def _pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
-        if not torch.is_autocast_enabled(feature.device.type):
-            rois = rois.to(feature.dtype)
+        rois = self._cast(feature, rois)
         scale = 1.0 / stride
         if self.kind == "align":
             return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
@@ -134,7 +146,16 @@ class RoIPooler(nn.Module):
         if self.kind == "alignv2":
             return deform_roi_pool(feature, rois, None, None, self.output_size, scale, self.sampling_ratio)
         assert self.deform_pool is not None
-        return self.deform_pool(feature, torch.cat([rois[:, :1], rois[:, 1:] * scale], dim=1))
+        return self.deform_pool(feature, self._to_level(rois, scale))
+
+    def level_indices(self, boxes: Tensor) -> Tensor:
+        """boxes [K, 4] (x1, y1, x2, y2) in network-input pixels -> int64 [K]: the index into
+        `feature_names` / `strides` of the map each box is pooled from (the FPN level rule
+        with several maps, module docstring; 0 for a single map)."""
+        if len(self.feature_names) == 1:
+            return torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
+        return fpn_levels(boxes, self.min_level, self.max_level, self.canonical_scale,
+                          self.canonical_level) - self.min_level
 
     def forward(self, features: Mapping[str, Tensor], proposals: Sequence[Tensor],
                 image_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
@@ -154,8 +175,7 @@ class RoIPooler(nn.Module):
         maps = [features[n] for n in self.feature_names]
         if len(maps) == 1:
             return pool(maps[0], rois, self.strides[0])
-        levels = fpn_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_scale,
-                            self.canonical_level) - self.min_level
+        levels = self.level_indices(rois[:, 1:])
         order, pooled = [], []
         for i, (feature, stride) in enumerate(zip(maps, self.strides)):
             index = torch.where(levels == i)[0]
@@ -163,6 +183,29 @@ class RoIPooler(nn.Module):
             pooled.append(pool(feature, rois[index], stride).to(maps[0].dtype))
         # Levels come out grouped; put them back in RoI order.
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]
+
+    def predict_offsets(self, features: Mapping[str, Tensor], rois: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What a deformable pooler ("deform", "mdeform") shifts its bins by.
+
+        rois [K, 5] = (batch_index, x1, y1, x2, y2) in network-input pixels (on any device: the
+        levels are computed there), each taken to the map `level_indices` picks, as `pool_rois`
+        does -> (offset [K, 2, ph, pw] normalised (x, y) shifts, mask [K, 1, ph, pw] bin weights
+        or None for "deform"), in RoI order, on the features' device.
+        """
+        if self.deform_pool is None:
+            raise ValueError(f"a {self.kind!r} RoIPooler has no offsets; only 'deform' and 'mdeform' do")
+        levels = self.level_indices(rois[:, 1:])
+        order, offsets, masks = [], [], []
+        for i, (name, stride) in enumerate(zip(self.feature_names, self.strides)):
+            index = torch.where(levels == i)[0]
+            feature = features[name]
+            level_rois = self._cast(feature, rois[index].to(feature.device))
+            offset, mask = self.deform_pool.predict_offsets(feature, self._to_level(level_rois, 1.0 / stride))
+            order.append(index.to(feature.device))
+            offsets.append(offset)
+            masks.append(mask)
+        back = torch.argsort(torch.cat(order))
+        return torch.cat(offsets)[back], None if masks[0] is None else torch.cat(masks)[back]
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, feature_names={list(self.feature_names)}, strides={list(self.strides)}, "
