@@ -1,8 +1,8 @@
 """detkit's configs: what a `_target_` may name (the registry), what the configs must look like
 (the typed schemas), and the rules types cannot express (`check_train_config`).
 
-**The registry** (`targets()`): every `_target_` of a detkit config (the model, box head and
-predictor builders, the data sources, the optimizer and schedule builders), mapped to the
+**The registry** (`targets()`): every `_target_` of a detkit config (the model, backbone, neck, RPN, RoI
+pooler, box head and predictor builders, the data sources, the optimizer and schedule builders), mapped to the
 callable it builds with. A target is looked up here by its exact dotted name, never imported
 by name: `detkit.engine.stored_config` refuses any other name before anything is called, for
 configs read back from checkpoints and for the training run's own (`build_model`,
@@ -54,12 +54,18 @@ def targets() -> Mapping[str, Callable[..., Any]]:
     from detkit.engine.optim import build_optimizer, build_scheduler
     from detkit.modeling.build import build_faster_rcnn, build_resnet
     from detkit.modeling.heads.box_head import FastRCNNPredictorBuilder, TwoMLPHeadBuilder
+    from detkit.modeling.heads.poolers import RoIPoolerBuilder
+    from detkit.modeling.heads.rpn import RPNBuilder
+    from detkit.modeling.neck.fpn import FPNBuilder
 
     return MappingProxyType({
         "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
         "detkit.modeling.build.build_resnet": build_resnet,
         "detkit.modeling.heads.box_head.TwoMLPHeadBuilder": TwoMLPHeadBuilder,
         "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder": FastRCNNPredictorBuilder,
+        "detkit.modeling.heads.poolers.RoIPoolerBuilder": RoIPoolerBuilder,
+        "detkit.modeling.heads.rpn.RPNBuilder": RPNBuilder,
+        "detkit.modeling.neck.fpn.FPNBuilder": FPNBuilder,
         "detkit.data.sources.SyntheticShapes": SyntheticShapes,
         "detkit.data.sources.CocoFolder": CocoFolder,
         "detkit.engine.optim.build_optimizer": build_optimizer,

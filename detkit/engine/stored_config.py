@@ -31,6 +31,7 @@ tree to Hydra's `instantiate` or to OmegaConf:
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -113,9 +114,11 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
     if "_target_" in node:
         builders, _ = _registry()
         if not isinstance(target, str) or target not in builders:
+            close = difflib.get_close_matches(target, list(builders), n=1) if isinstance(target, str) else []
+            hint = f"; did you mean {close[0]}?" if close else ""
             raise _refuse(source, _join(path, "_target_"),
-                          f"_target_ {_short(target)} is not a detkit builder (allowed: "
-                          f"{', '.join(sorted(builders))}; the list is targets() in detkit/engine/config.py)")
+                          f"_target_ {_short(target)} is not a detkit builder{hint} (the {len(builders)} "
+                          f"allowed ones: targets() in detkit/engine/config.py, docs/checkpoints.md)")
         bad_key = next((k for k in node if not isinstance(k, str) or not k.isidentifier()), None)
         if bad_key is not None:
             raise _refuse(source, _join(path, bad_key), f"{_short(bad_key)} cannot be an argument of {target}")

@@ -15,6 +15,11 @@
   dilated res5, 32 otherwise), then the 2fc head (two 1024-d fc layers). res5 is
   computed once over the whole image, not per RoI as in detectron2's C4 head.
 
+The neck, the RPN and the RoI pooler are made by builders (`FPNBuilder`, `RPNBuilder`,
+`RoIPoolerBuilder`; the box head's are in `detkit.modeling.heads.box_head`): option holders
+that a model config may give as the `neck`, `rpn` and `pooler` nodes, else made from the
+flat options, and that `build_faster_rcnn` calls with the sizes it computes.
+
 Deformable poolers hold `detkit.ops.DeformRoIPool`, so their offset branches are found
 by `detkit.ops.offset_branch_parameters(model)`.
 
@@ -28,52 +33,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detkit.modeling.backbone import ResNet, load_torchvision_weights
 from detkit.modeling.detector import FasterRCNN
 from detkit.modeling.heads.box_head import (BoxHeadBuilder, BoxPredictorBuilder, FastRCNNPredictorBuilder,
                                             TwoMLPHeadBuilder)
-from detkit.modeling.heads.poolers import RoIPooler
-from detkit.modeling.neck.fpn import FPN
+from detkit.modeling.heads.poolers import RoIPoolerBuilder
+from detkit.modeling.heads.rpn import ASPECT_RATIOS, RPNBuilder, build_rpn  # noqa: F401 (build_rpn: its old path)
+from detkit.modeling.neck.fpn import FPN, FPNBuilder
 
 LAYOUTS = ("fpn", "single_scale")
 FPN_IN_FEATURES = ("res2", "res3", "res4", "res5")
 FPN_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
 SINGLE_SCALE_ANCHOR_SIZES = ((32, 64, 128, 256, 512),)
-ASPECT_RATIOS = (0.5, 1.0, 2.0)
-
-
-def build_rpn(in_channels: int, anchor_sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[float],
-              pre_nms_top_n_train: int = 2000, pre_nms_top_n_test: int = 1000,
-              post_nms_top_n_train: int = 2000, post_nms_top_n_test: int = 1000, nms_thresh: float = 0.7,
-              fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3, batch_size_per_image: int = 256,
-              positive_fraction: float = 0.5, score_thresh: float = 0.0) -> RegionProposalNetwork:
-    """RPN over feature maps of `in_channels` channels, one group of `anchor_sizes` per map.
-
-    Every map gets `aspect_ratios` (height / width) for each of its sizes; all maps need
-    the same number of anchors per position (one RPNHead is shared). pre/post_nms_top_n
-    are per feature map / per image, as in torchvision.
-    """
-    sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
-    ratios = tuple(float(r) for r in aspect_ratios)
-    if not sizes or not all(sizes) or not ratios:
-        raise ValueError(f"anchor_sizes (one non-empty group per feature map) and aspect_ratios must be "
-                         f"non-empty, got {sizes} and {ratios}")
-    if len({len(level) for level in sizes}) != 1:
-        raise ValueError(f"every feature map needs the same number of anchor sizes (the RPN head is "
-                         f"shared), got {sizes}")
-    anchor_generator = AnchorGenerator(sizes=sizes, aspect_ratios=(ratios,) * len(sizes))
-    head = RPNHead(int(in_channels), anchor_generator.num_anchors_per_location()[0])
-    return RegionProposalNetwork(
-        anchor_generator, head, fg_iou_thresh=fg_iou_thresh, bg_iou_thresh=bg_iou_thresh,
-        batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
-        pre_nms_top_n={"training": int(pre_nms_top_n_train), "testing": int(pre_nms_top_n_test)},
-        post_nms_top_n={"training": int(post_nms_top_n_train), "testing": int(post_nms_top_n_test)},
-        nms_thresh=nms_thresh, score_thresh=score_thresh)
+# The flat options each optional node replaces, with their defaults: with the node, a flat
+# option must be left at its default (it would be silently ignored otherwise).
+POOLER_FLAT_DEFAULTS = {"pooler_kind": "align", "pooler_output_size": 7, "pooler_sampling_ratio": 2,
+                        "deform_gamma": 0.1, "deform_hidden_dim": 1024}
+NECK_FLAT_DEFAULTS = {"fpn_channels": 256}
+RPN_FLAT_DEFAULTS = {"anchor_sizes": None, "aspect_ratios": ASPECT_RATIOS, "rpn_options": None}
 
 
 def build_roi_heads(box_roi_pool: nn.Module, in_channels: int, output_size: int, num_classes: int,
@@ -126,8 +106,9 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, layout: str = "fpn"
                       pooler_sampling_ratio: int = 2, deform_gamma: float = 0.1, deform_hidden_dim: int = 1024,
                       representation_size: int | None = None, box_head: BoxHeadBuilder | None = None,
                       box_predictor: BoxPredictorBuilder | None = None, rpn_options: Mapping | None = None,
-                      roi_heads_options: Mapping | None = None,
-                      transform_options: Mapping | None = None) -> FasterRCNN:
+                      roi_heads_options: Mapping | None = None, transform_options: Mapping | None = None,
+                      pooler: RoIPoolerBuilder | None = None, neck: FPNBuilder | None = None,
+                      rpn: RPNBuilder | None = None) -> FasterRCNN:
     """Faster R-CNN around `backbone` in the "fpn" or "single_scale" layout (module docstring).
 
     pooler_kind: "align", "alignv2", "pool", "deform" or "mdeform" (`RoIPooler`). rpn_feature and
@@ -137,45 +118,83 @@ def build_faster_rcnn(backbone: nn.Module, num_classes: int, layout: str = "fpn"
     without box_head, the 2fc head of `representation_size` (None: 1024), which cannot be
     given with a box_head. rpn_options, roi_heads_options and transform_options are passed
     as keyword arguments to `build_rpn`, `build_roi_heads` and `build_transform`.
+
+    pooler, neck, rpn: the optional config nodes of the same names (`RoIPoolerBuilder`,
+    `FPNBuilder` for the fpn layout, `RPNBuilder`), called with the maps' names, strides and
+    channels. Without one, the flat options it replaces (pooler_kind, pooler_*, deform_*;
+    fpn_channels; anchor_sizes, aspect_ratios, rpn_options) make the same builder; with one,
+    those must stay at their defaults.
     """
     if box_head is not None and representation_size is not None:
         raise ValueError("representation_size is the width of the default box head; with a box_head node, set "
                          "the head's own options there instead")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    channels, strides = dict(backbone.out_channels), dict(backbone.strides)
-    neck: FPN | None = None
-    if layout == "fpn":
-        missing = [n for n in FPN_IN_FEATURES if n not in channels]
-        if missing:
-            raise ValueError(f"the fpn layout needs backbone features {list(FPN_IN_FEATURES)}; the backbone "
-                             f"lacks {missing} (it has {list(channels)})")
-        neck = FPN({n: channels[n] for n in FPN_IN_FEATURES}, strides, fpn_channels, extra_max_pool=True)
-        rpn_features = list(neck.strides)                          # p2..p6
-        pool_features = rpn_features[:len(FPN_IN_FEATURES)]        # p2..p5
-        channels, strides = neck.out_channels, neck.strides
-        anchor_sizes = FPN_ANCHOR_SIZES if anchor_sizes is None else anchor_sizes
-    else:
-        rpn_features, pool_features = [rpn_feature], [pool_feature]
-        missing = [n for n in (rpn_feature, pool_feature) if n not in channels]
-        if missing:
-            raise ValueError(f"backbone lacks features {missing} (it has {list(channels)})")
-        anchor_sizes = SINGLE_SCALE_ANCHOR_SIZES if anchor_sizes is None else anchor_sizes
-    if len(anchor_sizes) != len(rpn_features):
-        raise ValueError(f"anchor_sizes needs one group per RPN feature map {rpn_features}, got {anchor_sizes}")
+    _check_flat_options("pooler", pooler, POOLER_FLAT_DEFAULTS, pooler_kind=pooler_kind,
+                        pooler_output_size=pooler_output_size, pooler_sampling_ratio=pooler_sampling_ratio,
+                        deform_gamma=deform_gamma, deform_hidden_dim=deform_hidden_dim)
+    _check_flat_options("neck", neck, NECK_FLAT_DEFAULTS, fpn_channels=fpn_channels)
+    _check_flat_options("rpn", rpn, RPN_FLAT_DEFAULTS, anchor_sizes=anchor_sizes, aspect_ratios=aspect_ratios,
+                        rpn_options=rpn_options)
+    if neck is not None and layout != "fpn":
+        raise ValueError(f"a neck node needs the fpn layout; the {layout!r} layout has no neck")
+    pooler_builder = pooler if pooler is not None else RoIPoolerBuilder(
+        pooler_kind, pooler_output_size, pooler_sampling_ratio, deform_gamma, deform_hidden_dim)
+    rpn_builder = rpn if rpn is not None else RPNBuilder(anchor_sizes, aspect_ratios, **dict(rpn_options or {}))
+    neck_builder = neck if neck is not None else FPNBuilder(fpn_channels)
+    built_neck, rpn_features, pool_features, channels, strides = _neck_and_maps(
+        backbone, layout, neck_builder, rpn_feature, pool_feature)
     pool_channels = channels[pool_features[0]]
     if any(channels[n] != pool_channels for n in pool_features):
         raise ValueError(f"pooled feature maps need equal channels, got { {n: channels[n] for n in pool_features} }")
-    pooler = RoIPooler(pooler_kind, pool_features, [strides[n] for n in pool_features], pool_channels,
-                       output_size=pooler_output_size, sampling_ratio=pooler_sampling_ratio, gamma=deform_gamma,
-                       hidden_dim=deform_hidden_dim)
-    rpn = build_rpn(channels[rpn_features[0]], anchor_sizes, aspect_ratios, **dict(rpn_options or {}))
-    roi_heads = build_roi_heads(pooler, pool_channels, pooler_output_size, num_classes,
+    box_roi_pool = pooler_builder(pool_features, [strides[n] for n in pool_features], pool_channels)
+    default_sizes = FPN_ANCHOR_SIZES if layout == "fpn" else SINGLE_SCALE_ANCHOR_SIZES
+    region_proposals = rpn_builder(channels[rpn_features[0]], rpn_features, default_sizes)
+    roi_heads = build_roi_heads(box_roi_pool, pool_channels, pooler_builder.output_size, num_classes,
                                 representation_size=1024 if representation_size is None else representation_size,
                                 box_head=box_head, box_predictor=box_predictor, **dict(roi_heads_options or {}))
     transform = build_transform(**dict(transform_options or {}))
-    return FasterRCNN(backbone, rpn, roi_heads, transform, neck, rpn_in_features=rpn_features,
+    return FasterRCNN(backbone, region_proposals, roi_heads, transform, built_neck, rpn_in_features=rpn_features,
                       num_classes=num_classes)
+
+
+def _neck_and_maps(backbone: nn.Module, layout: str, neck: FPNBuilder, rpn_feature: str,
+                   pool_feature: str) -> tuple[FPN | None, list[str], list[str], dict, dict]:
+    """(the built neck or None, the RPN's maps, the pooled maps, {map: channels}, {map: stride}):
+    the fpn layout's neck on res2..res5 -> p2..p6 (RPN on all, pooling on p2..p5), or the
+    single-scale layout's backbone maps."""
+    channels, strides = dict(backbone.out_channels), dict(backbone.strides)
+    if layout != "fpn":
+        missing = [n for n in (rpn_feature, pool_feature) if n not in channels]
+        if missing:
+            raise ValueError(f"backbone lacks features {missing} (it has {list(channels)})")
+        return None, [rpn_feature], [pool_feature], channels, strides
+    missing = [n for n in FPN_IN_FEATURES if n not in channels]
+    if missing:
+        raise ValueError(f"the fpn layout needs backbone features {list(FPN_IN_FEATURES)}; the backbone "
+                         f"lacks {missing} (it has {list(channels)})")
+    built = neck({n: channels[n] for n in FPN_IN_FEATURES}, strides)
+    rpn_features = list(built.strides)                         # p2..p6
+    return built, rpn_features, rpn_features[:len(FPN_IN_FEATURES)], dict(built.out_channels), dict(built.strides)
+
+
+def _check_flat_options(name: str, node: Any, defaults: Mapping[str, Any], **given: Any) -> None:
+    """With a `name` node, every flat option it replaces must be at its default (or be empty)."""
+    if node is None:
+        return
+    for key, value in given.items():
+        if _plain(value) != _plain(defaults[key]):
+            raise ValueError(f"{key} is an option of the default {name}; with a {name} node, set the node's own "
+                             f"options there instead (got {key}={value!r} and {name}={node!r})")
+
+
+def _plain(value: Any) -> Any:
+    """Sequences as nested tuples and an empty mapping as None, for comparing options."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _plain(v)) for k, v in value.items())) or None
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def build_resnet(weights: str | None = None, **resnet_args) -> ResNet:
