@@ -74,3 +74,19 @@ def random_rois(gen: torch.Generator, count: int, batch: int, image_h: float, im
     h = uniform((count,), gen, min_size, max_size)
     rois = torch.stack([index, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
     return rois.to(dtype)
+
+
+class FakeTerminal:
+    """A stand-in for stderr that says it is a terminal, so that tqdm (disable=None) draws."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass

@@ -21,6 +21,8 @@ from detkit.data.synthetic import (
     visible_annotations,
 )
 
+from tests.helpers import FakeTerminal
+
 # Small but complete: every feature of the default generator, on small images.
 TINY = dict(image_size=(96, 128), min_object_size=8, max_object_size=56)
 
@@ -275,27 +277,11 @@ def test_generation_is_logged_not_printed(tmp_path, capsys, caplog):
     assert out == "" and err == ""                            # stderr is no terminal here: no progress bar
 
 
-class _Terminal:
-    """A stand-in for stderr that says it is a terminal, so that tqdm (disable=None) draws."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def isatty(self) -> bool:
-        return True
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("main_process", [True, False])
 def test_progress_bar_on_a_terminal_on_rank_0_only(tmp_path, monkeypatch, main_process):
     import detkit.engine.distributed as dist
 
-    terminal = _Terminal()
+    terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     monkeypatch.setattr(dist, "is_main_process", lambda: main_process)
     _generate(tmp_path / "shapes", num_train=3, num_val=2)

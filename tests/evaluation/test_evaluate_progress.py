@@ -10,27 +10,13 @@ from detkit.data.transforms import ToTensor
 from detkit.engine import distributed as dist
 from detkit.evaluation.evaluate import evaluate_detector
 
+from tests.helpers import FakeTerminal
+
 
 class _NoDetections(nn.Module):
     def forward(self, images):
         return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
                 for _ in images]
-
-
-class _Terminal:
-    """A stand-in for stderr that says it is a terminal, so that tqdm (disable=None) draws."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def isatty(self) -> bool:
-        return True
-
-    def write(self, text: str) -> None:
-        self.text += text
-
-    def flush(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def test_no_bar_when_stderr_is_not_a_terminal(val_set, capsys):
 
 @pytest.mark.parametrize("main_process", [True, False])
 def test_bar_on_a_terminal_on_rank_0_only(val_set, monkeypatch, main_process):
-    terminal = _Terminal()
+    terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     monkeypatch.setattr(dist, "is_main_process", lambda: main_process)
     metrics, _ = evaluate_detector(_NoDetections(), val_set, "cpu")
