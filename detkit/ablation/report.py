@@ -6,8 +6,9 @@ A run is a tools/train.py run folder with `metrics.json` (final COCO box metrics
 `config.yaml` (seed) and `.hydra/hydra.yaml` (the chosen experiment and data configs).
 Rows are a table's experiments; a row's numbers are the mean and the sample standard
 deviation over its runs (seeds). The difference to the baseline row is given with twice
-its standard error, sqrt(s_row^2 / n_row + s_base^2 / n_base), and marked "*" where it is
-larger than that.
+its standard error and marked "*" where it is larger than that: paired by seed (the mean and
+standard error of the per-seed differences) when the row and the baseline share at least two
+seeds, else unpaired, sqrt(s_row^2 / n_row + s_base^2 / n_base).
 """
 from __future__ import annotations
 
@@ -136,6 +137,31 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
 
 
+
+def _delta_ap(row: Sequence[RunResult], base: Sequence[RunResult]) -> tuple[float | None, float | None]:
+    """(ΔAP of `row` to `base`, twice its standard error or None).
+
+    Paired by seed when the two share at least two seeds (a seed fixes the data order, the
+    augmentation and the initialisation of what the models share, so the per-seed
+    differences carry less noise than the two rows do): ΔAP is the mean of the per-seed
+    differences over the shared seeds and 2 SE = 2 s_d / sqrt(n). Otherwise unpaired: the
+    difference of the means, 2 SE = 2 sqrt(s_row^2 / n_row + s_base^2 / n_base)."""
+    row_ap = [r.metrics["AP"] for r in row if r.metrics["AP"] is not None]
+    base_ap = [r.metrics["AP"] for r in base if r.metrics["AP"] is not None]
+    if not row_ap or not base_ap:
+        return None, None
+    base_by_seed = {r.seed: r.metrics["AP"] for r in base if r.seed is not None and r.metrics["AP"] is not None}
+    differences = [r.metrics["AP"] - base_by_seed[r.seed] for r in row
+                   if r.seed in base_by_seed and r.metrics["AP"] is not None]
+    if len(differences) >= 2:
+        return statistics.fmean(differences), 2 * statistics.stdev(differences) / math.sqrt(len(differences))
+    delta = statistics.fmean(row_ap) - statistics.fmean(base_ap)
+    if len(row_ap) > 1 and len(base_ap) > 1:
+        return delta, 2 * math.sqrt(statistics.variance(row_ap) / len(row_ap)
+                                    + statistics.variance(base_ap) / len(base_ap))
+    return delta, None
+
+
 def summarize(table: AblationTable, runs: Sequence[RunResult]) -> list[RowSummary]:
     """One RowSummary per table row, from the runs of its experiment (rows without runs have
     no numbers). ValueError if one experiment's runs come from different data configs."""
@@ -148,7 +174,6 @@ def summarize(table: AblationTable, runs: Sequence[RunResult]) -> list[RowSummar
         if len(datas) > 1:
             raise ValueError(f"the runs of {experiment} mix data configs {datas}; report one setting at a time")
     base = sorted(by_experiment.get(table.baseline, []), key=lambda r: (r.seed is None, r.seed))
-    base_ap = [r.metrics["AP"] for r in base if r.metrics["AP"] is not None]
     base_times = [r.sec_per_iter for r in base if r.sec_per_iter is not None]
     base_time = statistics.median(base_times) if base_times else None
     rows = []
@@ -157,13 +182,7 @@ def summarize(table: AblationTable, runs: Sequence[RunResult]) -> list[RowSummar
         mean, std = {}, {}
         for key in METRICS:
             mean[key], std[key] = _mean_std([r.metrics[key] for r in group])
-        aps = [r.metrics["AP"] for r in group if r.metrics["AP"] is not None]
-        delta = delta_2se = None
-        if aps and base_ap and row.experiment != table.baseline:
-            delta = statistics.fmean(aps) - statistics.fmean(base_ap)
-            if len(aps) > 1 and len(base_ap) > 1:
-                delta_2se = 2 * math.sqrt(statistics.variance(aps) / len(aps)
-                                          + statistics.variance(base_ap) / len(base_ap))
+        delta, delta_2se = (_delta_ap(group, base) if row.experiment != table.baseline else (None, None))
         times = [r.sec_per_iter for r in group if r.sec_per_iter is not None]
         sec = statistics.median(times) if times else None
         params = [r.parameters for r in group if r.parameters is not None]

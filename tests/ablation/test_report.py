@@ -56,11 +56,25 @@ def test_summary_statistics(sweep):
     assert base.mean["AP"] == pytest.approx(21.0) and base.std["AP"] == pytest.approx(1.0)
     assert base.mean["AP50"] == pytest.approx(41.0) and base.mean["APl"] is None and base.std["APl"] is None
     assert dconv.delta_ap == pytest.approx(5.0)
-    assert dconv.delta_ap_2se == pytest.approx(2 * math.sqrt(1 / 3 + 1 / 3))
+    # paired by seed: per-seed differences 5, 4, 6 (s_d = 1), not the unpaired 2 sqrt(1/3 + 1/3)
+    assert dconv.delta_ap_2se == pytest.approx(2 * 1.0 / math.sqrt(3))
     assert dconv.time_ratio == pytest.approx(0.70 / 0.50)          # medians
     assert dconv.parameters == 9_000_000
     assert rows["dcnv2/mdconv_c3_c5_mdpool"].std["AP"] == pytest.approx(statistics.stdev([21, 23, 19]))
     assert rows["dcnv2/dconv_c4_c5_dpool"].runs == () and rows["dcnv2/dconv_c4_c5_dpool"].mean["AP"] is None
+
+
+def test_delta_unpaired_when_the_seeds_differ(tmp_path):
+    """Rows that share fewer than two seeds with the baseline fall back to the unpaired
+    standard error of the difference of the means."""
+    for seed, ap in zip([0, 1, 2], [20.0, 22.0, 21.0]):
+        make_run(tmp_path / "base" / f"seed{seed}", "dcnv2/regular", seed, ap, 0.5, 1)
+    for seed, ap in zip([5, 6, 7], [25.0, 27.0, 26.0]):
+        make_run(tmp_path / "row" / f"seed{seed}", "dcnv2/dconv_c5_dpool", seed, ap, 0.5, 1)
+    rows = {r.experiment: r for r in summarize(load_table("dcnv2_table1"), collect_runs([tmp_path]))}
+    row = rows["dcnv2/dconv_c5_dpool"]
+    assert row.delta_ap == pytest.approx(5.0)
+    assert row.delta_ap_2se == pytest.approx(2 * math.sqrt(1 / 3 + 1 / 3))
 
 
 def test_markdown_layout(sweep):
@@ -71,9 +85,9 @@ def test_markdown_layout(sweep):
     assert "| 21.0 ± 1.0 | 41.0 ± 1.0 |" in lines["regular conv"] and "| baseline |" in lines["regular conv"]
     assert "| 34.7 |" in lines["regular conv"]                                       # the paper's number
     dconv = lines["DCNv1: dconv conv5 + dpool"]
-    assert "+5.0 ± 1.6 *" in dconv and "1.40x" in dconv and "9.00M" in dconv and "| 38.0 |" in dconv
+    assert "+5.0 ± 1.2 *" in dconv and "1.40x" in dconv and "9.00M" in dconv and "| 38.0 |" in dconv
     modulated = lines["DCNv2: mdconv conv3-5 + mdpool"]
-    assert "+0.0 ± 2.6 |" in modulated and "*" not in modulated.split("|")[-5]       # within the spread
+    assert "+0.0 ± 2.0 |" in modulated and "*" not in modulated.split("|")[-5]       # within the spread
     assert "not run" in lines["dconv conv4-5 + dpool"]
     assert "| n/a |" in lines["regular conv"]                                        # APl undefined
     assert "Zhu et al." in text and "arXiv 1811.11168" in text
