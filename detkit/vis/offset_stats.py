@@ -134,6 +134,9 @@ class OffsetStatistics:
     def __init__(self) -> None:
         self.num_images = 0
         self._layers: dict[str, dict] = {}
+        # stage -> {"layers": [short names], "dilation_moments": {category: _Moments}}: every
+        # activation of the stage's deformable layers pooled (DCNv2's conv3-5 models, per stage)
+        self._stages: dict[str, dict] = {}
 
     def update(self, layers: Iterable[LayerOffsets], boxes: np.ndarray | Sequence) -> None:
         for layer in layers:
@@ -147,16 +150,22 @@ class OffsetStatistics:
                     "dilation_moments": {c: _Moments() for c in CATEGORIES + ("all",)},
                     "mask_moments": {c: _Moments() for c in CATEGORIES + ("all",)},
                 }
+            stage = self._stages.setdefault(str(layer.stage), {
+                "layers": [], "dilation_moments": {c: _Moments() for c in CATEGORIES + ("all",)}})
+            if entry["short_name"] not in stage["layers"]:
+                stage["layers"].append(entry["short_name"])
             dilation = effective_dilation(layer)                       # [G, Ho, Wo]
             mask = None if layer.mask is None else layer.mask.mean(axis=1)  # [G, Ho, Wo]
             categories = activation_categories(layer, boxes)          # [Ho, Wo]
             for index, name in enumerate(CATEGORIES):
                 chosen = categories == index
                 entry["dilation_moments"][name].add(dilation[:, chosen])
+                stage["dilation_moments"][name].add(dilation[:, chosen])
                 if mask is not None:
                     entry["mask_moments"][name].add(mask[:, chosen])
             valid = categories != _OUTSIDE
             entry["dilation_moments"]["all"].add(dilation[:, valid])
+            stage["dilation_moments"]["all"].add(dilation[:, valid])
             if mask is not None:
                 entry["mask_moments"]["all"].add(mask[:, valid])
         self.num_images += 1
@@ -164,17 +173,19 @@ class OffsetStatistics:
     def result(self) -> dict:
         """{"num_images", "categories", "layers": [{name, short_name, stage, dilation, ...,
         "effective_dilation": {category: {"count", "mean", "std"}}, "mean_mask": {category: mean}
-        (modulated layers only)}]} in forward order. Empty categories have count 0 and null values."""
+        (modulated layers only)}], "stages": [{stage, layers (short names), "effective_dilation"}]}
+        in forward order; a stage's statistics pool every activation of its deformable layers.
+        Empty categories have count 0 and null values."""
         layers = []
         for entry in self._layers.values():
             out = {k: v for k, v in entry.items() if not k.endswith("_moments")}
-            out["effective_dilation"] = {
-                c: {"count": m.count, "mean": m.mean if m.count else None, "std": m.std if m.count else None}
-                for c, m in entry["dilation_moments"].items()}
+            out["effective_dilation"] = _summary(entry["dilation_moments"])
             if entry["modulated"]:
                 out["mean_mask"] = {c: (m.mean if m.count else None) for c, m in entry["mask_moments"].items()}
             layers.append(out)
-        return {"num_images": self.num_images, "categories": list(CATEGORIES), "layers": layers}
+        stages = [{"stage": name, "layers": list(stage["layers"]),
+                   "effective_dilation": _summary(stage["dilation_moments"])} for name, stage in self._stages.items()]
+        return {"num_images": self.num_images, "categories": list(CATEGORIES), "layers": layers, "stages": stages}
 
     def table(self) -> str:
         """DCNv1 Table 2's layout: one row per layer, mean +- std of the effective dilation for
@@ -189,18 +200,38 @@ class OffsetStatistics:
         for layer in result["layers"]:
             row = [f"{layer['short_name']}", "x".join(str(d) for d in dict.fromkeys(layer["dilation"]))]
             for c in CATEGORIES:
-                stats = layer["effective_dilation"][c]
-                row.append("-" if not stats["count"] else f"{stats['mean']:.2f} ± {stats['std']:.2f}")
+                row.append(_cell(layer["effective_dilation"][c]))
             if modulated:
                 for c in CATEGORIES:
                     value = layer.get("mean_mask", {}).get(c)
                     row.append("-" if value is None else f"{value:.2f}")
             row.append("/".join(str(layer["effective_dilation"][c]["count"]) for c in CATEGORIES))
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-                 for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = _aligned(rows)
+        if len(result["stages"]) > 1:
+            rows = [["stage", "layers"] + list(CATEGORIES)]
+            for stage in result["stages"]:
+                rows.append([stage["stage"], ",".join(stage["layers"])]
+                            + [_cell(stage["effective_dilation"][c]) for c in CATEGORIES])
+            lines += [""] + _aligned(rows)
         lines.append(f"effective dilation (mean ± std over activations, in input-grid units) on "
                      f"{result['num_images']} images")
         return "\n".join(lines)
+
+
+def _summary(moments: dict[str, _Moments]) -> dict:
+    return {c: {"count": m.count, "mean": m.mean if m.count else None, "std": m.std if m.count else None}
+            for c, m in moments.items()}
+
+
+def _cell(stats: dict) -> str:
+    return "-" if not stats["count"] else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell (the first left-aligned), a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines

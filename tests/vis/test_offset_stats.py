@@ -146,3 +146,31 @@ def test_statistics_accumulate_over_images():
     assert entry["effective_dilation"]["background"]["mean"] == pytest.approx(everything.mean())
     assert entry["effective_dilation"]["background"]["std"] == pytest.approx(everything.std())
     assert entry["modulated"] and 0 < entry["mean_mask"]["background"] < 1
+
+
+def test_stage_statistics_pool_the_layers_of_a_stage():
+    """DCNv2's conv3-5 models are read per stage: a stage's numbers pool every activation of
+    its deformable layers (so they equal the statistics of the concatenated values), and the
+    table gets a per-stage block when there are several stages."""
+    geometry = identity_geometry(64, 64)
+    gen = np.random.default_rng(1)
+    layers, by_stage = [], {"res4": [], "res5": []}
+    for name, stage, dilation in (("backbone.layer3.0.conv2", "res4", 1), ("backbone.layer3.1.conv2", "res4", 1),
+                                  ("backbone.layer4.0.conv2", "res5", 2)):
+        offset = gen.normal(scale=0.3, size=(KERNEL_TAPS, 2, 16, 16))
+        layer = synthetic_layer(name, (16, 16), 4, geometry, dilation=dilation, offset=offset, stage=stage)
+        layers.append(layer)
+        by_stage[stage].append(effective_dilation(layer).reshape(-1))
+    stats = OffsetStatistics()
+    stats.update(layers, np.zeros((0, 4)))
+    stages = {s["stage"]: s for s in stats.result()["stages"]}
+    assert list(stages) == ["res4", "res5"]
+    assert stages["res4"]["layers"] == ["res4a", "res4b"] and stages["res5"]["layers"] == ["res5a"]
+    for stage, values in by_stage.items():
+        pooled = np.concatenate(values)
+        background = stages[stage]["effective_dilation"]["background"]
+        assert background["count"] == pooled.size
+        assert background["mean"] == pytest.approx(pooled.mean()) and background["std"] == pytest.approx(pooled.std())
+    assert stages["res5"]["effective_dilation"]["background"]["mean"] > 1.5     # dilation 2 stays about 2
+    table = stats.table()
+    assert "res4a,res4b" in table and table.count("stage") == 1
