@@ -13,6 +13,11 @@ joined to its regular centre by a thin line; for DCNv2 the opacity and thickness
 the bin's mask. Detections: boxes with "class score" labels
 (torchvision.utils.draw_bounding_boxes, at whole pixels).
 
+Primitives of the paper-style pictures (detkit/vis/figures.py), for an upscaled canvas:
+`draw_points` (small discs blended one at a time, so that where points pile up the colour
+builds up), `draw_unit_marker` (a ring with a cross, black-rimmed) and `draw_box_outline`
+(a thin, optionally faint rectangle).
+
 Points are in the pixel-index frame (OpenCV's: pixel (x, y) is centred on (x, y)); boxes
 and bins are drawn at their corner coordinates as detectors conventionally do (half a
 pixel apart, invisible at these sizes). Sub-pixel positions are kept with cv2's `shift`.
@@ -30,7 +35,8 @@ from torch import Tensor, nn
 from detkit.vis.sampling import (RoIBins, capture, check_sampling_request, follow_sampling_points, locate_unit,
                                  select_stage)
 
-__all__ = ["LEVEL_COLORS", "to_rgb_uint8", "dim", "draw_detections", "draw_sampling_points", "draw_roi_bins",
+__all__ = ["LEVEL_COLORS", "POINT_COLOR", "UNIT_COLOR", "to_rgb_uint8", "dim", "draw_detections",
+           "draw_sampling_points", "draw_roi_bins", "draw_points", "draw_unit_marker", "draw_box_outline",
            "sampling_figure", "save_png", "detection_centers"]
 
 #: RGB colour of sampling-point level 1 (the last layer), 2, 3, ...
@@ -38,6 +44,8 @@ LEVEL_COLORS = ((255, 40, 40), (40, 220, 40), (40, 110, 255), (230, 200, 0), (20
 BOX_COLOR = (255, 220, 0)
 BIN_COLOR = (255, 60, 200)
 GRID_COLOR = (255, 255, 255)
+POINT_COLOR = (255, 30, 30)   # the paper's red sampling points
+UNIT_COLOR = (0, 230, 0)      # and its green activation unit
 _SHIFT = 4  # cv2 fractional bits
 _ONE = 1 << _SHIFT
 
@@ -194,6 +202,65 @@ def draw_roi_bins(canvas: np.ndarray, bins: RoIBins, color: tuple[int, int, int]
                           cv2.LINE_AA, _SHIFT)
             alpha = 0.25 + 0.75 * weight
             region[...] = cv2.addWeighted(overlay, alpha, region.copy(), 1 - alpha, 0)
+    return canvas
+
+
+def draw_points(canvas: np.ndarray, points, color: tuple[int, int, int] = POINT_COLOR, radius: float = 1.5,
+                alpha: float = 0.35) -> np.ndarray:
+    """Draw points [N, 2] (x, y in the canvas's pixel-index frame) on `canvas` (HxWx3 uint8 RGB,
+    changed in place) as filled discs of `radius` pixels in `color`, each blended on its own
+    with opacity `alpha` times its coverage of the pixel: n discs on the same pixel make it
+    1 - (1 - alpha)**n opaque, so dense regions read as dense. A pixel's coverage is
+    clip(radius + 0.5 - d, 0, 1) for d the distance of its centre from the point (a one-pixel
+    soft edge; cv2's anti-aliased circles are a pixel or two wider at these radii).
+    Non-finite points and points off the canvas are skipped."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    height, width = canvas.shape[:2]
+    reach = int(np.ceil(radius)) + 1
+    paint = np.asarray(color, np.float64)
+    for x, y in np.asarray(points, np.float64).reshape(-1, 2):
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        x0, y0 = max(int(np.floor(x)) - reach, 0), max(int(np.floor(y)) - reach, 0)
+        x1, y1 = min(int(np.floor(x)) + reach + 2, width), min(int(np.floor(y)) + reach + 2, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        rows, cols = np.mgrid[y0:y1, x0:x1]
+        coverage = np.clip(radius + 0.5 - np.hypot(cols - x, rows - y), 0.0, 1.0)[..., None] * alpha
+        region = canvas[y0:y1, x0:x1]
+        region[...] = np.round(region * (1.0 - coverage) + paint * coverage).astype(np.uint8)
+    return canvas
+
+
+def draw_unit_marker(canvas: np.ndarray, xy, color: tuple[int, int, int] = UNIT_COLOR,
+                     radius: float = 7.0) -> np.ndarray:
+    """Mark an activation unit at xy = (x, y) (canvas pixel-index frame): a ring of `radius`
+    pixels and a cross whose arms start outside the ring (the points near the unit stay
+    visible), both in `color` with a black rim; in place, returns `canvas`."""
+    x, y = float(xy[0]), float(xy[1])
+    centre = (_fixed(x), _fixed(y))
+    arms = [((x - 2.2 * radius, y), (x - 1.2 * radius, y)), ((x + 1.2 * radius, y), (x + 2.2 * radius, y)),
+            ((x, y - 2.2 * radius), (x, y - 1.2 * radius)), ((x, y + 1.2 * radius), (x, y + 2.2 * radius))]
+    for paint, width in (((0, 0, 0), 4), (color, 2)):
+        cv2.circle(canvas, centre, _fixed(radius), paint, width, cv2.LINE_AA, _SHIFT)
+        for (ax, ay), (bx, by) in arms:
+            cv2.line(canvas, (_fixed(ax), _fixed(ay)), (_fixed(bx), _fixed(by)), paint, width, cv2.LINE_AA, _SHIFT)
+    return canvas
+
+
+def draw_box_outline(canvas: np.ndarray, box, color: tuple[int, int, int] = BOX_COLOR, thickness: int = 1,
+                     alpha: float = 1.0) -> np.ndarray:
+    """A box [4] (x1, y1, x2, y2, canvas pixels, drawn at its corner coordinates) as a rectangle
+    `thickness` pixels wide with opacity `alpha`; in place, returns `canvas`."""
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(box, np.float64).reshape(4))
+    overlay = canvas.copy() if alpha < 1.0 else canvas
+    cv2.rectangle(overlay, (_fixed(x1), _fixed(y1)), (_fixed(x2), _fixed(y2)), color, int(thickness),
+                  cv2.LINE_AA, _SHIFT)
+    if alpha < 1.0:
+        _blend(canvas, overlay, alpha)
     return canvas
 
 

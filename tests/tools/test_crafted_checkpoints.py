@@ -4,7 +4,7 @@ Every tool exits with status 2 and one line on stderr naming the key path and wh
 refused there, and nothing the file planted ran: no marker file, nothing compiled into the
 (private) torch extensions folder. The crafted files are tests/engine/crafted.py's; a good
 file of the same tiny detector goes through the same tools in tests/vis/test_tools.py
-(visualize, analyze_offsets), tests/tools/test_import_and_predict.py (predict) and
+(visualize, analyze_offsets), tests/vis/test_paper_figures.py (paper_figures), tests/tools/test_import_and_predict.py (predict) and
 tests/tools/test_train_eval.py (eval, which reproduces a training run's metrics).
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ import pytest
 from tests.engine.crafted import VARIANTS, write_variant
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ("eval", "predict", "visualize", "analyze_offsets")
+TOOLS = ("eval", "predict", "visualize", "analyze_offsets", "paper_figures")
 # The data-config variant only where a tool reads the data config (the others refuse it too,
 # on loading, as tests/engine/test_checkpoint_safety.py checks).
 CASES = [(tool, name) for name in sorted(VARIANTS) for tool in TOOLS
-         if name != "data_config_target" or tool in ("eval", "analyze_offsets")]
+         if name != "data_config_target" or tool in ("eval", "analyze_offsets", "paper_figures")]
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def command(tool: str, checkpoint: Path, out: Path, inputs) -> list[str]:
     args = {"eval": ["num_workers=0"],
             "predict": [f"input={image}", f"output={out / 'preds.json'}"],
             "visualize": [f"input={image}", f"output={out / 'picture.png'}"],
-            "analyze_offsets": [f"images={images}", f"annotations={annotations}", f"output={out / 'stats.json'}"]}
+            "analyze_offsets": [f"images={images}", f"annotations={annotations}", f"output={out / 'stats.json'}"],
+            "paper_figures": [f"images={images}", f"annotations={annotations}", f"output_dir={out / 'figures'}"]}
     return [sys.executable, str(REPO / "tools" / f"{tool}.py"), f"checkpoint={checkpoint}", "device=cpu",
             f"hydra.run.dir={out / 'run'}", *args[tool]]
 
