@@ -3,7 +3,9 @@
 
 A run is a tools/train.py run folder with `metrics.json` (final COCO box metrics, percent),
 `train_stats.json` (parameters, median seconds per iteration; `detkit.engine.trainer`),
-`config.yaml` (seed) and `.hydra/hydra.yaml` (the chosen experiment and data configs).
+`config.yaml` (seed) and `.hydra/hydra.yaml` (the chosen experiment and data configs), or
+a record of one in a records file of tools/ablate.py (`detkit.ablation.records`: the same
+two JSON files' content with its experiment, seed and data).
 Rows are a table's experiments; a row's numbers are the mean and the sample standard
 deviation over its runs (seeds). The difference to the baseline row is given with twice
 its standard error and marked "*" where it is larger than that: paired by seed (the mean and
@@ -23,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from detkit.ablation.records import load_records
 from detkit.ablation.tables import AblationTable
 
-__all__ = ["RunResult", "RowSummary", "collect_runs", "summarize", "render_markdown", "chart_figure",
-           "render_chart", "write_report", "METRICS"]
+__all__ = ["RunResult", "RowSummary", "collect_runs", "runs_from_records", "summarize", "render_markdown",
+           "chart_figure", "render_chart", "write_report", "METRICS"]
 
 # detkit.evaluation.coco_eval.SUMMARY_KEYS, written out so that reports load without torch and
 # pycocotools (tests/ablation/test_report.py checks the two agree).
@@ -103,22 +106,57 @@ def _read_run(run_dir: Path) -> RunResult:
     config_path = run_dir / "config.yaml"
     if config_path.is_file():  # the resolved config the run wrote: only the seed is read
         seed = check_stored_config(_select(_load_yaml(config_path), "seed"), str(config_path), root="seed")
+    return _run_result(run_dir, None if experiment in (None, "null") else str(experiment),
+                       None if data is None else str(data), None if seed is None else int(seed), metrics, stats)
+
+
+def _run_result(source: Path, experiment: str | None, data: str | None, seed: int | None,
+                metrics: dict[str, Any], stats: dict[str, Any]) -> RunResult:
+    """A RunResult from a run's metrics.json and train_stats.json content (`source`: where they were read)."""
     values = {}
     for key in METRICS:
         value = metrics.get(f"bbox/{key}")
         values[key] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-    return RunResult(run_dir, None if experiment in (None, "null") else str(experiment),
-                     None if data is None else str(data), None if seed is None else int(seed), values,
-                     stats.get("sec_per_iter"), stats.get("parameters"))
+    return RunResult(source, experiment, data, seed, values, stats.get("sec_per_iter"), stats.get("parameters"))
+
+
+def runs_from_records(path: str | Path, records: Iterable[dict[str, Any]]) -> list[RunResult]:
+    """RunResults of run records (`detkit.ablation.records`) read from records file `path`
+    (their run_dir)."""
+    path = Path(path).resolve()
+    return [_run_result(path, r["experiment"], r["data"], r["seed"], r["metrics"], r["train_stats"])
+            for r in records]
+
+
+def _is_records_file(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".json"
 
 
 def collect_runs(paths: Iterable[str | Path]) -> list[RunResult]:
-    """Every finished run under `paths` (run folders, or folders holding run folders at
-    any depth). A path that does not exist is a ValueError; so is a path holding no run."""
+    """Every finished run under `paths`: run folders, folders holding run folders at any
+    depth, and records files of tools/ablate.py (`detkit.ablation.records`, a .json file).
+    A run recorded in a records file and also found as a run folder (the same experiment,
+    seed and data) is taken once, from the folder. A path that does not exist is a
+    ValueError; so is a path holding no run, and a records file holding one run twice with
+    different overrides (two settings in one table)."""
     found: dict[Path, RunResult] = {}
+    recorded: dict[tuple, tuple[Path, dict[str, Any]]] = {}    # (experiment, seed, data) -> (file, record)
     for path in map(Path, paths):
         if not path.exists():
             raise ValueError(f"{path} does not exist")
+        if _is_records_file(path):
+            records = load_records(path).runs
+            if not records:
+                raise ValueError(f"{path} holds no finished run (no records in it)")
+            for record in records:
+                key = (record["experiment"], record["seed"], record["data"])
+                previous = recorded.setdefault(key, (path, record))
+                if previous[1]["overrides"] != record["overrides"]:
+                    raise ValueError(
+                        f"{key[0]} seed {key[1]} (data={key[2]}) is recorded twice with different overrides "
+                        f"({' '.join(previous[1]['overrides'])} in {previous[0]}; {' '.join(record['overrides'])} "
+                        f"in {path}); report one setting at a time")
+            continue
         metric_files = [path / "metrics.json"] if (path / "metrics.json").is_file() else sorted(
             path.rglob("metrics.json"))
         if not metric_files:
@@ -127,7 +165,10 @@ def collect_runs(paths: Iterable[str | Path]) -> list[RunResult]:
             run_dir = metric_file.parent.resolve()
             if run_dir not in found:
                 found[run_dir] = _read_run(run_dir)
-    return list(found.values())
+    in_folders = {(r.experiment, r.seed, r.data) for r in found.values()}
+    from_records = [result for key, (path, record) in recorded.items() if key not in in_folders
+                    for result in runs_from_records(path, [record])]
+    return [*found.values(), *from_records]
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:

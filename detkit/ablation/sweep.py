@@ -12,7 +12,9 @@ with the run folder absolute (`out` resolved against the caller's working folder
 override list is kept in `<run folder>/ablate.json`. Running the sweep again skips finished
 runs (metrics.json present) made with the same overrides, resumes interrupted ones from their
 last checkpoint, and refuses, before starting anything, a folder made with other overrides
-(it would mix two settings in one report).
+(it would mix two settings in one report). With a records file (`detkit.ablation.records`,
+tools/ablate.py record=PATH) the runs it holds are skipped too, and every finished run is
+written into it, so that a sweep goes on from where another machine left it.
 Runs go in seed-major order (every experiment with seed 0 first), so that a sweep cut
 short still has whole seeds.
 
@@ -33,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from detkit.ablation.records import SweepRecords
 from detkit.ablation.tables import AblationTable
 from detkit.cli import quote_override
 
@@ -108,10 +111,13 @@ def train_command(spec: RunSpec) -> list[str]:
 
 
 def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None = None,
-              log=print) -> dict[RunSpec, str]:
+              log=print, records: SweepRecords | None = None) -> dict[RunSpec, str]:
     """Train every unfinished run, `jobs` at a time, each with `threads_per_job` threads
-    (default: cores // jobs). Returns {spec: "done" | "skipped" | "failed (exit N)"};
-    a failed run does not stop the others. Output of each run goes to <run folder>/stdout.log."""
+    (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "failed (exit N)"};
+    a failed run does not stop the others. Output of each run goes to <run folder>/stdout.log.
+    With `records` (a records file, `detkit.ablation.records`), a run without a finished folder
+    whose record is there is not trained ("recorded"), and every finished run (found so at the
+    start, or finished by this sweep) is recorded there at once."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
@@ -122,6 +128,11 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
         if spec.finished:
             status[spec] = "skipped"
             log(f"skip {spec.experiment} seed {spec.seed}: finished ({spec.run_dir / 'metrics.json'})")
+            if records is not None:
+                records.add(spec)
+        elif records is not None and records.find(spec) is not None:
+            status[spec] = "recorded"
+            log(f"skip {spec.experiment} seed {spec.seed}: recorded ({records.path})")
         else:
             todo.append(spec)
     lock = threading.Lock()
@@ -141,11 +152,14 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
             result, detail = f"failed (exit {code})", f"see {spec.run_dir / 'stdout.log'}"
         with lock:
             status[spec] = result
+            if records is not None and result == "done":
+                records.add(spec)
             log(f"[{next(counter)}/{len(todo)}] {spec.experiment} seed {spec.seed}: {result} in "
                 f"{seconds / 60:.1f} min, {detail}")
 
-    log(f"{len(todo)} runs to train ({len(specs) - len(todo)} finished), {jobs} at a time, "
-        f"{threads} thread(s) each")
+    recorded = sum(result == "recorded" for result in status.values())
+    log(f"{len(todo)} runs to train ({len(specs) - len(todo) - recorded} finished"
+        f"{f', {recorded} recorded' if recorded else ''}), {jobs} at a time, {threads} thread(s) each")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(one, spec) for spec in todo]:
             future.result()

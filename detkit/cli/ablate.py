@@ -15,9 +15,18 @@ Runs go to OUT/<experiment>/seed<N>/ (tools/train.py run folders, each started a
 the command is run again. Reports: OUT/<table>.md, OUT/<table>.png and OUT/<table>.svg (tools/report.py
 renders them again from the run folders at any time).
 
-With data=synthetic the runs start from a backbone pre-trained once on a disjoint synthetic
-split (pretrain=auto: experiment=pretrain/backbone_synthetic into OUT/pretrain/), as the
-papers start from ImageNet weights; with data=coco pass ImageNet weights after --.
+With record=PATH the sweep also keeps a records file (detkit.ablation.records: each finished
+run's results as JSON, small enough to commit), written as soon as a run finishes, and skips
+the runs recorded there: a sweep too long for one machine goes on on a fresh one from that
+file, and its reports include the recorded runs (tools/report.py runs=[PATH] too). The file
+also holds the pre-training's backbone sha256 and AP; a file whose runs started from another
+pre-training backbone than this machine's is refused before any run starts.
+
+With the synthetic data configs the runs start from a backbone pre-trained once on a disjoint
+split of the same generator (pretrain=auto: experiment=pretrain/backbone_synthetic for
+data=synthetic, pretrain/backbone_synthetic_geometry for data=synthetic_geometry, into
+OUT/pretrain/), as the papers start from ImageNet weights; with data=coco pass ImageNet weights
+after --.
 
 Exit status: 0 every run finished; 1 some run failed (the others still ran; the report
 marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothing started).
@@ -50,8 +59,14 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, train
 
 
+# pretrain=auto: the configs/experiment/pretrain/ run each synthetic data config's sweep starts
+# from (a disjoint split of the same generator, the stand-in for ImageNet); none for real data.
+AUTO_PRETRAIN = {"synthetic": "backbone_synthetic", "synthetic_geometry": "backbone_synthetic_geometry"}
+
+
 def read_options(argv: list[str]) -> dict:
-    """configs/ablate.yaml with `argv`, checked: {table(s), seeds, jobs, threads_per_job, data, out, pretrain}."""
+    """configs/ablate.yaml with `argv`, checked: {table(s), seeds, jobs, threads_per_job, data, out, pretrain,
+    record}."""
     from omegaconf import OmegaConf
 
     from detkit.ablation.tables import load_table, table_names
@@ -70,7 +85,11 @@ def read_options(argv: list[str]) -> dict:
         raise ValueError(f"threads_per_job must be a positive integer or null; got {threads!r}")
     options["data"], options["out"] = str(options["data"]), Path(str(options["out"]))
     if options["pretrain"] == "auto":
-        options["pretrain"] = "backbone_synthetic" if options["data"] == "synthetic" else None
+        options["pretrain"] = AUTO_PRETRAIN.get(options["data"])
+    if options["record"] is not None:
+        options["record"] = Path(str(options["record"]))
+        if options["record"].suffix != ".json":
+            raise ValueError(f"record must be a .json file (a records file); got {options['record']}")
     return options
 
 
@@ -123,11 +142,30 @@ def pretrain_backbone(pretrain_spec, threads: int | None) -> None:
     print(f"backbone of every run: {backbone}")
 
 
-def write_reports(tables, specs, out: Path) -> None:
-    from detkit.ablation.report import collect_runs, write_report
+def open_records(options: dict, specs, pretrain_spec):
+    """The sweep's records file (record=), checked against this sweep and this machine's
+    pre-training backbone, with the pre-training entry stored; None without record=."""
+    from detkit.ablation.records import SweepRecords, file_sha256, load_records, pretrain_entry
+    from detkit.ablation.sweep import pretrained_backbone
+
+    path = options["record"]
+    if path is None:
+        return None
+    backbone = pretrained_backbone(pretrain_spec) if pretrain_spec is not None else None
+    sha = file_sha256(backbone) if backbone is not None else None
+    entry = pretrain_entry(pretrain_spec, sha) if pretrain_spec is not None else None
+    return SweepRecords.open(path, load_records(path), specs, options["data"], sha, entry, backbone)
+
+
+def write_reports(tables, specs, out: Path, records=None, recorded=()) -> None:
+    """Every table's report from the finished run folders of `specs` and the records (in the
+    sweep's `records`) of the runs `recorded`, skipped as recorded there."""
+    from detkit.ablation.report import collect_runs, runs_from_records, write_report
 
     finished = [s.run_dir for s in specs if s.finished]
     runs = collect_runs(finished) if finished else []
+    if recorded:
+        runs += runs_from_records(records.path, [records.find(s) for s in recorded])
     for table in tables:
         markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
         print(markdown)
@@ -141,15 +179,20 @@ def ablate(argv: list[str]) -> int:
     specs, pretrain_spec = plan(options, train)
     first_config = first_train_config(specs, options["seeds"])
 
+    from detkit.ablation.records import load_records
     from detkit.ablation.sweep import run_sweep
     from detkit.data.build import prepare_data
 
+    if options["record"] is not None:
+        load_records(options["record"])  # a bad file fails now, not after the pre-training
     prepare_data(first_config.data)      # once, before parallel runs would race to generate it
     jobs, threads = options["jobs"], options["threads_per_job"]
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
-    status = run_sweep(specs, jobs=jobs, threads_per_job=threads)
-    write_reports(options["tables"], specs, options["out"])
+    records = open_records(options, specs, pretrain_spec)
+    status = run_sweep(specs, jobs=jobs, threads_per_job=threads, records=records)
+    write_reports(options["tables"], specs, options["out"], records,
+                  [s for s, result in status.items() if result == "recorded"])
     failed = [s for s, result in status.items() if result.startswith("failed")]
     for spec in failed:
         print(f"error: {spec.experiment} seed {spec.seed} {status[spec]}: see {spec.run_dir / 'stdout.log'}",

@@ -3,14 +3,16 @@
     python tools/report.py runs=[outputs/ablations/synthetic]                   # every table with runs there
     python tools/report.py runs=[RUN_DIR,RUN_DIR] table=dcnv1_table1            # one table (or table=[a,b])
     python tools/report.py runs=[outputs/ablations/synthetic] out=docs/reports  # NAME.md + NAME.png + NAME.svg per table
+    python tools/report.py runs=[docs/results/sweep.json]                       # a records file of tools/ablate.py
 
 (or `detkit-report ...`, `python -m detkit.cli.report ...`). A Hydra app
 (configs/report.yaml) that writes no run folder. `runs` are run folders of tools/train.py
-(with metrics.json) or folders holding them at any depth (a tools/ablate.py sweep folder);
-one path or a list. A table is rendered when at least one of its experiments has runs; its
+(with metrics.json), folders holding them at any depth (a tools/ablate.py sweep folder) or
+records files of tools/ablate.py record=PATH.json (`detkit.ablation.records`); one path or a
+list. A table is rendered when at least one of its experiments has runs; its
 other rows say "not run". Without `out` the Markdown goes to stdout and no chart is drawn.
 
-Exit status: 0 done; 2 a bad path, table or metrics file, or a bad argument (one line on stderr).
+Exit status: 0 done; 2 a bad path, table, metrics or records file, or a bad argument (one line on stderr).
 """
 from __future__ import annotations
 

@@ -207,6 +207,7 @@ class AblateConfig:
     threads_per_job: Optional[int] = MISSING
     out: str = MISSING
     pretrain: Optional[str] = MISSING
+    record: Optional[str] = MISSING
 
 
 SCHEMA_GROUP = "schema"

@@ -114,23 +114,44 @@ def test_coco_experiment_has_the_papers_setting(experiment):
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED))
-def test_synthetic_geometry_experiment_trains_from_scratch_at_the_data_scale(experiment):
+def test_synthetic_geometry_experiment_fine_tunes_at_the_data_resize(experiment):
     """data=synthetic_geometry rows: the same R34 half-width layouts and offset multipliers,
-    trained from scratch (trainable BN, nothing frozen, no weights: the config check passes
-    without any), at the data's own resize so that large objects stay large."""
-    from detkit.engine.config import check_train_config
-
+    fine-tuned (frozen BN, stem and res2 frozen; the weights are the pre-training's, which
+    tools/ablate.py passes), the model's resize the data's own (nothing resized twice), and
+    the single-scale rows anchored up to 256 px for objects read at up to ~240 px."""
     cfg = compose(experiment, "data=synthetic_geometry")
     assert cfg.data.root.endswith("synthetic_geometry") and cfg.data.generator.size_distribution == "log"
     backbone = cfg.model.backbone
-    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "bn", 0)
+    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "frozen_bn", 2)
     assert not backbone.weights
     transform = cfg.model.transform_options
-    assert (transform.min_size, transform.max_size) == (cfg.data.min_size, cfg.data.max_size) == (320, 480)
+    assert (transform.min_size, transform.max_size) == (cfg.data.min_size, cfg.data.max_size) == (192, 320)
+    if cfg.model.layout == "single_scale":
+        assert max(max(sizes) for sizes in cfg.model.anchor_sizes) == 256
     schedule = cfg.schedule
     assert schedule.warmup_iters < schedule.steps[0] < schedule.steps[-1] < schedule.max_iters
-    check_train_config(cfg, world_size=1)
     check_model(cfg, experiment, depth=34)
+
+
+def test_synthetic_geometry_pretraining_is_disjoint_and_from_scratch():
+    """The sweep's pre-training for data=synthetic_geometry (pretrain=auto): the FPN rows'
+    plain model trained from scratch on generator seed 1 in its own folder, read at the same
+    resize as the ablation runs."""
+    from detkit.cli.ablate import AUTO_PRETRAIN
+    from detkit.engine.config import check_train_config
+
+    assert AUTO_PRETRAIN["synthetic_geometry"] == "backbone_synthetic_geometry"
+    cfg = compose("pretrain/backbone_synthetic_geometry")
+    ablation = compose("fpn/baseline", "data=synthetic_geometry")
+    assert cfg.data.generator.seed == 1 and ablation.data.generator.seed == 0
+    assert cfg.data.root != ablation.data.root and cfg.data.root.endswith("synthetic_geometry_pretrain")
+    generator = {k: v for k, v in cfg.data.generator.items() if k != "seed"}
+    assert generator == {k: v for k, v in ablation.data.generator.items() if k != "seed"}
+    backbone = cfg.model.backbone
+    assert (backbone.norm, backbone.freeze_at, backbone.weights) == ("bn", 0, None)
+    assert backbone.deform_blocks == {} and cfg.model.pooler_kind == "alignv2"
+    assert cfg.model.transform_options == ablation.model.transform_options
+    check_train_config(cfg, world_size=1)
 
 
 def test_coco_experiment_without_imagenet_weights_is_refused():

@@ -48,8 +48,7 @@ def val_split() -> list[tuple[tuple[int, int], list[dict]]]:
 # ------------------------------------------------------------------------------- the config
 
 def test_config_composes_and_is_fixed_by_seed():
-    cfg = check_config("train", ["data=synthetic_geometry", "model.transform_options.min_size=320",
-                                 "model.transform_options.max_size=480"])
+    cfg = check_config("train", ["data=synthetic_geometry"])
     assert cfg.data.kind == "synthetic" and cfg.data.num_classes == 9
     gen = synthetic_config(cfg.data)
     assert gen == _geometry_config()
@@ -59,8 +58,11 @@ def test_config_composes_and_is_fixed_by_seed():
     default = OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml")
     assert str(cfg.data.root).endswith("/synthetic_geometry")
     assert str(OmegaConf.to_container(default, resolve=True)["root"]) != str(cfg.data.root)
-    # The data transform keeps the nominal image size (the model is told the same).
-    assert cfg.data.min_size == gen.image_size[0] == cfg.model.transform_options.min_size
+    # Read at 0.5-0.75x (shorter side 192 of 256-384), the CPU model's own resize: nothing is
+    # resized twice, and no image's longer side (at most 1.5x its shorter) reaches max_size.
+    model = cfg.model.transform_options
+    assert (cfg.data.min_size, cfg.data.max_size) == (model.min_size, model.max_size) == (192, 320)
+    assert cfg.data.max_size >= 1.5 * cfg.data.min_size
 
 
 def test_val_split_fills_all_three_coco_size_buckets(val_split):

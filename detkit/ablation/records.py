@@ -1,0 +1,340 @@
+"""Sweep records: the results of finished ablation runs as one small JSON file, so that a
+sweep too long for one machine runs in parts on fresh machines (tools/ablate.py record=PATH)
+and its tables are reported from every part (tools/report.py runs=[PATH]).
+
+A run folder (checkpoints, logs) stays on the machine that trained it; the records file is
+what travels (it may be committed). Its layout:
+
+    {"format": "detkit-ablation-records", "version": 1,
+     "pretrain": {<data>: <pre-training entry>, ...},
+     "runs": [<record>, ...]}
+
+    record: {"experiment", "seed", "data",
+             "overrides":  the run's tools/train.py overrides without the machine-specific
+                           ones: hydra.run.dir=..., and, with a pre-training backbone, the
+                           model.backbone.weights=... that points at it (its sha256 names it),
+             "metrics":     the run's metrics.json (name -> number or null),
+             "train_stats": its train_stats.json, or {},
+             "pretrain_backbone_sha256": sha256 of the backbone the run started from, or null,
+             "recorded_at": UTC ISO 8601 time, "host": platform.node()}
+    pre-training entry: {"experiment", "overrides", "metrics", "backbone_sha256",
+                         "recorded_at", "host"}, the run that made the data config's backbone
+                         (its AP tells two pre-trainings apart when their backbones differ).
+
+A records file is data people exchange: it is read as plain JSON (no NaN or Infinity
+constants) and checked field by field (`load_records`: one ValueError naming the file and
+what is wrong); nothing in it is executed, and its overrides are only ever compared, never
+passed to a training run.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detkit.io import write_json
+
+__all__ = ["RECORDS_FORMAT", "RECORDS_VERSION", "Records", "SweepRecords", "record_of", "pretrain_entry",
+           "portable_overrides", "load_records", "save_records", "upsert", "record_key", "file_sha256"]
+
+RECORDS_FORMAT = "detkit-ablation-records"
+RECORDS_VERSION = 1
+
+_RECORD_FIELDS = ("experiment", "seed", "data", "overrides", "metrics", "train_stats",
+                  "pretrain_backbone_sha256", "recorded_at", "host")
+_PRETRAIN_FIELDS = ("experiment", "overrides", "metrics", "backbone_sha256", "recorded_at", "host")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Records:
+    """A records file's content: the run records and the pre-training entries by data config."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    pretrain: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- making records
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as 64 lowercase hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def portable_overrides(overrides: Sequence[str], backbone_sha256: str | None) -> list[str]:
+    """`overrides` without those that name this machine's paths: hydra.run.dir=..., and, when
+    the run starts from a pre-training backbone (`backbone_sha256` given), the sweep's
+    model.backbone.weights=... pointing at it (the sha256 is what identifies those weights)."""
+    dropped = ("hydra.run.dir=",) + (("model.backbone.weights=",) if backbone_sha256 is not None else ())
+    return [o for o in overrides if not o.startswith(dropped)]
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
+    return values[-1] if values else None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    data = _parse_json(path.read_text(), path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; got {type(data).__name__}")
+    return data
+
+
+def record_of(spec, backbone_sha256: str | None) -> dict[str, Any]:
+    """The record of finished run `spec` (a `detkit.ablation.sweep.RunSpec`), which started
+    from the pre-training backbone with sha256 `backbone_sha256` (None: no such backbone)."""
+    if not spec.finished:
+        raise ValueError(f"{spec.experiment} seed {spec.seed} has not finished (no {spec.run_dir / 'metrics.json'})")
+    data = _override_value(spec.overrides, "data")
+    if data is None:
+        raise ValueError(f"{spec.experiment} seed {spec.seed}: its overrides name no data config (data=...)")
+    stats_path = spec.run_dir / "train_stats.json"
+    record = {"experiment": spec.experiment, "seed": int(spec.seed), "data": data,
+              "overrides": portable_overrides(spec.overrides, backbone_sha256),
+              "metrics": _read_json_object(spec.run_dir / "metrics.json"),
+              "train_stats": _read_json_object(stats_path) if stats_path.is_file() else {},
+              "pretrain_backbone_sha256": backbone_sha256, "recorded_at": _now(), "host": platform.node()}
+    _check_record(record, f"the record of {spec.run_dir}")
+    return record
+
+
+def pretrain_entry(spec, backbone_sha256: str) -> dict[str, Any]:
+    """The pre-training entry of pre-training run `spec` whose backbone has sha256
+    `backbone_sha256` (its metrics {} if the run folder has no metrics.json)."""
+    metrics_path = spec.run_dir / "metrics.json"
+    entry = {"experiment": spec.experiment, "overrides": portable_overrides(spec.overrides, None),
+             "metrics": _read_json_object(metrics_path) if metrics_path.is_file() else {},
+             "backbone_sha256": backbone_sha256, "recorded_at": _now(), "host": platform.node()}
+    _check_pretrain(entry, f"the pre-training entry of {spec.run_dir}")
+    return entry
+
+
+def record_key(record: Mapping[str, Any]) -> tuple:
+    """What identifies a record: (experiment, seed, data, overrides)."""
+    return record["experiment"], record["seed"], record["data"], tuple(record["overrides"])
+
+
+def upsert(runs: Iterable[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """`runs` with `record` in place of the one with the same `record_key` (appended if none)."""
+    key, runs = record_key(record), list(runs)
+    for i, other in enumerate(runs):
+        if record_key(other) == key:
+            runs[i] = record
+            return runs
+    return [*runs, record]
+
+
+# ---------------------------------------------------------------------------- reading, checking
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:   # json.JSONDecodeError is one
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(entry: Any, fields: Sequence[str], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a JSON object; got {type(entry).__name__}")
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)}")
+    unknown = sorted(set(entry) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {', '.join(unknown)} (expected only {', '.join(fields)})")
+
+
+def _check_type(value: Any, ok: Callable[[Any], bool], where: str, expected: str) -> None:
+    if not ok(value):
+        raise ValueError(f"{where} must be {expected}; got {value!r}")
+
+
+def _check_common(entry: dict[str, Any], where: str) -> None:
+    """The fields a run record and a pre-training entry share."""
+    _check_type(entry["experiment"], lambda v: isinstance(v, str) and v != "", f"{where}: experiment",
+                "a non-empty string")
+    _check_type(entry["overrides"], lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v),
+                f"{where}: overrides", "a list of strings")
+    metrics = entry["metrics"]
+    _check_type(metrics, lambda v: isinstance(v, dict), f"{where}: metrics", "a JSON object (metrics.json)")
+    for name, value in metrics.items():
+        _check_type(value, lambda v: v is None or _is_number(v), f"{where}: metrics[{name!r}]", "a number or null")
+    for name in ("recorded_at", "host"):
+        _check_type(entry[name], lambda v: isinstance(v, str), f"{where}: {name}", "a string")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def _check_record(record: Any, where: str) -> None:
+    _check_fields(record, _RECORD_FIELDS, where)
+    _check_common(record, where)
+    _check_type(record["seed"], lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                f"{where}: seed", "a non-negative integer")
+    _check_type(record["data"], lambda v: isinstance(v, str) and v != "", f"{where}: data", "a non-empty string")
+    stats = record["train_stats"]
+    _check_type(stats, lambda v: isinstance(v, dict), f"{where}: train_stats", "a JSON object (train_stats.json)")
+    if "sec_per_iter" in stats:
+        _check_type(stats["sec_per_iter"], lambda v: v is None or _is_number(v), f"{where}: train_stats.sec_per_iter",
+                    "a number or null")
+    if "parameters" in stats:
+        _check_type(stats["parameters"], lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+                    f"{where}: train_stats.parameters", "an integer or null")
+    _check_type(record["pretrain_backbone_sha256"], lambda v: v is None or _is_sha256(v),
+                f"{where}: pretrain_backbone_sha256", "64 lowercase hex digits or null")
+
+
+def _check_pretrain(entry: Any, where: str) -> None:
+    _check_fields(entry, _PRETRAIN_FIELDS, where)
+    _check_common(entry, where)
+    _check_type(entry["backbone_sha256"], _is_sha256, f"{where}: backbone_sha256", "64 lowercase hex digits")
+
+
+def _describe(record: Any, index: int) -> str:
+    if isinstance(record, dict) and isinstance(record.get("experiment"), str):
+        return f"runs[{index}] ({record['experiment']} seed {record.get('seed')!r})"
+    return f"runs[{index}]"
+
+
+def load_records(path: str | os.PathLike) -> Records:
+    """The records file `path`, checked (ValueError naming the file and what is wrong); an
+    empty `Records` if there is no such file."""
+    path = Path(path)
+    if not path.exists():
+        return Records()
+    if not path.is_file():
+        raise ValueError(f"records file {path} is not a file")
+    content = _parse_json(path.read_text(), path)
+    if not isinstance(content, dict) or content.get("format") != RECORDS_FORMAT:
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"{path} is not a {RECORDS_FORMAT} file (its \"format\" is {found!r})")
+    if content.get("version") != RECORDS_VERSION:
+        raise ValueError(f"{path}: records version {content.get('version')!r} is not one this detkit reads "
+                         f"({RECORDS_VERSION})")
+    unknown = sorted(set(content) - {"format", "version", "pretrain", "runs"})
+    if unknown:
+        raise ValueError(f"{path} has unknown top-level fields {', '.join(unknown)}")
+    runs, pretrain = content.get("runs"), content.get("pretrain", {})
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: \"runs\" must be a list of records; got {type(runs).__name__}")
+    for index, record in enumerate(runs):
+        _check_record(record, f"{path}: {_describe(record, index)}")
+    if not isinstance(pretrain, dict):
+        raise ValueError(f"{path}: \"pretrain\" must be a JSON object (data config -> entry); "
+                         f"got {type(pretrain).__name__}")
+    for data, entry in pretrain.items():
+        _check_pretrain(entry, f"{path}: pretrain[{data!r}]")
+    return Records(runs, pretrain)
+
+
+def save_records(path: str | os.PathLike, records: Records) -> None:
+    """Write `records` to `path` atomically (folders created)."""
+    write_json(path, {"format": RECORDS_FORMAT, "version": RECORDS_VERSION,
+                      "pretrain": records.pretrain, "runs": records.runs})
+
+
+# ---------------------------------------------------------------------------- one sweep's records
+
+def _short(sha: str | None) -> str:
+    return "none (no pre-training)" if sha is None else sha[:12]
+
+
+def _ap(entry: Mapping[str, Any] | None) -> str:
+    value = (entry or {}).get("metrics", {}).get("bbox/AP")
+    return "not recorded" if value is None else f"{value:.2f}"
+
+
+class SweepRecords:
+    """The records file of one tools/ablate.py sweep (`data` config, pre-training backbone
+    sha256 `backbone_sha256`): which runs it already holds, and each finished run written
+    into it as soon as it is known (`add`, the whole file rewritten atomically).
+
+    `open` refuses a file whose runs of the same data were made from another pre-training
+    backbone, or with other overrides for one of this sweep's (experiment, seed): either
+    would mix two settings in one table."""
+
+    def __init__(self, path: Path, records: Records, backbone_sha256: str | None) -> None:
+        self.path, self.records, self.backbone_sha256 = path, records, backbone_sha256
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, records: Records, specs: Sequence, data: str,
+             backbone_sha256: str | None, pretrain: dict[str, Any] | None = None,
+             backbone_path: str | os.PathLike | None = None) -> SweepRecords:
+        """The records `records` of file `path` for the sweep of `specs` (RunSpecs) on `data`,
+        checked against it (ValueError, before anything starts); the sweep's pre-training
+        entry `pretrain` (`pretrain_entry`, its backbone at `backbone_path`) stored for `data`."""
+        path = Path(path)
+        others = sorted({r["pretrain_backbone_sha256"] or "" for r in records.runs
+                         if r["data"] == data and r["pretrain_backbone_sha256"] != backbone_sha256})
+        if others:
+            count = sum(r["data"] == data for r in records.runs)
+            recorded = records.pretrain.get(data)
+            theirs = ", ".join(_short(sha or None) for sha in others)
+            where = (f" on {recorded['host']}" if recorded and recorded["backbone_sha256"] in others else "")
+            ours = (f"this machine's pre-training backbone {backbone_path} has sha256 {_short(backbone_sha256)} "
+                    f"(pre-training bbox/AP {_ap(pretrain)})" if backbone_sha256 is not None
+                    else "this sweep has no pre-training backbone (pretrain=null)")
+            raise ValueError(
+                f"records file {path} holds {count} runs of data={data} made from the pre-training backbone "
+                f"with sha256 {theirs} (pre-training bbox/AP {_ap(recorded)}{where}); {ours}: the pre-training "
+                f"did not reproduce, and one table must not mix runs from two starting backbones. Record this "
+                f"machine's runs in another file (record=...), and report each file on its own")
+        by_run = {(s.experiment, s.seed): portable_overrides(s.overrides, backbone_sha256) for s in specs}
+        for record in records.runs:
+            mine = by_run.get((record["experiment"], record["seed"]))
+            if record["data"] == data and mine is not None and record["overrides"] != mine:
+                raise ValueError(
+                    f"records file {path} holds {record['experiment']} seed {record['seed']} (data={data}) made "
+                    f"with other overrides ({' '.join(record['overrides'])}) than this sweep's ({' '.join(mine)}); "
+                    f"use another record= file")
+        sweep = cls(path, records, backbone_sha256)
+        if pretrain is not None and records.pretrain.get(data, {}).get("backbone_sha256") != backbone_sha256:
+            records.pretrain[data] = pretrain
+            save_records(path, records)
+        return sweep
+
+    def find(self, spec) -> dict[str, Any] | None:
+        """The record of run `spec` made with its overrides and this sweep's backbone, or None."""
+        record = {"experiment": spec.experiment, "seed": int(spec.seed),
+                  "data": _override_value(spec.overrides, "data"),
+                  "overrides": portable_overrides(spec.overrides, self.backbone_sha256)}
+        key = record_key(record)
+        return next((r for r in self.records.runs if record_key(r) == key
+                     and r["pretrain_backbone_sha256"] == self.backbone_sha256), None)
+
+    def add(self, spec) -> None:
+        """Record finished run `spec` and rewrite the file, unless the file already holds the
+        same results for it (then it is left as it is: no new time stamp, no change in git)."""
+        record = record_of(spec, self.backbone_sha256)
+        old = self.find(spec)
+        if old is not None and ({k: v for k, v in old.items() if k not in ("recorded_at", "host")}
+                                == {k: v for k, v in record.items() if k not in ("recorded_at", "host")}):
+            return
+        self.records.runs = upsert(self.records.runs, record)
+        save_records(self.path, self.records)
