@@ -16,15 +16,23 @@ what travels (it may be committed). Its layout:
              "metrics":     the run's metrics.json (name -> number or null),
              "train_stats": its train_stats.json, or {},
              "pretrain_backbone_sha256": sha256 of the backbone the run started from, or null,
+             "config":      the run's resolved training config (<run folder>/config.yaml) with
+                           its machine paths replaced by "<path>" (`portable_config`); absent
+                           in records made before configs were recorded,
              "recorded_at": UTC ISO 8601 time, "host": platform.node()}
     pre-training entry: {"experiment", "overrides", "metrics", "backbone_sha256",
                          "recorded_at", "host"}, the run that made the data config's backbone
                          (its AP tells two pre-trainings apart when their backbones differ).
 
+The record's "config" is what tells a record of the same overrides made with other config
+files apart (a schedule edited and committed between two machines): `check_configs` refuses,
+before a sweep starts anything, a record whose config differs from the one its run would use
+now, and a record without "config" (made before configs were recorded), which cannot be checked.
+
 A records file is data people exchange: it is read as plain JSON (no NaN or Infinity
 constants) and checked field by field (`load_records`: one ValueError naming the file and
-what is wrong); nothing in it is executed, and its overrides are only ever compared, never
-passed to a training run.
+what is wrong); nothing in it is executed, and its overrides and configs are only ever
+compared, never passed to a training run.
 """
 from __future__ import annotations
 
@@ -43,15 +51,19 @@ from typing import Any
 from detkit.io import write_json
 
 __all__ = ["RECORDS_FORMAT", "RECORDS_VERSION", "Records", "SweepRecords", "record_of", "pretrain_entry",
-           "portable_overrides", "load_records", "save_records", "upsert", "record_key", "file_sha256"]
+           "portable_overrides", "portable_config", "config_differences", "check_configs", "load_records",
+           "save_records", "upsert", "record_key", "file_sha256", "PATH_PLACEHOLDER", "ABSENT"]
 
 RECORDS_FORMAT = "detkit-ablation-records"
 RECORDS_VERSION = 1
 
 _RECORD_FIELDS = ("experiment", "seed", "data", "overrides", "metrics", "train_stats",
                   "pretrain_backbone_sha256", "recorded_at", "host")
+_OPTIONAL_RECORD_FIELDS = ("config",)    # absent in records made before configs were recorded
 _PRETRAIN_FIELDS = ("experiment", "overrides", "metrics", "backbone_sha256", "recorded_at", "host")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PATH_PLACEHOLDER = "<path>"
+_WINDOWS_ABSOLUTE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 @dataclass
@@ -81,8 +93,66 @@ def portable_overrides(overrides: Sequence[str], backbone_sha256: str | None) ->
     """`overrides` without those that name this machine's paths: hydra.run.dir=..., and, when
     the run starts from a pre-training backbone (`backbone_sha256` given), the sweep's
     model.backbone.weights=... pointing at it (the sha256 is what identifies those weights)."""
-    dropped = ("hydra.run.dir=",) + (("model.backbone.weights=",) if backbone_sha256 is not None else ())
+    return _portable_overrides(overrides, backbone_sha256 is not None)
+
+
+def _portable_overrides(overrides: Sequence[str], from_backbone: bool) -> list[str]:
+    dropped = ("hydra.run.dir=",) + (("model.backbone.weights=",) if from_backbone else ())
     return [o for o in overrides if not o.startswith(dropped)]
+
+
+def _is_machine_path(value: str) -> bool:
+    # Decided by the text alone, not by this machine's os.path: a record made on one system
+    # is compared on another.
+    return value.startswith(("/", "~")) or _WINDOWS_ABSOLUTE.match(value) is not None
+
+
+def portable_config(config: Any, where: str = "config") -> Any:
+    """A copy of the resolved training config `config` (plain data as yaml.safe_load reads a
+    run's config.yaml: dicts, lists, strings, numbers, booleans, None) in which every string
+    that is an absolute filesystem path (/..., C:\\... or C:/...) or starts with '~' is
+    replaced by PATH_PLACEHOLDER ("<path>"): data.root, model.backbone.weights, any output
+    folder; they name this machine's files, and the same run on another machine names others.
+    Keys and every other value are kept, relative paths too (they name the same place in each
+    machine's working folder). No key is dropped: those that could look machine-specific are
+    settings of the run like any other, equal on two machines unless given other values, and
+    then the difference is one to see: device (kept as written, e.g. `auto`; the device it
+    picks is not in the config), num_workers, eval_batch_size, tensorboard_sampling_images,
+    resume (every sweep run has resume=true). What does differ per machine is not in the
+    config at all: the number of processes (torchrun's WORLD_SIZE), the threads per run
+    (OMP_NUM_THREADS), the DETKIT_CACHE folder (only through data.root, a path).
+
+    Raises ValueError naming the key (`where` and the path below it) for a value that is not
+    plain data, or a key that is not a string."""
+    if isinstance(config, str):
+        return PATH_PLACEHOLDER if _is_machine_path(config) else config
+    if config is None or isinstance(config, (bool, int, float)):
+        return config
+    if isinstance(config, list):
+        return [portable_config(item, f"{where}[{i}]") for i, item in enumerate(config)]
+    if isinstance(config, dict):
+        bad = next((k for k in config if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: key {bad!r} is a {type(bad).__name__}; a config's keys must be strings")
+        return {key: portable_config(value, f"{where}.{key}") for key, value in config.items()}
+    raise ValueError(f"{where} is a {type(config).__name__} ({config!r}), not plain config data (dicts, lists, "
+                     f"strings, numbers, booleans, null)")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The portable form of the config.yaml a training run wrote into its folder."""
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: a finished run's folder holds the resolved config its "
+                         f"training wrote at the start")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not plain YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a config (a mapping); got {type(config).__name__}")
+    return portable_config(config, str(path))
 
 
 def _override_value(overrides: Sequence[str], key: str) -> str | None:
@@ -110,7 +180,8 @@ def record_of(spec, backbone_sha256: str | None) -> dict[str, Any]:
               "overrides": portable_overrides(spec.overrides, backbone_sha256),
               "metrics": _read_json_object(spec.run_dir / "metrics.json"),
               "train_stats": _read_json_object(stats_path) if stats_path.is_file() else {},
-              "pretrain_backbone_sha256": backbone_sha256, "recorded_at": _now(), "host": platform.node()}
+              "pretrain_backbone_sha256": backbone_sha256, "config": _read_config(spec.run_dir / "config.yaml"),
+              "recorded_at": _now(), "host": platform.node()}
     _check_record(record, f"the record of {spec.run_dir}")
     return record
 
@@ -158,15 +229,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_fields(entry: Any, fields: Sequence[str], where: str) -> None:
+def _check_fields(entry: Any, fields: Sequence[str], where: str, optional: Sequence[str] = ()) -> None:
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be a JSON object; got {type(entry).__name__}")
     missing = [f for f in fields if f not in entry]
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}")
-    unknown = sorted(set(entry) - set(fields))
+    unknown = sorted(set(entry) - set(fields) - set(optional))
     if unknown:
-        raise ValueError(f"{where} has unknown fields {', '.join(unknown)} (expected only {', '.join(fields)})")
+        raise ValueError(f"{where} has unknown fields {', '.join(unknown)} (expected only "
+                         f"{', '.join((*fields, *optional))})")
 
 
 def _check_type(value: Any, ok: Callable[[Any], bool], where: str, expected: str) -> None:
@@ -193,7 +265,7 @@ def _is_sha256(value: Any) -> bool:
 
 
 def _check_record(record: Any, where: str) -> None:
-    _check_fields(record, _RECORD_FIELDS, where)
+    _check_fields(record, _RECORD_FIELDS, where, _OPTIONAL_RECORD_FIELDS)
     _check_common(record, where)
     _check_type(record["seed"], lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 f"{where}: seed", "a non-negative integer")
@@ -208,6 +280,9 @@ def _check_record(record: Any, where: str) -> None:
                     f"{where}: train_stats.parameters", "an integer or null")
     _check_type(record["pretrain_backbone_sha256"], lambda v: v is None or _is_sha256(v),
                 f"{where}: pretrain_backbone_sha256", "64 lowercase hex digits or null")
+    if "config" in record:
+        _check_type(record["config"], lambda v: isinstance(v, dict), f"{where}: config",
+                    "a JSON object (the run's resolved config)")
 
 
 def _check_pretrain(entry: Any, where: str) -> None:
@@ -257,6 +332,98 @@ def save_records(path: str | os.PathLike, records: Records) -> None:
     """Write `records` to `path` atomically (folders created)."""
     write_json(path, {"format": RECORDS_FORMAT, "version": RECORDS_VERSION,
                       "pretrain": records.pretrain, "runs": records.runs})
+
+
+# ---------------------------------------------------------------------------- configs
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()     # config_differences' value of a key that one of the two configs lacks
+
+
+def _join_key(prefix: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{prefix}[{key}]"
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _same(a: Any, b: Any) -> bool:
+    # True == 1 and 1 == 1.0 in Python; a boolean turned number (or back) is a change.
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def config_differences(recorded: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The keys where two (portable) configs differ, as (dotted key, recorded value, current
+    value), in the recorded config's key order then the current one's new keys; a key on one
+    side only has the value ABSENT on the other. Dicts are compared key by key, lists of the
+    same length item by item (key[i]), anything else as a whole (a boolean never equals a
+    number)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        differences = []
+        for key in [*recorded, *(k for k in current if k not in recorded)]:
+            differences += config_differences(recorded.get(key, ABSENT), current.get(key, ABSENT),
+                                              _join_key(prefix, key))
+        return differences
+    if isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+        differences = []
+        for i, (a, b) in enumerate(zip(recorded, current)):
+            differences += config_differences(a, b, _join_key(prefix, i))
+        return differences
+    if recorded is ABSENT or current is ABSENT or not _same(recorded, current):
+        return [(prefix or "<root>", recorded, current)]
+    return []
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is ABSENT else json.dumps(value)
+
+
+def check_configs(path: str | os.PathLike, records: Records, specs: Sequence, from_backbone: bool,
+                  current_config: Callable[[Any], dict[str, Any]], shown_keys: int = 5) -> None:
+    """Refuse (ValueError, before a sweep starts anything) the records of file `path` that
+    match a run of `specs` (RunSpecs; the same experiment, seed, data and portable overrides,
+    `from_backbone`: the sweep starts its runs from a pre-training backbone) but were made with
+    another config than the run would use now, `current_config(spec)` (its `portable_config`):
+    the config files changed between the two machines (an edited schedule), which the
+    overrides do not show. The message names the file, the first such run and up to
+    `shown_keys` of its differing keys with both values. A record without "config" was made
+    before configs were recorded and cannot be checked, so it is refused too."""
+    path = Path(path)
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for record in records.runs:
+        by_key.setdefault(record_key(record), []).append(record)
+    unchecked, changed = [], []
+    for spec in specs:
+        key = (spec.experiment, int(spec.seed), _override_value(spec.overrides, "data"),
+               tuple(_portable_overrides(spec.overrides, from_backbone)))
+        for record in by_key.get(key, ()):
+            if "config" not in record:
+                unchecked.append(record)
+                continue
+            differences = config_differences(record["config"], current_config(spec))
+            if differences:
+                changed.append((record, differences))
+    remedy = f"use another record= file, or delete those records from {path}"
+    if unchecked:
+        first = unchecked[0]
+        more = f" (and {len(unchecked) - 1} more of this sweep's records)" if len(unchecked) > 1 else ""
+        raise ValueError(
+            f"records file {path}: its record of {first['experiment']} seed {first['seed']} (data={first['data']})"
+            f"{more} predates config checking (it has no \"config\", the run's resolved config), so whether the "
+            f"config files changed since it was recorded cannot be checked; {remedy}")
+    if changed:
+        (record, differences), others = changed[0], len(changed) - 1
+        shown = "; ".join(f"{k}: recorded {_shown(a)}, now {_shown(b)}" for k, a, b in differences[:shown_keys])
+        if len(differences) > shown_keys:
+            shown += f"; {len(differences) - shown_keys} more keys"
+        more = f" (and {others} more of this sweep's records)" if others else ""
+        raise ValueError(
+            f"records file {path} holds {record['experiment']} seed {record['seed']} (data={record['data']}){more} "
+            f"trained with another config than the run would use now ({shown}): the config files changed since "
+            f"it was recorded; {remedy}")
 
 
 # ---------------------------------------------------------------------------- one sweep's records

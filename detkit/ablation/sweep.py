@@ -39,7 +39,7 @@ from detkit.ablation.records import SweepRecords
 from detkit.ablation.tables import AblationTable
 from detkit.cli import quote_override
 
-__all__ = ["RunSpec", "plan_runs", "check_run_folders", "train_command", "run_sweep", "RUN_RECORD"]
+__all__ = ["RunSpec", "plan_runs", "check_run_folders", "run_overrides", "train_command", "run_sweep", "RUN_RECORD"]
 
 TRAIN_MODULE = "detkit.cli.train"    # what every run executes (python -m)
 RUN_RECORD = "ablate.json"       # the overrides a run folder was made with
@@ -105,9 +105,15 @@ def check_run_folders(specs: list[RunSpec]) -> None:
                              f"this sweep's ({' '.join(spec.overrides)}); choose another out= or delete the folder")
 
 
+def run_overrides(spec: RunSpec) -> list[str]:
+    """Every override the training run of `spec` is started with: its own, then resume=true
+    (its config.yaml is the config composed from these)."""
+    return [*spec.overrides, "resume=true"]
+
+
 def train_command(spec: RunSpec) -> list[str]:
     """The command line of run `spec`: this interpreter, the training tool's module, its overrides."""
-    return [sys.executable, "-m", TRAIN_MODULE, *spec.overrides, "resume=true"]
+    return [sys.executable, "-m", TRAIN_MODULE, *run_overrides(spec)]
 
 
 def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None = None,

@@ -20,7 +20,9 @@ run's results as JSON, small enough to commit), written as soon as a run finishe
 the runs recorded there: a sweep too long for one machine goes on on a fresh one from that
 file, and its reports include the recorded runs (tools/report.py runs=[PATH] too). The file
 also holds the pre-training's backbone sha256 and AP; a file whose runs started from another
-pre-training backbone than this machine's is refused before any run starts.
+pre-training backbone than this machine's is refused before any run starts, and so is a file
+whose record of one of the sweep's runs holds another resolved config than the run would use
+now (the config files changed since it was recorded).
 
 With the synthetic data configs the runs start from a backbone pre-trained once on a disjoint
 split of the same generator (pretrain=auto: experiment=pretrain/backbone_synthetic for
@@ -33,6 +35,7 @@ marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothi
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -114,16 +117,91 @@ def plan(options: dict, train: list[str]):
     return specs, pretrain_spec
 
 
-def first_train_config(specs, seeds: list[int]):
-    """Every experiment's composed training config checked; the first one returned."""
-    first = None
+def train_configs(specs, seeds: list[int]) -> dict:
+    """Every experiment's training config composed and checked, once, for its run of the first
+    seed with the overrides that run starts with (`run_overrides`): {experiment: config,
+    `hydra` node included}, in the order of `specs`."""
+    from detkit.ablation.sweep import run_overrides
+
+    configs = {}
     for spec in specs[:len(specs) // len(seeds)]:
         try:
-            composed = check_config("train", list(spec.overrides))
+            configs[spec.experiment] = check_config("train", run_overrides(spec))
         except ValueError as exc:
             raise ValueError(f"experiment {spec.experiment}: {exc}") from None
-        first = first or composed
-    return first
+    return configs
+
+
+def _body(composed):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+
+
+def portable_train_config(composed) -> dict:
+    """The portable form (`detkit.ablation.records.portable_config`) of the config.yaml that a
+    run of the composed config `composed` (`check_config`'s, `hydra` node included) writes:
+    the trainer writes OmegaConf.to_yaml(cfg, resolve=True) of the job config Hydra gives it,
+    which is `composed` without its `hydra` node; read back with yaml.safe_load as the record's is."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from detkit.ablation.records import portable_config
+
+    return portable_config(yaml.safe_load(OmegaConf.to_yaml(_body(composed), resolve=True)))
+
+
+_SEED_REFERENCE = re.compile(r"\$\{[^}]*\bseed\b")   # ${seed}, ${oc.select:seed,0}, ${..seed} ...
+
+
+def _interpolates_seed(composed) -> bool:
+    """Whether a value of `composed` (before resolution) is an interpolation naming a `seed`
+    key, so that it may change with the run's seed (over-cautious: data.generator.seed counts)."""
+    from omegaconf import OmegaConf
+
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    return any(_SEED_REFERENCE.search(s) for s in strings(OmegaConf.to_container(_body(composed), resolve=False)))
+
+
+def check_record_configs(options: dict, specs, pretrain_spec, configs: dict) -> None:
+    """With record=: read the records file (a bad one fails now, not after the pre-training)
+    and refuse its records of this sweep's runs that hold another config than the run would
+    use now (`detkit.ablation.records.check_configs`). A run's config is its experiment's of
+    `configs` (`train_configs`, composed for the first seed) with its own top-level `seed`:
+    the seed is nowhere else in the composed configs (an interpolation naming it would be;
+    then the run's config is composed on its own)."""
+    from detkit.ablation.records import check_configs, load_records
+    from detkit.ablation.sweep import run_overrides
+
+    path = options["record"]
+    if path is None:
+        return
+    records = load_records(path)
+    if not records.runs:
+        return
+    by_experiment: dict[str, tuple[dict, bool]] = {}   # (portable config, whether it interpolates a seed)
+
+    def current_config(spec) -> dict:
+        if spec.experiment not in by_experiment:
+            composed = configs[spec.experiment]
+            by_experiment[spec.experiment] = portable_train_config(composed), _interpolates_seed(composed)
+        config, seeded = by_experiment[spec.experiment]
+        if config["seed"] == spec.seed:
+            return config
+        if seeded:
+            return portable_train_config(check_config("train", run_overrides(spec)))
+        return {**config, "seed": spec.seed}
+
+    check_configs(path, records, specs, pretrain_spec is not None, current_config)
 
 
 def pretrain_backbone(pretrain_spec, threads: int | None) -> None:
@@ -177,15 +255,13 @@ def ablate(argv: list[str]) -> int:
     argv, train = split_argv(argv)
     options = read_options(argv)
     specs, pretrain_spec = plan(options, train)
-    first_config = first_train_config(specs, options["seeds"])
+    configs = train_configs(specs, options["seeds"])
+    check_record_configs(options, specs, pretrain_spec, configs)
 
-    from detkit.ablation.records import load_records
     from detkit.ablation.sweep import run_sweep
     from detkit.data.build import prepare_data
 
-    if options["record"] is not None:
-        load_records(options["record"])  # a bad file fails now, not after the pre-training
-    prepare_data(first_config.data)      # once, before parallel runs would race to generate it
+    prepare_data(next(iter(configs.values())).data)   # once, before parallel runs would race to generate it
     jobs, threads = options["jobs"], options["threads_per_job"]
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)

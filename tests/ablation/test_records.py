@@ -1,23 +1,30 @@
 """Sweep records (detkit.ablation.records): the file format and its checks, upsert, reports
-from records files beside run folders, and the sweep that skips recorded runs and records
-new ones. The sweep runs here without training: `train_command` is replaced by a script that
-writes a run folder's metrics.json and train_stats.json from its overrides."""
+from records files beside run folders, the sweep that skips recorded runs and records new
+ones, and the check of a record's resolved config against the one its run would use now. The
+sweep runs here without training: `train_command` is replaced by a script that writes a run
+folder's config.yaml (composed from its overrides and written as the trainer writes it),
+metrics.json and train_stats.json."""
 from __future__ import annotations
 
+import copy
 import datetime
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 import detkit.ablation.sweep as sweep_module
-from detkit.ablation.records import (RECORDS_FORMAT, Records, SweepRecords, load_records, record_of, save_records,
-                                     upsert)
+import detkit.cli
+from detkit.ablation.records import (ABSENT, RECORDS_FORMAT, Records, SweepRecords, config_differences, load_records,
+                                     portable_config, record_of, save_records, upsert)
 from detkit.ablation.report import collect_runs, summarize
-from detkit.ablation.sweep import plan_pretrain, plan_runs, run_sweep, weights_override
+from detkit.ablation.sweep import plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
 from detkit.ablation.tables import load_table
 from tests.ablation.test_report import make_run
 
@@ -25,10 +32,14 @@ REPO = Path(__file__).resolve().parents[2]
 TABLE = "dcnv1_table3"          # 4 experiments
 SHA_A = hashlib.sha256(b"backbone of machine A").hexdigest()
 
-# The fake training run: AP from the experiment and the seed, so that every run differs.
+# The fake training run: its config.yaml as the trainer writes it (the config Hydra composes
+# from the run's overrides, without the hydra node, resolved); AP from the experiment and the
+# seed, so that every run differs.
 FAKE_TRAIN = '''
 import json, sys
 from pathlib import Path
+from omegaconf import OmegaConf
+from detkit.cli import check_config
 overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
 experiment, seed = overrides["experiment"], int(overrides["seed"])
 run_dir = Path(overrides["hydra.run.dir"][1:-1])      # quote_override's quotes (no quotes in tmp paths)
@@ -37,7 +48,9 @@ with open(sys.argv[0] + ".log", "a") as log:
 (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)   # what the report reads of a real run's folder
 (run_dir / ".hydra" / "hydra.yaml").write_text(
     f"hydra:\\n  runtime:\\n    choices:\\n      experiment: {experiment}\\n      data: {overrides['data']}\\n")
-(run_dir / "config.yaml").write_text(f"seed: {seed}\\n")
+composed = check_config("train", sys.argv[1:])
+job_config = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+(run_dir / "config.yaml").write_text(OmegaConf.to_yaml(job_config, resolve=True))
 ap = 10 + seed + len(experiment) / 10                 # fake_ap
 (run_dir / "metrics.json").write_text(json.dumps({"iteration": 1, "bbox/AP": ap, "bbox/APl": None}))
 (run_dir / "train_stats.json").write_text(json.dumps({"parameters": 1000, "sec_per_iter": 0.5}))
@@ -53,7 +66,7 @@ def trained(monkeypatch, tmp_path) -> Path:
     """Runs start the fake training; returns its log file (one 'experiment seed' line per run)."""
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    monkeypatch.setattr(sweep_module, "train_command", lambda spec: [sys.executable, str(script), *spec.overrides])
+    monkeypatch.setattr(sweep_module, "train_command", lambda spec: [sys.executable, str(script), *run_overrides(spec)])
     return Path(str(script) + ".log")
 
 
@@ -63,8 +76,11 @@ def trained_runs(log: Path) -> list[tuple[str, int]]:
 
 
 def finish(spec, ap: float) -> None:
-    """Make `spec`'s run folder look finished."""
+    """Make `spec`'s run folder look finished (its config.yaml a short stand-in with two paths)."""
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": spec.seed, "data": {"root": str(spec.run_dir / "data"), "num_classes": 4},
+         "model": {"backbone": {"weights": "~/w.pth", "depth": 18}}, "schedule": {"max_iters": 3}}))
     (spec.run_dir / "metrics.json").write_text(json.dumps({"iteration": 3, "bbox/AP": ap, "bbox/APl": None}))
     (spec.run_dir / "train_stats.json").write_text(json.dumps({"parameters": 7, "sec_per_iter": 0.25}))
 
@@ -85,6 +101,8 @@ def test_round_trip(tmp_path):
     assert record["metrics"] == {"iteration": 3, "bbox/AP": 12.5, "bbox/APl": None}
     assert record["train_stats"] == {"parameters": 7, "sec_per_iter": 0.25}
     assert record["pretrain_backbone_sha256"] == SHA_A
+    assert record["config"] == {"seed": 0, "data": {"root": "<path>", "num_classes": 4},
+                                "model": {"backbone": {"weights": "<path>", "depth": 18}}, "schedule": {"max_iters": 3}}
     assert datetime.datetime.fromisoformat(record["recorded_at"]).utcoffset() == datetime.timedelta(0)
     path = tmp_path / "records.json"
     assert load_records(path) == Records()                          # no file yet: empty
@@ -124,6 +142,7 @@ def _file(runs) -> str:
     (_file([_record(overrides="seed=0")]), "overrides must be a list of strings"),
     (_file([_record(pretrain_backbone_sha256="abc")]), "pretrain_backbone_sha256 must be 64 lowercase hex digits"),
     (_file([_record(command="rm -rf /")]), "unknown fields command"),
+    (_file([_record(config=["seed", 0])]), "runs[0] (dcnv1/baseline seed 0): config must be a JSON object"),
 ])
 def test_invalid_files_are_refused_naming_the_file(tmp_path, text, message):
     path = tmp_path / "records.json"
@@ -296,3 +315,147 @@ def test_record_option_names_a_json_file(tmp_path):
     assert read_options([f"table={TABLE}", f"record={tmp_path / 'r.json'}"])["record"] == tmp_path / "r.json"
     with pytest.raises(ValueError, match="record must be a .json file"):
         read_options([f"table={TABLE}", f"record={tmp_path / 'r.yaml'}"])
+
+
+# ---------------------------------------------------------------------------- configs
+
+def test_portable_config_replaces_machine_paths_only():
+    config = {"seed": 3, "device": "auto", "amp": None, "resume": True, "schedule": {"base_lr": 0.02, "steps": [8, 9]},
+              "data": {"root": "/home/a/.cache/detkit/synthetic", "kind": "synthetic", "extra_roots": ["~/d", "d"]},
+              "model": {"_target_": "detkit.modeling.build.build_faster_rcnn",
+                        "backbone": {"weights": "C:\\weights\\r50.pth", "norm": "frozen_bn"}},
+              "out": "~", "relative": "runs/x", "drive_like": "cuda:0", "windows_forward": "D:/w.pth", "empty": ""}
+    before = copy.deepcopy(config)
+    assert portable_config(config) == {
+        "seed": 3, "device": "auto", "amp": None, "resume": True, "schedule": {"base_lr": 0.02, "steps": [8, 9]},
+        "data": {"root": "<path>", "kind": "synthetic", "extra_roots": ["<path>", "d"]},
+        "model": {"_target_": "detkit.modeling.build.build_faster_rcnn",
+                  "backbone": {"weights": "<path>", "norm": "frozen_bn"}},
+        "out": "<path>", "relative": "runs/x", "drive_like": "cuda:0", "windows_forward": "<path>", "empty": ""}
+    assert config == before                                          # a copy: the input is left as it was
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"data": {"when": datetime.date(2026, 1, 2)}}, "config.data.when is a date"),
+    ({"model": {1: "x"}}, "config.model: key 1 is a int"),
+    ({"steps": [1, b"2"]}, "config.steps[1] is a bytes"),
+])
+def test_portable_config_refuses_what_is_not_plain_data(config, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        portable_config(config)
+
+
+def test_config_differences_name_dotted_keys_with_both_values():
+    recorded = {"seed": 0, "schedule": {"max_iters": 1000, "steps": [800, 933], "grad_clip": 1},
+                "model": {"backbone": {"depth": 34}}, "gone": 1}
+    current = {"seed": 0, "schedule": {"max_iters": 2000, "steps": [800, 934], "grad_clip": True},
+               "model": {"backbone": {"depth": 34}}, "new": [1]}
+    assert config_differences(recorded, current) == [
+        ("schedule.max_iters", 1000, 2000), ("schedule.steps[1]", 933, 934), ("schedule.grad_clip", 1, True),
+        ("gone", 1, ABSENT), ("new", ABSENT, [1])]
+    assert config_differences({"steps": [1, 2]}, {"steps": [1, 2, 3]}) == [("steps", [1, 2], [1, 2, 3])]
+    assert config_differences(current, copy.deepcopy(current)) == []
+
+
+# Runs the real training tool (detkit.cli.train: Hydra's app, the real `train`) with the parts
+# that build data, model and loop replaced, so that the trainer writes its config.yaml and stops.
+CONFIG_ONLY_TRAIN = '''
+import sys
+from types import SimpleNamespace
+import detkit.engine.trainer as trainer
+from detkit.cli import train as train_cli
+trainer.build_training_parts = lambda *args, **kwargs: SimpleNamespace(model=None)
+trainer._resume = lambda *args, **kwargs: 0
+trainer.build_training_stream = lambda *args, **kwargs: None
+def stop(*args, **kwargs):
+    raise SystemExit(0)             # called right after config.yaml is written
+trainer._make_hooks = stop
+sys.argv = ["train", *sys.argv[1:]]
+train_cli.main()
+'''
+
+
+def test_the_config_a_run_writes_is_the_one_the_sweep_composes(tmp_path, monkeypatch):
+    from detkit.cli import check_config
+    from detkit.cli.ablate import check_record_configs, portable_train_config, train_configs
+
+    monkeypatch.setenv("DETKIT_CACHE", str(tmp_path / "cache"))
+    weights = ["model.backbone.weights=/some/abs/path.pth"]
+    specs = plan_runs([SimpleNamespace(experiments=["fpn/baseline"])], "synthetic_geometry", [0, 3], tmp_path / "out",
+                      weights)
+    run = specs[1]
+    assert (run.experiment, run.seed) == ("fpn/baseline", 3)
+    script = tmp_path / "config_only_train.py"
+    script.write_text(CONFIG_ONLY_TRAIN)
+    result = subprocess.run([sys.executable, str(script), *run_overrides(run)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (run.run_dir / "checkpoints").exists()                # nothing trained
+    written = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert (written["seed"], written["resume"], written["model"]["backbone"]["weights"]) == (3, True,
+                                                                                         "/some/abs/path.pth")
+    assert written["data"]["root"] == str(tmp_path / "cache" / "synthetic_geometry")
+    assert portable_train_config(check_config("train", run_overrides(run))) == portable_config(written)
+
+    # The sweep's check: seed 3's record against fpn/baseline composed once (for seed 0) with seed 3.
+    (run.run_dir / "metrics.json").write_text(json.dumps({"iteration": 1, "bbox/AP": 1.0}))
+    record = record_of(run, None)
+    assert record["config"]["model"]["backbone"]["weights"] == "<path>" and record["config"]["data"]["root"] == "<path>"
+    path = tmp_path / "records.json"
+    save_records(path, Records([record]))
+    configs = train_configs(specs, [0, 3])
+    assert list(configs) == ["fpn/baseline"] and configs["fpn/baseline"].seed == 0
+    check_record_configs({"record": path}, specs, None, configs)       # the same config: no error
+    record["config"]["seed"] = 4
+    save_records(path, Records([record]))
+    with pytest.raises(ValueError, match=r"holds fpn/baseline seed 3 .*\(seed: recorded 4, now 3\)"):
+        check_record_configs({"record": path}, specs, None, configs)
+
+
+def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, monkeypatch):
+    import detkit.data.build
+    from detkit.cli.ablate import ablate
+
+    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    path = tmp_path / "results.json"
+    train = ["schedule.max_iters=1"]
+    args = [f"table={TABLE}", f"record={path}", "--", *train]
+    experiments = load_table(TABLE).experiments
+    machine(tmp_path / "a", b"pre-trained weights", 31.5, train)
+    assert ablate(["seeds=[0]", "out=" + str(tmp_path / "a"), *args]) == 0
+    assert all(r["config"]["schedule"]["max_iters"] == 1 for r in load_records(path).runs)
+
+    # Unchanged config files: seed 0's records pass against the configs composed for seed 1.
+    machine(tmp_path / "b", b"pre-trained weights", 31.5, train)
+    assert ablate(["seeds=[1,0]", "out=" + str(tmp_path / "b"), *args]) == 0
+    assert trained_runs(trained) == sorted((e, s) for e in experiments for s in (0, 1))
+
+    # A schedule value edited since: refused before anything starts, the key and both values named.
+    configs = tmp_path / "configs"
+    shutil.copytree(detkit.cli.CONFIG_DIR, configs)
+    schedule = configs / "schedule" / "ablation" / "dcnv1_synthetic.yaml"
+    assert "deform_roi_pool: 0.01\n" in schedule.read_text()
+    schedule.write_text(schedule.read_text().replace("deform_roi_pool: 0.01\n", "deform_roi_pool: 0.02\n"))
+    machine(tmp_path / "c", b"pre-trained weights", 31.5, train)
+    before = path.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(detkit.cli, "CONFIG_DIR", configs)
+        with pytest.raises(ValueError) as error:
+            ablate(["seeds=[0,1,2]", "out=" + str(tmp_path / "c"), *args])
+    message = str(error.value)
+    assert f"records file {path} holds {experiments[0]} seed 0 (data=synthetic)" in message
+    assert "schedule.lr_mult.deform_roi_pool: recorded 0.01, now 0.02" in message
+    assert "(and 7 more of this sweep's records)" in message and "use another record= file" in message
+    assert path.read_bytes() == before
+    assert len(trained_runs(trained)) == 8 and not (tmp_path / "c" / "dcnv1").exists()
+
+    # A record made before configs were recorded cannot be checked: refused, saying so.
+    records = load_records(path)
+    del records.runs[0]["config"]
+    save_records(path, records)
+    with pytest.raises(ValueError) as error:
+        ablate(["seeds=[0]", "out=" + str(tmp_path / "c"), *args])
+    first = records.runs[0]
+    assert f"its record of {first['experiment']} seed {first['seed']} (data=synthetic) predates config checking" \
+        in str(error.value)
+    assert len(trained_runs(trained)) == 8 and not (tmp_path / "c" / "dcnv1").exists()
