@@ -3,6 +3,7 @@
 - `write_json`: metrics.json, train_stats.json, detections.json, offset_stats.json, ...
   (NaN/inf as null; a temporary file renamed into place, so a killed process never leaves
   half a file).
+- `write_text`: Markdown tables (offset_stats.md, ...), atomically in the same way.
 - `write_predictions`: the predictions JSON of tools/predict.py and tools/predict_onnx.py,
   a list of {"file_name", "category_id", "bbox": [x, y, w, h], "score"}
   (`detkit.evaluation.inference.to_coco_results`) on one line.
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "write_predictions"]
+__all__ = ["write_json", "write_text", "write_predictions"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -29,13 +30,18 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
-    """Write `data` as JSON (NaN/inf as null), atomically (temporary file + rename)."""
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) atomically: a temporary file beside `path`, renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=indent))
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    """Write `data` as JSON (NaN/inf as null), atomically (temporary file + rename)."""
+    write_text(path, json.dumps(_json_safe(data), indent=indent))
 
 
 def write_predictions(output: str | os.PathLike, detections: Iterable[dict]) -> int:

@@ -15,7 +15,7 @@ Images are fed at their original size (the model's transform resizes them as in 
 
 Data (first that applies): `images` + `annotations`; `data=...` (its `split`, default val);
 the data config stored in the checkpoint; the default synthetic dataset. Prints the table
-and writes offset_stats.json into the run folder (`hydra.run.dir`, default
+and writes offset_stats.json (and offset_stats.md, the table as Markdown) into the run folder (`hydra.run.dir`, default
 outputs/analyze_offsets/<time>) or to `output`. Mistakes end with one line on stderr and
 exit status 2.
 """
@@ -30,8 +30,8 @@ from detkit.cli import run_app
 from detkit.data import CocoDetection
 from detkit.engine.checkpoint import load_model
 from detkit.engine.distributed import resolve_device
-from detkit.io import write_json
-from detkit.vis import OffsetStatistics, capture
+from detkit.io import write_json, write_text
+from detkit.vis import OffsetStatistics, capture, table2_markdown
 from detkit.vis.sampling import deformable_conv_names
 
 
@@ -69,9 +69,11 @@ def job(cfg: DictConfig) -> None:
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir) / "offset_stats.json"
     payload = {"checkpoint": str(cfg.checkpoint), "data": source, **stats.result()}
     write_json(output, payload, indent=2)  # atomic
+    markdown = output.with_suffix(".md")
+    write_text(markdown, table2_markdown(stats.result(), title=f"`{cfg.checkpoint}` on {count} images of {source}") + "\n")
     print(f"{cfg.checkpoint} on {count} images of {source}")
     print(table)
-    print(f"-> {output}")
+    print(f"-> {output}, {markdown}")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from detkit.vis.figures import (Canvas, PaperFigures, Unit, UnitSampling, canvas
                                 roi_bin_panels, sample_units, sampling_panels, scale_roi_bins, unit_centres,
                                 upscale)
 from detkit.vis.offset_stats import (CATEGORIES, OffsetStatistics, activation_categories, effective_dilation,
-                                     sampling_positions)
+                                     sampling_positions, table2_markdown)
 from detkit.vis.sampling import (Capture, ImageGeometry, LayerOffsets, RoIBins, capture,
                                  capture_deformable_offsets, check_sampling_request, deformable_roi_bins,
                                  follow_sampling_points, has_deformable_pooling, locate_unit, roi_bins,
@@ -32,5 +32,5 @@ __all__ = [
     "Canvas", "PaperFigures", "Unit", "UnitSampling", "canvas_size", "choose_units", "compose_panels",
     "ground_truth_boxes", "has_small_and_large", "paper_figures", "roi_bin_panels", "sample_units",
     "sampling_panels", "scale_roi_bins", "unit_centres", "upscale",
-    "CATEGORIES", "OffsetStatistics", "activation_categories", "effective_dilation", "sampling_positions",
+    "CATEGORIES", "OffsetStatistics", "table2_markdown", "activation_categories", "effective_dilation", "sampling_positions",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 from detkit.vis.sampling import LayerOffsets
 
 __all__ = ["CATEGORIES", "SMALL_AREA", "LARGE_AREA", "sampling_positions", "effective_dilation",
-           "activation_categories", "size_category", "paper_name", "OffsetStatistics"]
+           "activation_categories", "size_category", "paper_name", "OffsetStatistics", "table2_markdown"]
 
 CATEGORIES = ("small", "medium", "large", "background")
 SMALL_AREA = 32.0 ** 2
@@ -217,6 +217,30 @@ class OffsetStatistics:
         lines.append(f"effective dilation (mean ± std over activations, in input-grid units) on "
                      f"{result['num_images']} images")
         return "\n".join(lines)
+
+
+def table2_markdown(result: dict, title: str | None = None) -> str:
+    """DCNv1 Table 2 as Markdown from `OffsetStatistics.result()` (or the offset_stats.json
+    analyze_offsets writes): one row per deformable layer, then one per stage when there are
+    several, with the effective dilation's mean ± std on small / medium / large objects and
+    background, the nominal dilation, and the activation counts behind each cell."""
+    header = ["layer", "nominal dilation", *CATEGORIES, "activations s / m / l / bg"]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+
+    def row(name: str, nominal: str, stats: dict) -> str:
+        counts = " / ".join(str(stats[c]["count"]) for c in CATEGORIES)
+        return f"| {' | '.join([name, nominal, *(_cell(stats[c]) for c in CATEGORIES), counts])} |"
+
+    for layer in result["layers"]:
+        nominal = "x".join(str(d) for d in dict.fromkeys(layer["dilation"]))
+        lines.append(row(layer["short_name"], nominal, layer["effective_dilation"]))
+    stages = result.get("stages", [])
+    if len(stages) > 1:
+        for stage in stages:
+            lines.append(row(f"**{stage['stage']}** ({', '.join(stage['layers'])})", "", stage["effective_dilation"]))
+    caption = (f"Effective dilation (mean ± std over activations, in units of each layer's input grid) "
+               f"on {result['num_images']} images.")
+    return "\n".join(([f"{title}", ""] if title else []) + lines + ["", caption])
 
 
 def _summary(moments: dict[str, _Moments]) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from detkit.modeling.backbone import deformable_layers
 from detkit.vis import (CATEGORIES, ImageGeometry, OffsetStatistics, activation_categories, capture,
-                        effective_dilation)
+                        effective_dilation, table2_markdown)
 from tests.vis.builders import build_tiny, identity_geometry, single_scale_config, smooth_image, synthetic_layer
 
 KERNEL_TAPS = 9
@@ -174,3 +174,10 @@ def test_stage_statistics_pool_the_layers_of_a_stage():
     assert stages["res5"]["effective_dilation"]["background"]["mean"] > 1.5     # dilation 2 stays about 2
     table = stats.table()
     assert "res4a,res4b" in table and table.count("stage") == 1
+    markdown = table2_markdown(stats.result())
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| layer | nominal dilation | small | medium | large | background |")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| res4a", "| res4b", "| res5a", "| **res4** (res4a, res4b)",
+                                                     "| **res5** (res5a)"]
+    res5 = stages["res5"]["effective_dilation"]["background"]
+    assert f"{res5['mean']:.2f} ± {res5['std']:.2f}" in rows[-1]

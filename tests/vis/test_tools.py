@@ -114,6 +114,13 @@ def test_analyze_offsets_writes_one_entry_per_deformable_layer(runs):
     finest = stats["layers"][0]["effective_dilation"]
     assert all(finest[c]["count"] > 0 for c in stats["categories"])
     assert "res3a" in stdout and "background" in stdout
+    # The same numbers as Markdown beside the JSON (what docs/ablations.md's Table 2 is made of).
+    markdown = (runs["tmp"] / "stats.md").read_text()
+    first = stats["layers"][0]
+    small = first["effective_dilation"]["small"]
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {first['short_name']} |"))
+    assert f"{small['mean']:.2f} ± {small['std']:.2f}" in row
+    assert len([line for line in markdown.splitlines() if line.startswith("| res")]) == len(stats["layers"])
 
 
 @pytest.mark.parametrize("key, message", [
