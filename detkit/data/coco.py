@@ -49,7 +49,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-__all__ = ["CocoDetection", "DatasetError", "coco_paths", "load_coco_json"]
+__all__ = ["CocoDetection", "DatasetError", "clipped_xyxy", "coco_paths", "load_coco_json"]
 
 
 class DatasetError(ValueError):
@@ -117,6 +117,15 @@ def load_coco_json(annotation_file: str | os.PathLike) -> COCO:
     return coco
 
 
+def clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float] | None:
+    """A COCO [x, y, w, h] box as x1y1x2y2 clipped to a width x height image; None when the
+    clipping leaves it empty."""
+    x, y, w, h = (float(v) for v in bbox)
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
+
+
 def _xywh_to_clipped_xyxy(anns: Sequence[dict[str, Any]], width: int, height: int,
                           cat_to_label: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Non-crowd annotations -> (boxes float32 [N, 4] x1y1x2y2 clipped, labels int64 [N]); empty dropped."""
@@ -124,12 +133,10 @@ def _xywh_to_clipped_xyxy(anns: Sequence[dict[str, Any]], width: int, height: in
     for a in anns:
         if a.get("iscrowd", 0):
             continue
-        x, y, w, h = (float(v) for v in a["bbox"])
-        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x2 <= x1 or y2 <= y1:
+        box = clipped_xyxy(a["bbox"], width, height)
+        if box is None:
             continue
-        boxes.append((x1, y1, x2, y2))
+        boxes.append(box)
         labels.append(cat_to_label[a["category_id"]])
     return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64))
 

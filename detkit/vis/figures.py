@@ -57,6 +57,7 @@ from torch import nn
 
 from detkit.vis.draw import (_label_of, dim, draw_box_outline, draw_points, draw_roi_bins, draw_unit_marker,
                              to_rgb_uint8)
+from detkit.data.coco import clipped_xyxy
 from detkit.vis.offset_stats import size_category
 from detkit.vis.sampling import (LayerOffsets, RoIBins, capture, check_sampling_request, follow_sampling_points,
                                  locate_unit, select_stage)
@@ -100,11 +101,10 @@ def ground_truth_boxes(annotations: Sequence[Mapping], image_size: tuple[int, in
     for annotation in annotations:
         if annotation.get("iscrowd", 0):
             continue
-        x, y, w, h = (float(v) for v in annotation["bbox"])
-        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-        if x2 <= x1 or y2 <= y1:
+        box = clipped_xyxy(annotation["bbox"], width, height)
+        if box is None:
             continue
+        x1, y1, x2, y2 = box
         area = annotation.get("area")
         valid = isinstance(area, numbers.Real) and not isinstance(area, bool) and math.isfinite(area) and area > 0
         boxes.append((x1, y1, x2, y2))
