@@ -1,8 +1,10 @@
 """Builders shared by the detkit.vis tests: tiny detectors and synthetic deformable layers."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -78,5 +80,33 @@ def identity_geometry(height: int, width: int) -> ImageGeometry:
     return ImageGeometry((height, width), (height, width), (height, width))
 
 
-__all__ = ["build_tiny", "tiny_config", "single_scale_config", "randomise_offset_branches", "smooth_image",
+def write_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth RGB test image written to `path`; returns it (HxWx3 uint8 RGB)."""
+    rgb = (smooth_image(height, width, seed).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return rgb
+
+
+def write_coco_folder(folder: Path, sizes: dict[int, tuple[int, int]], boxes: dict[int, list[list[float]]],
+                      category_of=lambda index: 1) -> tuple[Path, Path]:
+    """A COCO folder: `folder`/images/<id>.png of `sizes` {id: (height, width)} and
+    `folder`/instances.json with `boxes` {id: [[x, y, w, h], ...]} (area w * h, categories 1
+    "a" and 2 "b"; annotation k gets category_of(k)). Returns (images folder, JSON path)."""
+    images = folder / "images"
+    images.mkdir()
+    entries, annotations = [], []
+    for image_id, (h, w) in sizes.items():
+        write_image(images / f"{image_id}.png", h, w, seed=image_id)
+        entries.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
+        for box in boxes[image_id]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": category_of(len(annotations)), "bbox": box,
+                                "area": box[2] * box[3], "iscrowd": 0})
+    annotation_file = folder / "instances.json"
+    annotation_file.write_text(json.dumps({"images": entries, "annotations": annotations,
+                                           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return images, annotation_file
+
+
+__all__ = ["build_tiny", "write_image", "write_coco_folder", "tiny_config", "single_scale_config", "randomise_offset_branches", "smooth_image",
            "synthetic_layer", "identity_geometry", "conv_out"]

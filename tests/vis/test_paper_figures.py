@@ -20,8 +20,8 @@ from detkit.vis import (Canvas, Unit, UnitSampling, canvas_size, choose_units, c
                         ground_truth_boxes, has_small_and_large, paper_figures, sampling_panels, upscale)
 from detkit.vis.draw import POINT_COLOR, UNIT_COLOR
 from detkit.vis.figures import PANEL_GAP, TITLE_HEIGHT
-from tests.vis.builders import build_tiny, smooth_image
-from tests.vis.test_tools import write_checkpoint, write_image
+from tests.vis.builders import build_tiny, smooth_image, write_coco_folder
+from tests.vis.test_tools import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = str(REPO / "tools" / "paper_figures.py")
@@ -195,19 +195,7 @@ TOP_K = 2
 
 
 def write_coco(folder: Path) -> tuple[Path, Path]:
-    images = folder / "images"
-    images.mkdir()
-    entries, annotations = [], []
-    for image_id, (h, w) in IMAGES.items():
-        write_image(images / f"{image_id}.png", h, w, seed=image_id)
-        entries.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
-        for box in BOXES[image_id]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
-    annotation_file = folder / "instances.json"
-    annotation_file.write_text(json.dumps({"images": entries, "annotations": annotations,
-                                           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
-    return images, annotation_file
+    return write_coco_folder(folder, IMAGES, BOXES)
 
 
 @pytest.fixture(scope="module")

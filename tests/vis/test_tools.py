@@ -17,7 +17,8 @@ import pytest
 
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.modeling.backbone import deformable_layers
-from tests.vis.builders import build_tiny, randomise_offset_branches, smooth_image, tiny_config
+from tests.vis.builders import (build_tiny, randomise_offset_branches, tiny_config, write_coco_folder,
+                                write_image)
 
 REPO = Path(__file__).resolve().parents[2]
 VISUALIZE = str(REPO / "tools" / "visualize.py")
@@ -34,29 +35,11 @@ def write_checkpoint(path: Path, **changes) -> list[str]:
     return [name for name, _ in deformable_layers(model)]
 
 
-def write_image(path: Path, height: int, width: int, seed: int) -> np.ndarray:
-    rgb = (smooth_image(height, width, seed).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return rgb
-
-
 def write_coco(folder: Path) -> tuple[Path, Path]:
     """Two images with boxes of each COCO size class (ids 1, 2 as the checkpoint's)."""
-    images = folder / "images"
-    images.mkdir()
-    entries, annotations = [], []
     boxes = {1: [[5, 5, 20, 20], [40, 20, 50, 50]], 2: [[10, 10, 100, 100]]}  # [x, y, w, h]
-    for image_id, (h, w) in ((1, (IMAGE_H, IMAGE_W)), (2, (120, 130))):
-        write_image(images / f"{image_id}.png", h, w, seed=image_id)
-        entries.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
-        for box in boxes[image_id]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": 1 + len(annotations) % 2, "bbox": box, "area": box[2] * box[3],
-                                "iscrowd": 0})
-    annotation_file = folder / "instances.json"
-    annotation_file.write_text(json.dumps({"images": entries, "annotations": annotations,
-                                           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
-    return images, annotation_file
+    return write_coco_folder(folder, {1: (IMAGE_H, IMAGE_W), 2: (120, 130)}, boxes,
+                             category_of=lambda index: 1 + index % 2)
 
 
 @pytest.fixture(scope="module")
