@@ -276,8 +276,8 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
               f"standard error; * where the difference exceeds that. time/iter: median training seconds per "
               f"iteration (data loading excluded) relative to the baseline row{base_time}. "
               f"params: all parameters of the detector.",
-              f"Paper columns ({', '.join(table.paper_columns)}): {table.paper_source}. A blank cell: "
-              f"the number is not published."]
+              (f"Paper columns ({', '.join(table.paper_columns)}): {table.paper_source}. A blank cell: "
+               f"the number is not published." if table.paper_columns else f"No paper columns: {table.paper_source}.")]
     return "\n".join(lines) + "\n"
 
 

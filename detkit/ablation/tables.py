@@ -12,7 +12,9 @@ package data, or a checkout's configs/):
       - {experiment: dcnv1/baseline, label: "none (0)", paper: [78.1, 62.1]}
 
 `experiment` names a config under `configs/experiment/`; `paper` holds one number per
-paper column, null where the paper gives none.
+paper column, null where the paper gives none. A table with `from_scratch: true` (the
+positive control) trains its rows from random initialisation: the sweep gives them no
+pre-training backbone, and `table=all` (the papers' tables, which fine-tune) leaves it out.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from detkit.cli import CONFIG_DIR
 
-__all__ = ["TABLE_DIR", "AblationRow", "AblationTable", "load_table", "table_names"]
+__all__ = ["TABLE_DIR", "AblationRow", "AblationTable", "load_table", "table_names", "paper_table_names"]
 
 TABLE_DIR = CONFIG_DIR / "ablation"
 
@@ -41,6 +43,7 @@ class AblationTable:
     paper_source: str
     paper_columns: tuple[str, ...]
     rows: tuple[AblationRow, ...]
+    from_scratch: bool = False            # rows start from random weights, never from a pre-training
 
     @property
     def experiments(self) -> list[str]:
@@ -48,7 +51,13 @@ class AblationTable:
 
 
 def table_names() -> list[str]:
+    """Every table's name (configs/ablation/*.yaml), sorted."""
     return sorted(p.stem for p in TABLE_DIR.glob("*.yaml"))
+
+
+def paper_table_names() -> list[str]:
+    """The tables `table=all` runs: every table that fine-tunes (not `from_scratch`)."""
+    return [name for name in table_names() if not load_table(name).from_scratch]
 
 
 def load_table(name: str, table_dir: str | Path | None = None) -> AblationTable:
@@ -84,5 +93,8 @@ def load_table(name: str, table_dir: str | Path | None = None) -> AblationTable:
     baseline = str(field(raw, "baseline", "the table"))
     if baseline not in experiments:
         raise ValueError(f"{path}: baseline {baseline!r} is not one of the rows {experiments}")
+    from_scratch = raw.get("from_scratch", False)
+    if not isinstance(from_scratch, bool):
+        raise ValueError(f"{path}: from_scratch must be true or false; got {from_scratch!r}")
     return AblationTable(name, str(field(raw, "title", "the table")), baseline, str(field(paper, "source", "paper")),
-                         columns, tuple(rows))
+                         columns, tuple(rows), from_scratch)

@@ -72,13 +72,23 @@ def read_options(argv: list[str]) -> dict:
     record}."""
     from omegaconf import OmegaConf
 
-    from detkit.ablation.tables import load_table, table_names
+    from detkit.ablation.tables import load_table, paper_table_names
 
-    cfg = check_config("ablate", argv)
+    # `data` is a plain key of configs/ablate.yaml, but configs/ also holds the training tool's
+    # `data` group, so Hydra would read data=NAME as a group override ("No match in the
+    # defaults list"): it is set after composition instead (`out` interpolates it lazily).
+    data = [arg.split("=", 1)[1] for arg in argv if arg.startswith("data=")]
+    cfg = check_config("ablate", [arg for arg in argv if not arg.startswith("data=")])
+    if data:
+        cfg.data = data[-1]
     options = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     names = options["table"]
-    names = table_names() if names == "all" else ([names] if isinstance(names, str) else list(names))
+    names = paper_table_names() if names == "all" else ([names] if isinstance(names, str) else list(names))
     options["tables"] = [load_table(str(n)) for n in names]
+    scratch = [t.name for t in options["tables"] if t.from_scratch]
+    if scratch and len(scratch) < len(options["tables"]):
+        raise ValueError(f"table {scratch[0]} trains from scratch and the others fine-tune from a pre-training: "
+                         f"run it in a sweep of its own (table={scratch[0]})")
     options["seeds"] = _int_list(options["seeds"], "seeds")
     jobs = options["jobs"]
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
@@ -87,7 +97,12 @@ def read_options(argv: list[str]) -> dict:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads_per_job must be a positive integer or null; got {threads!r}")
     options["data"], options["out"] = str(options["data"]), Path(str(options["out"]))
-    if options["pretrain"] == "auto":
+    if scratch:
+        if options["pretrain"] not in ("auto", None):
+            raise ValueError(f"table {scratch[0]} trains from scratch; pretrain={options['pretrain']} does not "
+                             f"apply (leave pretrain=auto or set pretrain=null)")
+        options["pretrain"] = None
+    elif options["pretrain"] == "auto":
         options["pretrain"] = AUTO_PRETRAIN.get(options["data"])
     if options["record"] is not None:
         options["record"] = Path(str(options["record"]))
