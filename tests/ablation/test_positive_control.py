@@ -14,10 +14,6 @@ from detkit.modeling.backbone.resnet import deformable_layers
 from detkit.ops import DeformConv2d, DeformRoIPool
 
 
-def _body(cfg):
-    return {k: v for k, v in cfg.items() if k != "hydra"}
-
-
 @pytest.mark.parametrize("data", ["synthetic", "synthetic_geometry"])
 def test_control_pair_differs_only_in_the_deformable_layers(data):
     plain = check_config("train", ["experiment=control/plain", f"data={data}"])
