@@ -24,11 +24,12 @@ pre-training backbone than this machine's is refused before any run starts, and 
 whose record of one of the sweep's runs holds another resolved config than the run would use
 now (the config files changed since it was recorded).
 
-With the synthetic data configs the runs start from a backbone pre-trained once on a disjoint
-split of the same generator (pretrain=auto: experiment=pretrain/backbone_synthetic for
-data=synthetic, pretrain/backbone_synthetic_geometry for data=synthetic_geometry, into
-OUT/pretrain/), as the papers start from ImageNet weights; with data=coco pass ImageNet weights
-after --.
+With data=synthetic the runs start from a backbone pre-trained once on a disjoint split of the
+same generator (pretrain=auto: experiment=pretrain/backbone_synthetic, into OUT/pretrain/), as
+the papers start from ImageNet weights; with data=coco pass ImageNet weights after --. The
+data=synthetic_geometry rows train from scratch (their model configs; pretrain=auto gives them
+none): a backbone pre-trained without deformable layers took the deformable rows' gain away in
+this proxy (docs/ablations.md).
 
 Exit status: 0 every run finished; 1 some run failed (the others still ran; the report
 marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothing started).
@@ -62,14 +63,31 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, train
 
 
-# pretrain=auto: the configs/experiment/pretrain/ run each synthetic data config's sweep starts
-# from (a disjoint split of the same generator, the stand-in for ImageNet); none for real data.
-AUTO_PRETRAIN = {"synthetic": "backbone_synthetic", "synthetic_geometry": "backbone_synthetic_geometry"}
+# pretrain=auto: the configs/experiment/pretrain/ run a data config's sweep starts from (a
+# disjoint split of the same generator, the stand-in for ImageNet); none for the others
+# (synthetic_geometry's rows train from scratch, coco's take ImageNet weights).
+AUTO_PRETRAIN = {"synthetic": "backbone_synthetic"}
+
+
+def _rows(value, tables) -> list[str] | None:
+    """rows=: None (every row) or experiments of `tables`, in the order given."""
+    if value is None:
+        return None
+    rows = [value] if isinstance(value, str) else value
+    experiments = [e for table in tables for e in table.experiments]
+    if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, str) for r in rows):
+        raise ValueError(f"rows must be null or a non-empty list of experiments, e.g. rows=[{experiments[0]}]; "
+                         f"got {value!r}")
+    unknown = [r for r in rows if r not in experiments]
+    if unknown:
+        raise ValueError(f"rows: {unknown[0]} is not a row of table={','.join(t.name for t in tables)} "
+                         f"(its rows: {', '.join(dict.fromkeys(experiments))})")
+    return list(dict.fromkeys(rows))
 
 
 def read_options(argv: list[str]) -> dict:
-    """configs/ablate.yaml with `argv`, checked: {table(s), seeds, jobs, threads_per_job, data, out, pretrain,
-    record}."""
+    """configs/ablate.yaml with `argv`, checked: {table(s), rows, seeds, jobs, threads_per_job, data, out,
+    pretrain, record}."""
     from omegaconf import OmegaConf
 
     from detkit.ablation.tables import load_table, paper_table_names
@@ -89,6 +107,7 @@ def read_options(argv: list[str]) -> dict:
     if scratch and len(scratch) < len(options["tables"]):
         raise ValueError(f"table {scratch[0]} trains from scratch and the others fine-tune from a pre-training: "
                          f"run it in a sweep of its own (table={scratch[0]})")
+    options["rows"] = _rows(options["rows"], options["tables"])
     options["seeds"] = _int_list(options["seeds"], "seeds")
     jobs = options["jobs"]
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
@@ -127,7 +146,7 @@ def plan(options: dict, train: list[str]):
         except ValueError as exc:
             raise ValueError(f"pretrain={pretrain}: {exc}") from None
         train = [*train, weights_override(pretrained_backbone(pretrain_spec))]
-    specs = plan_runs(options["tables"], options["data"], options["seeds"], out, train)
+    specs = plan_runs(options["tables"], options["data"], options["seeds"], out, train, rows=options["rows"])
     check_run_folders(specs + ([pretrain_spec] if pretrain_spec else []))
     return specs, pretrain_spec
 

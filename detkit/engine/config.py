@@ -198,9 +198,11 @@ class TrainConfig:
 @dataclass
 class AblateConfig:
     """configs/ablate.yaml (tools/ablate.py). `table` is a name, `all` or a list of names;
-    `seeds` an int or a list of ints (detkit.cli.ablate reads both)."""
+    `rows` null or a list of the tables' experiments; `seeds` an int or a list of ints
+    (detkit.cli.ablate reads them)."""
 
     table: Any = MISSING
+    rows: Any = MISSING
     data: str = MISSING
     seeds: Any = MISSING
     jobs: int = MISSING

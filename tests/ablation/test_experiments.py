@@ -2,13 +2,12 @@
 detector and schedule its table row describes, and builds."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
 from detkit.ablation.tables import load_table, paper_table_names, table_names
 from detkit.cli import CONFIG_DIR, check_config
+from detkit.cli.ablate import read_options
 from detkit.engine.checkpoint import build_model
 from detkit.modeling.backbone.resnet import deformable_layers
 
@@ -64,9 +63,12 @@ def test_tables_have_the_papers_rows():
     assert rows["dcnv2/dconv_c4_c5_dpool"] == (None,)
 
 
-def check_model(cfg, experiment: str, depth: int) -> None:
+def check_model(cfg, experiment: str, depth: int, lr_mult: tuple[float, float] | None = None) -> None:
+    """`lr_mult`: the expected (deform_conv, deform_roi_pool) multipliers; None: the family's."""
     stages, modulated, pooler = EXPECTED[experiment]
     layout, conv_mult, pool_mult = FAMILY[experiment.split("/")[0]]
+    if lr_mult is not None:
+        conv_mult, pool_mult = lr_mult
     assert cfg.model.layout == layout and cfg.model.pooler_kind == pooler
     assert cfg.model.backbone.depth == depth
     assert (cfg.schedule.lr_mult.deform_conv, cfg.schedule.lr_mult.deform_roi_pool) == (conv_mult, pool_mult)
@@ -115,15 +117,15 @@ def test_coco_experiment_has_the_papers_setting(experiment):
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED))
-def test_synthetic_geometry_experiment_fine_tunes_at_the_data_resize(experiment):
-    """data=synthetic_geometry rows: the same R34 half-width layouts and offset multipliers,
-    fine-tuned (frozen BN, stem and res2 frozen; the weights are the pre-training's, which
-    tools/ablate.py passes), the model's resize the data's own (nothing resized twice), and
-    the single-scale rows anchored up to 256 px for objects read at up to ~240 px."""
+def test_synthetic_geometry_experiment_trains_from_scratch_at_the_data_resize(experiment):
+    """data=synthetic_geometry rows: the same R34 half-width layouts, trained from scratch
+    (trainable BN, nothing frozen, no weights), every family's offsets at 0.1x, the model's
+    resize the data's own (nothing resized twice), and the single-scale rows anchored up to
+    256 px for objects read at up to ~240 px."""
     cfg = compose(experiment, "data=synthetic_geometry")
     assert cfg.data.root.endswith("synthetic_geometry") and cfg.data.generator.size_distribution == "log"
     backbone = cfg.model.backbone
-    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "frozen_bn", 2)
+    assert (backbone.depth, backbone.width, backbone.norm, backbone.freeze_at) == (34, 32, "bn", 0)
     assert not backbone.weights
     transform = cfg.model.transform_options
     assert (transform.min_size, transform.max_size) == (cfg.data.min_size, cfg.data.max_size) == (192, 320)
@@ -131,28 +133,19 @@ def test_synthetic_geometry_experiment_fine_tunes_at_the_data_resize(experiment)
         assert max(max(sizes) for sizes in cfg.model.anchor_sizes) == 256
     schedule = cfg.schedule
     assert schedule.warmup_iters < schedule.steps[0] < schedule.steps[-1] < schedule.max_iters
-    check_model(cfg, experiment, depth=34)
+    check_model(cfg, experiment, depth=34, lr_mult=(0.1, 0.1))
 
 
-def test_synthetic_geometry_pretraining_is_disjoint_and_from_scratch():
-    """The sweep's pre-training for data=synthetic_geometry (pretrain=auto): the FPN rows'
-    plain model trained from scratch on generator seed 1 in its own folder, read at the same
-    resize as the ablation runs."""
+def test_synthetic_geometry_sweep_has_no_pretraining():
+    """pretrain=auto gives the data=synthetic_geometry sweep no pre-training (its rows train
+    from scratch), and a run of every family composes with the same schedule."""
     from detkit.cli.ablate import AUTO_PRETRAIN
-    from detkit.engine.config import check_train_config
 
-    assert AUTO_PRETRAIN["synthetic_geometry"] == "backbone_synthetic_geometry"
-    cfg = compose("pretrain/backbone_synthetic_geometry")
-    ablation = compose("fpn/baseline", "data=synthetic_geometry")
-    assert cfg.data.generator.seed == 1 and ablation.data.generator.seed == 0
-    assert cfg.data.root != ablation.data.root and cfg.data.root.endswith("synthetic_geometry_pretrain")
-    generator = {k: v for k, v in cfg.data.generator.items() if k != "seed"}
-    assert generator == {k: v for k, v in ablation.data.generator.items() if k != "seed"}
-    backbone = cfg.model.backbone
-    assert (backbone.norm, backbone.freeze_at, backbone.weights) == ("bn", 0, None)
-    assert backbone.deform_blocks == {} and cfg.model.pooler_kind == "alignv2"
-    assert cfg.model.transform_options == ablation.model.transform_options
-    check_train_config(cfg, world_size=1)
+    assert "synthetic_geometry" not in AUTO_PRETRAIN
+    assert read_options(["table=all", "data=synthetic_geometry"])["pretrain"] is None
+    schedules = {f: compose(f"{f}/baseline" if f != "dcnv2" else "dcnv2/regular", "data=synthetic_geometry").schedule
+                 for f in FAMILY}
+    assert schedules["dcnv1"] == schedules["dcnv2"] == schedules["fpn"]
 
 
 def test_coco_experiment_without_imagenet_weights_is_refused():

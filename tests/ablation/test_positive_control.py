@@ -57,7 +57,7 @@ def test_control_table_trains_from_scratch_on_its_own():
 
 
 @pytest.mark.parametrize("data, pretrain", [("synthetic", "backbone_synthetic"),
-                                            ("synthetic_geometry", "backbone_synthetic_geometry"),
+                                            ("synthetic_geometry", None),
                                             ("coco", None)])
 def test_ablate_takes_the_data_setting(data, pretrain):
     """data= is ablate's own key although configs/ holds the training tool's `data` group."""

@@ -90,6 +90,12 @@ def test_second_call_reuses_finished_runs(sweep, env):
     assert again.returncode == 0, again.stderr
     assert "0 runs to train (4 finished)" in again.stdout
     assert again.stdout.count("skip ") == 4
+    # rows= keeps only those experiments of the table (the report still lists every row).
+    one_row = ablate(env, work, "table=dcnv1_table3", "rows=[dcnv1/dpool]", "seeds=[3]", f"out={out}", "--", *TINY,
+                     timeout=300)
+    assert one_row.returncode == 0, one_row.stderr
+    assert "0 runs to train (1 finished)" in one_row.stdout
+    assert one_row.stdout.count("skip ") == 1 and "skip dcnv1/dpool" in one_row.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -97,6 +103,7 @@ def test_second_call_reuses_finished_runs(sweep, env):
     (["table=dcnv3"], "no ablation table 'dcnv3'"),
     (["table=dcnv1_table3", "seeds=[]"], "seeds must be a non-empty list"),
     (["table=dcnv1_table3", "jobs=0"], "jobs must be a positive integer"),
+    (["table=dcnv1_table3", "rows=[dcnv2/regular]"], "rows: dcnv2/regular is not a row of table=dcnv1_table3"),
     (["table=dcnv1_table3", "--", "max_iters"], "after -- come key=value overrides"),
     (["table=dcnv1_table3", "--", "schedule.nonexistent=1"], "schedule.nonexistent"),
 ])
