@@ -19,7 +19,9 @@ what travels (it may be committed). Its layout:
              "config":      the run's resolved training config (<run folder>/config.yaml) with
                            its machine paths replaced by "<path>" (`portable_config`); absent
                            in records made before configs were recorded,
-             "recorded_at": UTC ISO 8601 time, "host": platform.node()}
+             "recorded_at": UTC ISO 8601 time, "host": platform.node(),
+             "same_run_as": only where the run is another experiment's (the sweep trained the
+                           row once: its training config is identical), that experiment}
     pre-training entry: {"experiment", "overrides", "metrics", "backbone_sha256",
                          "recorded_at", "host"}, the run that made the data config's backbone
                          (its AP tells two pre-trainings apart when their backbones differ).
@@ -59,7 +61,9 @@ RECORDS_VERSION = 1
 
 _RECORD_FIELDS = ("experiment", "seed", "data", "overrides", "metrics", "train_stats",
                   "pretrain_backbone_sha256", "recorded_at", "host")
-_OPTIONAL_RECORD_FIELDS = ("config",)    # absent in records made before configs were recorded
+# "config": absent in records made before configs were recorded; "same_run_as": only in the
+# record of a row whose training config is another row's (SweepRecords.add_same_run).
+_OPTIONAL_RECORD_FIELDS = ("config", "same_run_as")
 _PRETRAIN_FIELDS = ("experiment", "overrides", "metrics", "backbone_sha256", "recorded_at", "host")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PATH_PLACEHOLDER = "<path>"
@@ -283,6 +287,9 @@ def _check_record(record: Any, where: str) -> None:
     if "config" in record:
         _check_type(record["config"], lambda v: isinstance(v, dict), f"{where}: config",
                     "a JSON object (the run's resolved config)")
+    if "same_run_as" in record:
+        _check_type(record["same_run_as"], lambda v: isinstance(v, str) and v not in ("", record["experiment"]),
+                    f"{where}: same_run_as", "another experiment's name")
 
 
 def _check_pretrain(entry: Any, where: str) -> None:
@@ -499,9 +506,28 @@ class SweepRecords:
         """Record finished run `spec` and rewrite the file, unless the file already holds the
         same results for it (then it is left as it is: no new time stamp, no change in git)."""
         record = record_of(spec, self.backbone_sha256)
-        old = self.find(spec)
-        if old is not None and ({k: v for k, v in old.items() if k not in ("recorded_at", "host")}
-                                == {k: v for k, v in record.items() if k not in ("recorded_at", "host")}):
+        self._put(record, self.find(spec))
+
+    def _put(self, record: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """Store `record` in place of `old` (its earlier record, or None) and rewrite the file,
+        unless `old` holds the same (then nothing changes: no new time stamp, no change in git)."""
+        def content(r):
+            return {k: v for k, v in r.items() if k not in ("recorded_at", "host")}
+
+        if old is not None and content(old) == content(record):
             return
         self.records.runs = upsert(self.records.runs, record)
         save_records(self.path, self.records)
+
+    def add_same_run(self, spec, source) -> None:
+        """Record run `spec` as the recorded run `source` (another experiment, same seed, whose
+        training config is identical: the sweep trained it once), marked "same_run_as", unless
+        the file already holds that."""
+        found = self.find(source)
+        if found is None:
+            raise ValueError(f"{source.experiment} seed {source.seed} is not recorded in {self.path}")
+        record = {**found, "experiment": spec.experiment,
+                  "overrides": portable_overrides(spec.overrides, self.backbone_sha256),
+                  "same_run_as": source.experiment}
+        _check_record(record, f"the record of {spec.experiment} seed {spec.seed}")
+        self._put(record, self.find(spec))

@@ -24,6 +24,10 @@ pre-training backbone than this machine's is refused before any run starts, and 
 whose record of one of the sweep's runs holds another resolved config than the run would use
 now (the config files changed since it was recorded).
 
+Rows whose composed training configs are identical (on data=synthetic_geometry
+dcnv2/regular is dcnv1/baseline, and dcnv2/dconv_c5_dpool is dcnv1/res5abc_dpool) are trained
+once; the run is reported, and recorded (marked "same_run_as"), under both rows.
+
 With data=synthetic the runs start from a backbone pre-trained once on a disjoint split of the
 same generator (pretrain=auto: experiment=pretrain/backbone_synthetic, into OUT/pretrain/), as
 the papers start from ImageNet weights; with data=coco pass ImageNet weights after --. The
@@ -269,19 +273,54 @@ def open_records(options: dict, specs, pretrain_spec):
     return SweepRecords.open(path, load_records(path), specs, options["data"], sha, entry, backbone)
 
 
-def write_reports(tables, specs, out: Path, records=None, recorded=()) -> None:
+def write_reports(tables, specs, out: Path, records=None, recorded=(), same: dict | None = None) -> None:
     """Every table's report from the finished run folders of `specs` and the records (in the
-    sweep's `records`) of the runs `recorded`, skipped as recorded there."""
+    sweep's `records`) of the runs `recorded`, skipped as recorded there; a run of `same`'s
+    experiments (`same_runs`) is its identical experiment's run of the same seed."""
+    from dataclasses import replace
+
     from detkit.ablation.report import collect_runs, runs_from_records, write_report
 
     finished = [s.run_dir for s in specs if s.finished]
     runs = collect_runs(finished) if finished else []
     if recorded:
         runs += runs_from_records(records.path, [records.find(s) for s in recorded])
+    for experiment, source in (same or {}).items():
+        have = {r.seed for r in runs if r.experiment == experiment}
+        runs += [replace(r, experiment=experiment) for r in runs if r.experiment == source and r.seed not in have]
     for table in tables:
         markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
         print(markdown)
         print(f"wrote {out / (table.name + '.md')}, {out / (table.name + '.png')} and {out / (table.name + '.svg')}")
+
+
+def same_runs(configs: dict) -> dict[str, str]:
+    """{experiment: the earlier experiment of `configs` (`train_configs`) whose training
+    config is identical}: such a row is the same model trained the same way (on
+    data=synthetic_geometry `dcnv2/regular` is `dcnv1/baseline`), so the sweep trains it once
+    and reports (and records) that run under both names."""
+    from detkit.ablation.records import config_differences
+
+    first: list[tuple[str, dict]] = []
+    same: dict[str, str] = {}
+    for experiment, composed in configs.items():
+        config = portable_train_config(composed)
+        source = next((e for e, c in first if not config_differences(c, config)), None)
+        if source is None:
+            first.append((experiment, config))
+        else:
+            same[experiment] = source
+    return same
+
+
+def record_same_runs(records, specs, same: dict[str, str]) -> None:
+    """Record each run of `same`'s experiments as its source experiment's run of the same seed
+    (`SweepRecords.add_same_run`), for those whose source run is recorded."""
+    by_run = {(s.experiment, s.seed): s for s in specs}
+    for spec in specs:
+        source = by_run.get((same.get(spec.experiment), spec.seed))
+        if source is not None and records.find(source) is not None:
+            records.add_same_run(spec, source)
 
 
 def ablate(argv: list[str]) -> int:
@@ -291,6 +330,9 @@ def ablate(argv: list[str]) -> int:
     specs, pretrain_spec = plan(options, train)
     configs = train_configs(specs, options["seeds"])
     check_record_configs(options, specs, pretrain_spec, configs)
+    same = same_runs(configs)
+    for experiment, source in same.items():
+        print(f"same run: {experiment} is {source} (identical training config), trained once")
 
     from detkit.ablation.sweep import run_sweep
     from detkit.data.build import prepare_data
@@ -300,9 +342,12 @@ def ablate(argv: list[str]) -> int:
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
     records = open_records(options, specs, pretrain_spec)
-    status = run_sweep(specs, jobs=jobs, threads_per_job=threads, records=records)
+    status = run_sweep([s for s in specs if s.experiment not in same], jobs=jobs, threads_per_job=threads,
+                       records=records)
+    if records is not None:
+        record_same_runs(records, specs, same)
     write_reports(options["tables"], specs, options["out"], records,
-                  [s for s, result in status.items() if result == "recorded"])
+                  [s for s, result in status.items() if result == "recorded"], same)
     failed = [s for s, result in status.items() if result.startswith("failed")]
     for spec in failed:
         print(f"error: {spec.experiment} seed {spec.seed} {status[spec]}: see {spec.run_dir / 'stdout.log'}",

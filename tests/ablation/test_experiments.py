@@ -160,3 +160,16 @@ def test_coco_experiment_without_imagenet_weights_is_refused():
 def test_unknown_data_setting_names_the_missing_config():
     with pytest.raises(ValueError, match=r"Could not find 'data/nonexistent'.*coco synthetic"):
         compose("dcnv1/res5c", "data=nonexistent")
+
+
+@pytest.mark.parametrize("data, expected", [
+    ("synthetic_geometry", {"dcnv2/regular": "dcnv1/baseline", "dcnv2/dconv_c5_dpool": "dcnv1/res5abc_dpool"}),
+    ("synthetic", {}),          # the families' own offset multipliers differ there
+])
+def test_rows_with_identical_training_configs(data, expected):
+    """The rows the sweep trains once (tools/ablate.py `same_runs`): only where every key of
+    the composed training config is equal."""
+    from detkit.cli.ablate import plan, same_runs, train_configs
+
+    specs, _ = plan(read_options(["table=all", f"data={data}", "seeds=[0]", "pretrain=null"]), [])
+    assert same_runs(train_configs(specs, [0])) == expected

@@ -143,6 +143,8 @@ def _file(runs) -> str:
     (_file([_record(pretrain_backbone_sha256="abc")]), "pretrain_backbone_sha256 must be 64 lowercase hex digits"),
     (_file([_record(command="rm -rf /")]), "unknown fields command"),
     (_file([_record(config=["seed", 0])]), "runs[0] (dcnv1/baseline seed 0): config must be a JSON object"),
+    (_file([_record(same_run_as="dcnv1/baseline")]), "same_run_as must be another experiment's name"),
+    (_file([_record(same_run_as=3)]), "same_run_as must be another experiment's name"),
 ])
 def test_invalid_files_are_refused_naming_the_file(tmp_path, text, message):
     path = tmp_path / "records.json"
@@ -306,6 +308,47 @@ def test_ablate_command_goes_on_from_the_records_and_refuses_another_pretraining
     assert hashlib.sha256(b"other weights").hexdigest()[:12] in message
     assert path.read_bytes() == before
     assert len(trained_runs(trained)) == 8 and not (tmp_path / "c" / "dcnv1").exists()
+
+
+def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monkeypatch, capsys):
+    """On data=synthetic_geometry every family trains with the same schedule, so dcnv2/regular
+    is dcnv1/baseline and dcnv2/dconv_c5_dpool is dcnv1/res5abc_dpool: the sweep trains each
+    pair once, reports the run under both rows, and records it under both names (marked)."""
+    import detkit.data.build
+    from detkit.cli.ablate import ablate
+
+    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    path = tmp_path / "records.json"
+    pairs = {"dcnv2/regular": "dcnv1/baseline", "dcnv2/dconv_c5_dpool": "dcnv1/res5abc_dpool"}
+    args = ["table=[dcnv1_table3,dcnv2_table1]", f"rows=[{','.join([*pairs.values(), *pairs])}]",
+            "data=synthetic_geometry", "seeds=[0,1]", f"out={tmp_path / 'out'}", f"record={path}",
+            "--", "schedule.max_iters=1"]
+    assert ablate(args) == 0
+    output = capsys.readouterr().out
+    for alias, source in pairs.items():
+        assert f"same run: {alias} is {source} (identical training config), trained once" in output
+    assert trained_runs(trained) == sorted((e, s) for e in pairs.values() for s in (0, 1))
+    records = {(r["experiment"], r["seed"]): r for r in load_records(path).runs}
+    assert len(records) == 8
+    for (alias, source), seed in [(pair, seed) for pair in pairs.items() for seed in (0, 1)]:
+        same, original = records[(alias, seed)], records[(source, seed)]
+        assert same["same_run_as"] == source and "same_run_as" not in original
+        assert same["metrics"] == original["metrics"] and same["config"] == original["config"]
+        assert same["overrides"][0] == f"experiment={alias}"
+    table = load_table("dcnv2_table1")
+    report = (tmp_path / "out" / "dcnv2_table1.md").read_text()
+    line = next(l for l in report.splitlines() if "`dcnv2/regular`" in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    mean = (fake_ap("dcnv1/baseline", 0) + fake_ap("dcnv1/baseline", 1)) / 2
+    assert cells[2] == "0,1" and cells[3].startswith(f"{mean:.1f} ± ")
+    # From the records file alone (another machine, tools/report.py) the rows are there too.
+    rows = {r.experiment: r for r in summarize(table, collect_runs([path]))}
+    assert rows["dcnv2/regular"].mean["AP"] == pytest.approx(mean)
+    assert rows["dcnv2/dconv_c5_dpool"].seeds == [0, 1]
+    # Again: nothing to train, nothing rewritten.
+    before = path.read_bytes()
+    assert ablate(args) == 0
+    assert len(trained_runs(trained)) == 4 and path.read_bytes() == before
 
 
 def test_record_option_names_a_json_file(tmp_path):
