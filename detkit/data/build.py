@@ -94,7 +94,7 @@ def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,
     without the defaults list)."""
     if data is not None:
         config = _plain(data)
-        return config, f"data={config.get('kind')}"
+        return config, f"the data= config ({config.get('kind')} data in {config.get('root')})"
     if checkpoint.get("data_config"):
         return dict(checkpoint["data_config"]), "the checkpoint's data config"
     from detkit.cli import CONFIG_DIR

@@ -108,6 +108,8 @@ def test_raw_data_yaml_and_default_fallback_build(tmp_path):
     raw.root = str(tmp_path)
     composed = build_data_source(composed_data(f"data.root={tmp_path}"))
     assert vars(build_data_source(raw)) == vars(composed)
+    given, where = data_config_for_checkpoint(composed_data(f"data.root={tmp_path}"), {})
+    assert where == f"the data= config (synthetic data in {tmp_path})"   # names the folder, not only the kind
     fallback, where = data_config_for_checkpoint(None, {})
     assert "defaults" not in fallback and where.startswith("the default synthetic data")
     assert type(build_data_source(fallback)) is SyntheticShapes
