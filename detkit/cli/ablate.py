@@ -24,9 +24,9 @@ pre-training backbone than this machine's is refused before any run starts, and 
 whose record of one of the sweep's runs holds another resolved config than the run would use
 now (the config files changed since it was recorded).
 
-Rows whose composed training configs are identical (on data=synthetic_geometry
-dcnv2/regular is dcnv1/baseline, and dcnv2/dconv_c5_dpool is dcnv1/res5abc_dpool) are trained
-once; the run is reported, and recorded (marked "same_run_as"), under both rows.
+Rows whose composed training configs are identical (on data=synthetic_geometry dcnv2/regular
+is dcnv1/baseline) get one run per seed, the first of them already finished or recorded, else
+the first row's; it is reported, and recorded (marked "same_run_as"), under every such row.
 
 With data=synthetic the runs start from a backbone pre-trained once on a disjoint split of the
 same generator (pretrain=auto: experiment=pretrain/backbone_synthetic, into OUT/pretrain/), as
@@ -275,8 +275,8 @@ def open_records(options: dict, specs, pretrain_spec):
 
 def write_reports(tables, specs, out: Path, records=None, recorded=(), same: dict | None = None) -> None:
     """Every table's report from the finished run folders of `specs` and the records (in the
-    sweep's `records`) of the runs `recorded`, skipped as recorded there; a run of `same`'s
-    experiments (`same_runs`) is its identical experiment's run of the same seed."""
+    sweep's `records`) of the runs `recorded`, skipped as recorded there; each run spec of
+    `same` ({spec: the spec whose run it is}, `same_run_sources`) reported as that run."""
     from dataclasses import replace
 
     from detkit.ablation.report import collect_runs, runs_from_records, write_report
@@ -285,42 +285,48 @@ def write_reports(tables, specs, out: Path, records=None, recorded=(), same: dic
     runs = collect_runs(finished) if finished else []
     if recorded:
         runs += runs_from_records(records.path, [records.find(s) for s in recorded])
-    for experiment, source in (same or {}).items():
-        have = {r.seed for r in runs if r.experiment == experiment}
-        runs += [replace(r, experiment=experiment) for r in runs if r.experiment == source and r.seed not in have]
+    for spec, source in (same or {}).items():
+        if not any(r.experiment == spec.experiment and r.seed == spec.seed for r in runs):
+            runs += [replace(r, experiment=spec.experiment) for r in runs
+                     if r.experiment == source.experiment and r.seed == source.seed]
     for table in tables:
         markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
         print(markdown)
         print(f"wrote {out / (table.name + '.md')}, {out / (table.name + '.png')} and {out / (table.name + '.svg')}")
 
 
-def same_runs(configs: dict) -> dict[str, str]:
-    """{experiment: the earlier experiment of `configs` (`train_configs`) whose training
-    config is identical}: such a row is the same model trained the same way (on
-    data=synthetic_geometry `dcnv2/regular` is `dcnv1/baseline`), so the sweep trains it once
-    and reports (and records) that run under both names."""
+def same_runs(configs: dict) -> list[list[str]]:
+    """The groups (two or more) of experiments of `configs` (`train_configs`) whose training
+    configs are identical, each in the order of `configs`: such rows are the same model
+    trained the same way (on data=synthetic_geometry `dcnv2/regular` is `dcnv1/baseline`), so
+    the sweep trains one run per seed for the whole group."""
     from detkit.ablation.records import config_differences
 
-    first: list[tuple[str, dict]] = []
-    same: dict[str, str] = {}
+    groups: list[tuple[dict, list[str]]] = []
     for experiment, composed in configs.items():
         config = portable_train_config(composed)
-        source = next((e for e, c in first if not config_differences(c, config)), None)
-        if source is None:
-            first.append((experiment, config))
+        group = next((g for c, g in groups if not config_differences(c, config)), None)
+        if group is None:
+            groups.append((config, [experiment]))
         else:
-            same[experiment] = source
-    return same
+            group.append(experiment)
+    return [group for _, group in groups if len(group) > 1]
 
 
-def record_same_runs(records, specs, same: dict[str, str]) -> None:
-    """Record each run of `same`'s experiments as its source experiment's run of the same seed
-    (`SweepRecords.add_same_run`), for those whose source run is recorded."""
+def same_run_sources(specs, groups: list[list[str]], records=None) -> dict:
+    """{run spec not to train: the spec of the same group (`same_runs`) and seed whose run it
+    is}. Per group and seed the run is the first member's that already finished (its folder)
+    or is recorded in `records`, else the first member's: a run made before the rows were
+    known to be identical is used, not trained again."""
     by_run = {(s.experiment, s.seed): s for s in specs}
-    for spec in specs:
-        source = by_run.get((same.get(spec.experiment), spec.seed))
-        if source is not None and records.find(source) is not None:
-            records.add_same_run(spec, source)
+    sources = {}
+    for group in groups:
+        for seed in dict.fromkeys(s.seed for s in specs):
+            members = [by_run[(e, seed)] for e in group if (e, seed) in by_run]
+            done = [s for s in members if s.finished or (records is not None and records.find(s) is not None)]
+            chosen = (done or members)[0]
+            sources.update({s: chosen for s in members if s is not chosen})
+    return sources
 
 
 def ablate(argv: list[str]) -> int:
@@ -330,9 +336,9 @@ def ablate(argv: list[str]) -> int:
     specs, pretrain_spec = plan(options, train)
     configs = train_configs(specs, options["seeds"])
     check_record_configs(options, specs, pretrain_spec, configs)
-    same = same_runs(configs)
-    for experiment, source in same.items():
-        print(f"same run: {experiment} is {source} (identical training config), trained once")
+    groups = same_runs(configs)
+    for group in groups:
+        print(f"same run: {', '.join(group)} have identical training configs: one run per seed for all of them")
 
     from detkit.ablation.sweep import run_sweep
     from detkit.data.build import prepare_data
@@ -342,10 +348,12 @@ def ablate(argv: list[str]) -> int:
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
     records = open_records(options, specs, pretrain_spec)
-    status = run_sweep([s for s in specs if s.experiment not in same], jobs=jobs, threads_per_job=threads,
-                       records=records)
+    same = same_run_sources(specs, groups, records)
+    status = run_sweep([s for s in specs if s not in same], jobs=jobs, threads_per_job=threads, records=records)
     if records is not None:
-        record_same_runs(records, specs, same)
+        for spec, source in same.items():
+            if records.find(source) is not None:
+                records.add_same_run(spec, source)
     write_reports(options["tables"], specs, options["out"], records,
                   [s for s, result in status.items() if result == "recorded"], same)
     failed = [s for s, result in status.items() if result.startswith("failed")]

@@ -326,7 +326,7 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     assert ablate(args) == 0
     output = capsys.readouterr().out
     for alias, source in pairs.items():
-        assert f"same run: {alias} is {source} (identical training config), trained once" in output
+        assert f"same run: {source}, {alias} have identical training configs: one run per seed" in output
     assert trained_runs(trained) == sorted((e, s) for e in pairs.values() for s in (0, 1))
     records = {(r["experiment"], r["seed"]): r for r in load_records(path).runs}
     assert len(records) == 8
@@ -349,6 +349,23 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     before = path.read_bytes()
     assert ablate(args) == 0
     assert len(trained_runs(trained)) == 4 and path.read_bytes() == before
+
+
+def test_a_finished_member_is_the_run_of_its_group(tmp_path):
+    """Per group of identical rows and seed, the run is the one that already exists (a folder
+    or a record), whichever row made it; else the group's first row's."""
+    from detkit.cli.ablate import same_run_sources
+
+    tables = [load_table("dcnv1_table1"), load_table("fpn_mmdet")]
+    specs = plan_runs(tables, "synthetic_geometry", [0, 1], tmp_path / "out")
+    by_run = {(s.experiment, s.seed): s for s in specs}
+    finish(by_run[("fpn/baseline", 1)], 20.0)                      # made before the rows were merged
+    sources = same_run_sources(specs, [["dcnv1/baseline", "fpn/baseline"]])
+    assert sources == {by_run[("fpn/baseline", 0)]: by_run[("dcnv1/baseline", 0)],
+                       by_run[("dcnv1/baseline", 1)]: by_run[("fpn/baseline", 1)]}
+    recorded = SimpleNamespace(find=lambda spec: {} if spec == by_run[("fpn/baseline", 0)] else None)
+    assert same_run_sources(specs, [["dcnv1/baseline", "fpn/baseline"]], recorded)[by_run[("dcnv1/baseline", 0)]] \
+        == by_run[("fpn/baseline", 0)]
 
 
 def test_record_option_names_a_json_file(tmp_path):
