@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class RunResult:
     metrics: dict[str, float | None]          # METRICS -> value (None: not defined, e.g. no large objects)
     sec_per_iter: float | None
     parameters: int | None
+    same_run_as: str | None = None            # the run is this other experiment's (identical training config)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ def runs_from_records(path: str | Path, records: Iterable[dict[str, Any]]) -> li
     """RunResults of run records (`detkit.ablation.records`) read from records file `path`
     (their run_dir)."""
     path = Path(path).resolve()
-    return [_run_result(path, r["experiment"], r["data"], r["seed"], r["metrics"], r["train_stats"])
-            for r in records]
+    return [replace(_run_result(path, r["experiment"], r["data"], r["seed"], r["metrics"], r["train_stats"]),
+                    same_run_as=r.get("same_run_as")) for r in records]
 
 
 def _is_records_file(path: Path) -> bool:
@@ -278,6 +279,12 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
               f"params: all parameters of the detector.",
               (f"Paper columns ({', '.join(table.paper_columns)}): {table.paper_source}. A blank cell: "
                f"the number is not published." if table.paper_columns else f"No paper columns: {table.paper_source}.")]
+    shared = {row.experiment: sorted({r.same_run_as for r in row.runs if r.same_run_as}) for row in rows}
+    shared = {experiment: sources for experiment, sources in shared.items() if sources}
+    if shared:
+        lines += ["", "Shared runs: " + "; ".join(
+            f"`{experiment}` is the same model trained the same way as `{'`, `'.join(sources)}` (identical "
+            f"training config), so its runs are those" for experiment, sources in shared.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

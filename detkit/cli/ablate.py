@@ -287,7 +287,7 @@ def write_reports(tables, specs, out: Path, records=None, recorded=(), same: dic
         runs += runs_from_records(records.path, [records.find(s) for s in recorded])
     for spec, source in (same or {}).items():
         if not any(r.experiment == spec.experiment and r.seed == spec.seed for r in runs):
-            runs += [replace(r, experiment=spec.experiment) for r in runs
+            runs += [replace(r, experiment=spec.experiment, same_run_as=source.experiment) for r in runs
                      if r.experiment == source.experiment and r.seed == source.seed]
     for table in tables:
         markdown = write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")

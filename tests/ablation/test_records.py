@@ -23,7 +23,7 @@ import detkit.ablation.sweep as sweep_module
 import detkit.cli
 from detkit.ablation.records import (ABSENT, RECORDS_FORMAT, Records, SweepRecords, config_differences, load_records,
                                      portable_config, record_of, save_records, upsert)
-from detkit.ablation.report import collect_runs, summarize
+from detkit.ablation.report import collect_runs, render_markdown, summarize
 from detkit.ablation.sweep import plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
 from detkit.ablation.tables import load_table
 from tests.ablation.test_report import make_run
@@ -341,9 +341,13 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     cells = [c.strip() for c in line.strip("|").split("|")]
     mean = (fake_ap("dcnv1/baseline", 0) + fake_ap("dcnv1/baseline", 1)) / 2
     assert cells[2] == "0,1" and cells[3].startswith(f"{mean:.1f} ± ")
+    assert ("`dcnv2/regular` is the same model trained the same way as `dcnv1/baseline` (identical training "
+            "config), so its runs are those") in report
     # From the records file alone (another machine, tools/report.py) the rows are there too.
     rows = {r.experiment: r for r in summarize(table, collect_runs([path]))}
     assert rows["dcnv2/regular"].mean["AP"] == pytest.approx(mean)
+    assert {r.same_run_as for r in rows["dcnv2/regular"].runs} == {"dcnv1/baseline"}
+    assert "identical training config" in render_markdown(table, list(rows.values()))
     assert rows["dcnv2/dconv_c5_dpool"].seeds == [0, 1]
     # Again: nothing to train, nothing rewritten.
     before = path.read_bytes()
