@@ -313,18 +313,23 @@ def same_runs(configs: dict) -> list[list[str]]:
     return [group for _, group in groups if len(group) > 1]
 
 
-def same_run_sources(specs, groups: list[list[str]], records=None) -> dict:
+def same_run_sources(specs, groups: list[list[str]], records=None, selected=None) -> dict:
     """{run spec not to train: the spec of the same group (`same_runs`) and seed whose run it
     is}. Per group and seed the run is the first member's that already finished (its folder)
-    or is recorded in `records`, else the first member's: a run made before the rows were
-    known to be identical is used, not trained again."""
+    or is recorded in `records`, else the first member's among `selected` (the specs the
+    sweep may train, rows=; None: all): a run made before the rows were known to be identical,
+    or by a sweep of other rows, is used, not trained again. A group with no member finished,
+    recorded or selected is left out."""
     by_run = {(s.experiment, s.seed): s for s in specs}
     sources = {}
     for group in groups:
         for seed in dict.fromkeys(s.seed for s in specs):
             members = [by_run[(e, seed)] for e in group if (e, seed) in by_run]
             done = [s for s in members if s.finished or (records is not None and records.find(s) is not None)]
-            chosen = (done or members)[0]
+            trainable = [s for s in members if selected is None or s in selected]
+            if not done and not trainable:
+                continue
+            chosen = (done or trainable)[0]
             sources.update({s: chosen for s in members if s is not chosen})
     return sources
 
@@ -334,8 +339,11 @@ def ablate(argv: list[str]) -> int:
     argv, train = split_argv(argv)
     options = read_options(argv)
     specs, pretrain_spec = plan(options, train)
-    configs = train_configs(specs, options["seeds"])
-    check_record_configs(options, specs, pretrain_spec, configs)
+    # Every row of the tables (rows= trains some of them): identical rows are found among all,
+    # so that a run another row already made is used, and the reports show every run there is.
+    every = specs if options["rows"] is None else plan({**options, "rows": None}, train)[0]
+    configs = train_configs(every, options["seeds"])
+    check_record_configs(options, every, pretrain_spec, configs)
     groups = same_runs(configs)
     for group in groups:
         print(f"same run: {', '.join(group)} have identical training configs: one run per seed for all of them")
@@ -347,15 +355,15 @@ def ablate(argv: list[str]) -> int:
     jobs, threads = options["jobs"], options["threads_per_job"]
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
-    records = open_records(options, specs, pretrain_spec)
-    same = same_run_sources(specs, groups, records)
+    records = open_records(options, every, pretrain_spec)
+    same = same_run_sources(every, groups, records, selected=set(specs))
     status = run_sweep([s for s in specs if s not in same], jobs=jobs, threads_per_job=threads, records=records)
     if records is not None:
         for spec, source in same.items():
             if records.find(source) is not None:
                 records.add_same_run(spec, source)
-    write_reports(options["tables"], specs, options["out"], records,
-                  [s for s, result in status.items() if result == "recorded"], same)
+    recorded = [s for s in every if not s.finished and records is not None and records.find(s) is not None]
+    write_reports(options["tables"], every, options["out"], records, recorded, same)
     failed = [s for s, result in status.items() if result.startswith("failed")]
     for spec in failed:
         print(f"error: {spec.experiment} seed {spec.seed} {status[spec]}: see {spec.run_dir / 'stdout.log'}",

@@ -355,6 +355,30 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     assert len(trained_runs(trained)) == 4 and path.read_bytes() == before
 
 
+def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, monkeypatch):
+    """A sweep of some rows (rows=) uses the run an identical row made in an earlier sweep, and
+    trains a group's run itself where none exists."""
+    import detkit.data.build
+    from detkit.cli.ablate import ablate
+
+    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    path = tmp_path / "records.json"
+    common = ["table=[dcnv1_table3,fpn_mmdet]", "data=synthetic_geometry", "seeds=[0]", f"record={path}",
+              "--", "schedule.max_iters=1"]
+    assert ablate(["rows=[fpn/baseline]", f"out={tmp_path / 'a'}", *common]) == 0
+    assert trained_runs(trained) == [("fpn/baseline", 0)]
+    # Another machine (no run folders), other rows: dcnv1/baseline is fpn/baseline's recorded
+    # run; dcnv1/dpool (identical to fpn/dpool, which has no run) is trained, and recorded for both.
+    assert ablate(["rows=[dcnv1/baseline,dcnv1/dpool]", f"out={tmp_path / 'b'}", *common]) == 0
+    assert trained_runs(trained) == [("dcnv1/dpool", 0), ("fpn/baseline", 0)]
+    records = {r["experiment"]: r for r in load_records(path).runs}
+    assert records["dcnv1/baseline"]["same_run_as"] == "fpn/baseline"
+    assert records["fpn/dpool"]["same_run_as"] == "dcnv1/dpool" and "same_run_as" not in records["dcnv1/dpool"]
+    report = (tmp_path / "b" / "fpn_mmdet.md").read_text()        # every run there is, not only rows=
+    line = next(l for l in report.splitlines() if "`fpn/baseline`" in l)
+    assert [c.strip() for c in line.strip("|").split("|")][2] == "0"
+
+
 def test_a_finished_member_is_the_run_of_its_group(tmp_path):
     """Per group of identical rows and seed, the run is the one that already exists (a folder
     or a record), whichever row made it; else the group's first row's."""
@@ -370,6 +394,12 @@ def test_a_finished_member_is_the_run_of_its_group(tmp_path):
     recorded = SimpleNamespace(find=lambda spec: {} if spec == by_run[("fpn/baseline", 0)] else None)
     assert same_run_sources(specs, [["dcnv1/baseline", "fpn/baseline"]], recorded)[by_run[("dcnv1/baseline", 0)]] \
         == by_run[("fpn/baseline", 0)]
+    # Nothing done: the first member the sweep may train (rows=); none of them: the group is left out.
+    selected = {by_run[("fpn/baseline", 0)]}
+    assert same_run_sources(specs, [["dcnv1/baseline", "fpn/baseline"]], selected=selected) == {
+        by_run[("dcnv1/baseline", 0)]: by_run[("fpn/baseline", 0)],
+        by_run[("dcnv1/baseline", 1)]: by_run[("fpn/baseline", 1)]}
+    assert same_run_sources(specs, [["dcnv1/res5c", "fpn/mdpool"]], selected=selected) == {}
 
 
 def test_record_option_names_a_json_file(tmp_path):
