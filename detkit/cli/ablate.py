@@ -318,8 +318,8 @@ def same_run_sources(specs, groups: list[list[str]], records=None, selected=None
     is}. Per group and seed the run is the first member's that already finished (its folder)
     or is recorded in `records`, else the first member's among `selected` (the specs the
     sweep may train, rows=; None: all): a run made before the rows were known to be identical,
-    or by a sweep of other rows, is used, not trained again. A group with no member finished,
-    recorded or selected is left out."""
+    or by a sweep of other rows, is used, not trained again; a member with a run of its own
+    keeps it. A group with no member finished, recorded or selected is left out."""
     by_run = {(s.experiment, s.seed): s for s in specs}
     sources = {}
     for group in groups:
@@ -330,7 +330,7 @@ def same_run_sources(specs, groups: list[list[str]], records=None, selected=None
             if not done and not trainable:
                 continue
             chosen = (done or trainable)[0]
-            sources.update({s: chosen for s in members if s is not chosen})
+            sources.update({s: chosen for s in members if s not in done and s is not chosen})
     return sources
 
 

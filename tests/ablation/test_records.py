@@ -400,6 +400,9 @@ def test_a_finished_member_is_the_run_of_its_group(tmp_path):
         by_run[("dcnv1/baseline", 0)]: by_run[("fpn/baseline", 0)],
         by_run[("dcnv1/baseline", 1)]: by_run[("fpn/baseline", 1)]}
     assert same_run_sources(specs, [["dcnv1/res5c", "fpn/mdpool"]], selected=selected) == {}
+    # Two members with runs of their own keep them.
+    finish(by_run[("dcnv1/baseline", 1)], 20.0)
+    assert by_run[("dcnv1/baseline", 1)] not in same_run_sources(specs, [["dcnv1/baseline", "fpn/baseline"]])
 
 
 def test_record_option_names_a_json_file(tmp_path):
