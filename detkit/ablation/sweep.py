@@ -58,12 +58,11 @@ class RunSpec:
 
 
 def plan_runs(tables: list[AblationTable], data: str, seeds: list[int], out: str | Path,
-              train_overrides: list[str] = (), rows: list[str] | None = None) -> list[RunSpec]:
-    """The runs of `tables` x `seeds`, each experiment once, seed-major; only the experiments
-    in `rows` when it is given (None: every row)."""
+              train_overrides: list[str] = ()) -> list[RunSpec]:
+    """The runs of `tables` x `seeds`, each experiment once, seed-major."""
     experiments: list[str] = []
     for table in tables:
-        experiments += [e for e in table.experiments if e not in experiments and (rows is None or e in rows)]
+        experiments += [e for e in table.experiments if e not in experiments]
     out = Path(out).resolve()
     specs = []
     for seed in seeds:

@@ -135,7 +135,7 @@ def read_options(argv: list[str]) -> dict:
 
 
 def plan(options: dict, train: list[str]):
-    """(the runs, the pre-training run or None), checked before anything starts: the run
+    """(the runs of every row, the pre-training run or None), checked before anything starts: the run
     folders, and every experiment's training config composed once (the seeds only change seed=)."""
     from detkit.ablation.sweep import check_run_folders, plan_pretrain, plan_runs, pretrained_backbone, weights_override
 
@@ -150,7 +150,7 @@ def plan(options: dict, train: list[str]):
         except ValueError as exc:
             raise ValueError(f"pretrain={pretrain}: {exc}") from None
         train = [*train, weights_override(pretrained_backbone(pretrain_spec))]
-    specs = plan_runs(options["tables"], options["data"], options["seeds"], out, train, rows=options["rows"])
+    specs = plan_runs(options["tables"], options["data"], options["seeds"], out, train)
     check_run_folders(specs + ([pretrain_spec] if pretrain_spec else []))
     return specs, pretrain_spec
 
@@ -338,10 +338,10 @@ def ablate(argv: list[str]) -> int:
     """The whole command on `argv` (the arguments after the program name); its exit status."""
     argv, train = split_argv(argv)
     options = read_options(argv)
-    specs, pretrain_spec = plan(options, train)
-    # Every row of the tables (rows= trains some of them): identical rows are found among all,
-    # so that a run another row already made is used, and the reports show every run there is.
-    every = specs if options["rows"] is None else plan({**options, "rows": None}, train)[0]
+    # Every row of the tables, though rows= trains only some: identical rows are found among
+    # all, so that a run another row already made is used, and the reports show every run there is.
+    every, pretrain_spec = plan(options, train)
+    specs = [s for s in every if options["rows"] is None or s.experiment in options["rows"]]
     configs = train_configs(every, options["seeds"])
     check_record_configs(options, every, pretrain_spec, configs)
     groups = same_runs(configs)
