@@ -18,7 +18,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from detkit.ablation.records import load_records
 from detkit.ablation.tables import AblationTable
 
 __all__ = ["RunResult", "RowSummary", "collect_runs", "runs_from_records", "summarize", "render_markdown",
-           "chart_figure", "render_chart", "write_report", "METRICS"]
+           "chart_figure", "render_chart", "write_report", "difference", "METRICS"]
 
 # detkit.evaluation.coco_eval.SUMMARY_KEYS, written out so that reports load without torch and
 # pycocotools (tests/ablation/test_report.py checks the two agree).
@@ -180,27 +180,32 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 
-def _delta_ap(row: Sequence[RunResult], base: Sequence[RunResult]) -> tuple[float | None, float | None]:
-    """(ΔAP of `row` to `base`, twice its standard error or None).
+def difference(row: Sequence[RunResult], base: Sequence[RunResult],
+               value: Callable[[RunResult], float | None] = lambda run: run.metrics["AP"],
+               ) -> tuple[float | None, float | None]:
+    """(mean `value` of the `row` runs minus the `base` runs', twice its standard error or
+    None); `value` gives one number per run (None: not defined for that run), AP by default.
 
     Paired by seed when the two share at least two seeds (a seed fixes the data order, the
     augmentation and the initialisation of what the models share, so the per-seed
-    differences carry less noise than the two rows do): ΔAP is the mean of the per-seed
-    differences over the shared seeds and 2 SE = 2 s_d / sqrt(n). Otherwise unpaired: the
-    difference of the means, 2 SE = 2 sqrt(s_row^2 / n_row + s_base^2 / n_base)."""
-    row_ap = [r.metrics["AP"] for r in row if r.metrics["AP"] is not None]
-    base_ap = [r.metrics["AP"] for r in base if r.metrics["AP"] is not None]
-    if not row_ap or not base_ap:
+    differences carry less noise than the two rows do): the mean of the per-seed differences
+    over the shared seeds and 2 SE = 2 s_d / sqrt(n). Otherwise unpaired: the difference of
+    the means, 2 SE = 2 sqrt(s_row^2 / n_row + s_base^2 / n_base), None unless both sides
+    have two values or more."""
+    row_values = [(r.seed, value(r)) for r in row]
+    base_values = [(r.seed, value(r)) for r in base]
+    row_present = [v for _, v in row_values if v is not None]
+    base_present = [v for _, v in base_values if v is not None]
+    if not row_present or not base_present:
         return None, None
-    base_by_seed = {r.seed: r.metrics["AP"] for r in base if r.seed is not None and r.metrics["AP"] is not None}
-    differences = [r.metrics["AP"] - base_by_seed[r.seed] for r in row
-                   if r.seed in base_by_seed and r.metrics["AP"] is not None]
+    base_by_seed = {seed: v for seed, v in base_values if seed is not None and v is not None}
+    differences = [v - base_by_seed[seed] for seed, v in row_values if seed in base_by_seed and v is not None]
     if len(differences) >= 2:
         return statistics.fmean(differences), 2 * statistics.stdev(differences) / math.sqrt(len(differences))
-    delta = statistics.fmean(row_ap) - statistics.fmean(base_ap)
-    if len(row_ap) > 1 and len(base_ap) > 1:
-        return delta, 2 * math.sqrt(statistics.variance(row_ap) / len(row_ap)
-                                    + statistics.variance(base_ap) / len(base_ap))
+    delta = statistics.fmean(row_present) - statistics.fmean(base_present)
+    if len(row_present) > 1 and len(base_present) > 1:
+        return delta, 2 * math.sqrt(statistics.variance(row_present) / len(row_present)
+                                    + statistics.variance(base_present) / len(base_present))
     return delta, None
 
 
@@ -224,7 +229,7 @@ def summarize(table: AblationTable, runs: Sequence[RunResult]) -> list[RowSummar
         mean, std = {}, {}
         for key in METRICS:
             mean[key], std[key] = _mean_std([r.metrics[key] for r in group])
-        delta, delta_2se = (_delta_ap(group, base) if row.experiment != table.baseline else (None, None))
+        delta, delta_2se = (difference(group, base) if row.experiment != table.baseline else (None, None))
         times = [r.sec_per_iter for r in group if r.sec_per_iter is not None]
         sec = statistics.median(times) if times else None
         params = [r.parameters for r in group if r.parameters is not None]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,13 +118,15 @@ def train_command(spec: RunSpec) -> list[str]:
 
 
 def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None = None,
-              log=print, records: SweepRecords | None = None) -> dict[RunSpec, str]:
+              log=print, records: SweepRecords | None = None,
+              on_record: Callable[[RunSpec], None] | None = None) -> dict[RunSpec, str]:
     """Train every unfinished run, `jobs` at a time, each with `threads_per_job` threads
     (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "failed (exit N)"};
     a failed run does not stop the others. Output of each run goes to <run folder>/stdout.log.
     With `records` (a records file, `detkit.ablation.records`), a run without a finished folder
     whose record is there is not trained ("recorded"), and every finished run (found so at the
-    start, or finished by this sweep) is recorded there at once."""
+    start, or finished by this sweep) is recorded there at once, then passed to `on_record`
+    (tools/ablate.py records the rows that share the run there)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
@@ -136,6 +139,8 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
             log(f"skip {spec.experiment} seed {spec.seed}: finished ({spec.run_dir / 'metrics.json'})")
             if records is not None:
                 records.add(spec)
+                if on_record is not None:
+                    on_record(spec)
         elif records is not None and records.find(spec) is not None:
             status[spec] = "recorded"
             log(f"skip {spec.experiment} seed {spec.seed}: recorded ({records.path})")
@@ -160,6 +165,8 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
             status[spec] = result
             if records is not None and result == "done":
                 records.add(spec)
+                if on_record is not None:
+                    on_record(spec)
             log(f"[{next(counter)}/{len(todo)}] {spec.experiment} seed {spec.seed}: {result} in "
                 f"{seconds / 60:.1f} min, {detail}")
 

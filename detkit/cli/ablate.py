@@ -357,11 +357,18 @@ def ablate(argv: list[str]) -> int:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
     records = open_records(options, every, pretrain_spec)
     same = same_run_sources(every, groups, records, selected=set(specs))
-    status = run_sweep([s for s in specs if s not in same], jobs=jobs, threads_per_job=threads, records=records)
+
+    def record_same_runs(source=None) -> None:
+        """Record the rows sharing run `source` (None: every recorded source) as that run, as
+        soon as it is recorded: a sweep cut short still leaves them in the records file."""
+        for spec, its_source in same.items():
+            if (source is None or its_source == source) and records.find(its_source) is not None:
+                records.add_same_run(spec, its_source)
+
     if records is not None:
-        for spec, source in same.items():
-            if records.find(source) is not None:
-                records.add_same_run(spec, source)
+        record_same_runs()
+    status = run_sweep([s for s in specs if s not in same], jobs=jobs, threads_per_job=threads, records=records,
+                       on_record=record_same_runs if records is not None else None)
     recorded = [s for s in every if not s.finished and records is not None and records.find(s) is not None]
     write_reports(options["tables"], every, options["out"], records, recorded, same)
     failed = [s for s, result in status.items() if result.startswith("failed")]

@@ -10,7 +10,9 @@
 (with metrics.json), folders holding them at any depth (a tools/ablate.py sweep folder) or
 records files of tools/ablate.py record=PATH.json (`detkit.ablation.records`); one path or a
 list. A table is rendered when at least one of its experiments has runs; its
-other rows say "not run". Without `out` the Markdown goes to stdout and no chart is drawn.
+other rows say "not run". Without `table`, the papers' claims follow the tables, each read
+as holds / does not hold / within noise / not measured (`detkit.ablation.claims`; with `out`,
+as claims.md). Without `out` the Markdown goes to stdout and no chart is drawn.
 
 Exit status: 0 done; 2 a bad path, table, metrics or records file, or a bad argument (one line on stderr).
 """
@@ -30,6 +32,7 @@ def _names(value, key: str) -> list[str]:
 
 
 def job(cfg) -> None:
+    from detkit.ablation.claims import read_claims, render_claims
     from detkit.ablation.report import collect_runs, render_markdown, summarize, write_report
     from detkit.ablation.tables import load_table, table_names
 
@@ -49,6 +52,16 @@ def job(cfg) -> None:
         else:
             write_report(table, runs, out / f"{table.name}.md", out / f"{table.name}.png")
             print(f"wrote {out / (table.name + '.md')}, {out / (table.name + '.png')} and {out / (table.name + '.svg')}")
+    if cfg.table is None:
+        claims = render_claims(read_claims(runs))
+        if out is None:
+            print(claims)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / ".claims.md.tmp"
+            tmp.write_text(claims)
+            tmp.replace(out / "claims.md")
+            print(f"wrote {out / 'claims.md'}")
 
 
 def main() -> None:

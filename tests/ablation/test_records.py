@@ -379,6 +379,33 @@ def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, mon
     assert [c.strip() for c in line.strip("|").split("|")][2] == "0"
 
 
+def test_rows_sharing_a_run_are_recorded_as_soon_as_it_is(tmp_path, trained, monkeypatch):
+    """A sweep cut short (a session's end kills it) still leaves the rows that share a finished
+    run in the records file: they are recorded when that run is, not when the sweep ends."""
+    import detkit.data.build
+    from detkit.cli.ablate import ablate
+
+    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    path = tmp_path / "records.json"
+    recorded_when_started = {}
+    fake_command = sweep_module.train_command
+
+    def command(spec):      # built just before the run starts (jobs=1: the runs go one after the other)
+        runs = load_records(path).runs if path.is_file() else []
+        recorded_when_started[spec.experiment] = {(r["experiment"], r.get("same_run_as")) for r in runs}
+        return fake_command(spec)
+
+    monkeypatch.setattr(sweep_module, "train_command", command)
+    assert ablate(["table=[dcnv1_table3,fpn_mmdet]", "rows=[dcnv1/baseline,dcnv1/dpool]", "data=synthetic_geometry",
+                   "seeds=[0]", "jobs=1", f"out={tmp_path / 'out'}", f"record={path}",
+                   "--", "schedule.max_iters=1"]) == 0
+    assert list(recorded_when_started) == ["dcnv1/baseline", "dcnv1/dpool"]
+    assert recorded_when_started["dcnv1/dpool"] == {("dcnv1/baseline", None), ("fpn/baseline", "dcnv1/baseline")}
+    assert {(r["experiment"], r.get("same_run_as")) for r in load_records(path).runs} == {
+        ("dcnv1/baseline", None), ("fpn/baseline", "dcnv1/baseline"), ("dcnv1/dpool", None),
+        ("fpn/dpool", "dcnv1/dpool")}
+
+
 def test_a_finished_member_is_the_run_of_its_group(tmp_path):
     """Per group of identical rows and seed, the run is the one that already exists (a folder
     or a record), whichever row made it; else the group's first row's."""

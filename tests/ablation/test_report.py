@@ -183,7 +183,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_cli_renders_tables_with_runs(sweep, tmp_path):
     result = run(f"runs=[{sweep}]")
     assert result.returncode == 0, result.stderr
-    assert "DCNv2 Table 1" in result.stdout and "DCNv1 Table 1" not in result.stdout   # only tables with runs
+    assert "### DCNv2 Table 1" in result.stdout and "### DCNv1 Table 1" not in result.stdout   # only tables with runs
     result = run(f"runs=[{sweep / 'dcnv2' / 'regular' / 'seed0'}]", f"out={tmp_path / 'rep'}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "rep" / "dcnv2_table1.md").is_file() and (tmp_path / "rep" / "dcnv2_table1.png").is_file()
