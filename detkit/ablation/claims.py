@@ -16,6 +16,7 @@ while one is not measured, and is within noise otherwise.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ __all__ = ["Comparison", "Claim", "ComparisonResult", "ClaimResult", "CLAIMS", "
            "read_claim", "read_claims", "render_claims"]
 
 HOLDS, DOES_NOT_HOLD, WITHIN_NOISE, NOT_MEASURED = "holds", "does not hold", "within noise", "not measured"
+RESOLUTION = 0.6   # AP: the 2 SE a claim's comparison should reach (docs/ablations.md); the seeds it needs are shown
 
 
 def _contrast(high: str, low: str) -> Callable[[RunResult], float | None]:
@@ -98,6 +100,14 @@ class ComparisonResult:
     verdict: str
     paper: str                   # the paper's difference in its own columns, or ""
 
+    def seeds_for(self, resolution: float = RESOLUTION) -> int | None:
+        """Seeds per row that would bring 2 SE to `resolution` at the spread seen so far
+        (2 SE shrinks as 1 / sqrt(seeds)); None without a standard error."""
+        if self.delta_2se is None:
+            return None
+        n = min(self.seeds)
+        return max(2, math.ceil(n * (self.delta_2se / resolution) ** 2 - 1e-9))
+
 
 @dataclass(frozen=True)
 class ClaimResult:
@@ -153,7 +163,8 @@ def read_claims(runs: Sequence[RunResult], claims: Sequence[Claim] = CLAIMS) -> 
 def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str:
     """The claims as Markdown: one line per comparison (ours ± 2 SE with the runs behind it,
     the paper's difference, the verdict), the claim's verdict in bold on its first line."""
-    header = ["claim", "verdict", "comparison", "quantity", "ours: Δ ± 2 SE", "runs (row / base)", "paper Δ", "reads"]
+    header = ["claim", "verdict", "comparison", "quantity", "ours: Δ ± 2 SE", "runs (row / base)",
+              f"seeds for 2 SE ≤ {RESOLUTION}", "paper Δ", "reads"]
     lines = [f"{'#' * heading_level} The papers' claims, read from these runs", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
@@ -166,11 +177,13 @@ def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str
                 f"{result.claim.name}: {result.claim.statement}" if first else "",
                 f"**{result.verdict}**" if first else "",
                 f"`{c.row}` vs `{c.base}`", f"{c.quantity} ({expect})", ours,
-                f"{r.seeds[0]} / {r.seeds[1]}", r.paper or "", r.verdict]) + " |")
+                f"{r.seeds[0]} / {r.seeds[1]}", "n/a" if r.seeds_for() is None else str(r.seeds_for()),
+                r.paper or "", r.verdict]) + " |")
     lines += ["", "Δ: the row's mean minus the base's, paired by seed where they share two seeds or more, "
               "± twice its standard error. A comparison expecting a gain holds beyond +2 SE, does not hold "
               "below -2 SE, and is within noise between; one expecting no further gain (saturation) holds "
               "unless it exceeds +2 SE; fewer than two seeds on a side is not measured. A claim holds when "
-              "all its comparisons hold (detkit/ablation/claims.py). Paper Δ: the same two rows in the "
+              "all its comparisons hold (detkit/ablation/claims.py). Seeds for 2 SE ≤ "
+              f"{RESOLUTION}: per row, at the spread seen so far. Paper Δ: the same two rows in the "
               "paper's own table and metric (COCO AP or VOC mAP), where it publishes both."]
     return "\n".join(lines) + "\n"

@@ -81,6 +81,16 @@ def test_contrasts_compare_per_run_differences_of_two_metrics():
     assert QUANTITIES["APl - APs"](run("x", 0, 1.0, aps=10.0, apl=25.0)) == pytest.approx(15.0)
 
 
+def test_seeds_needed_for_the_resolution_scale_with_the_spread_seen():
+    # per-seed differences +1, -1, +1: 2 SE = 1.33 with 3 seeds -> 3 * (1.33 / 0.6)^2 = 14.8 -> 15
+    (comparison,) = read_claim(GAIN, [*runs_of("dcnv1/baseline", BASE),
+                                      *runs_of("dcnv1/res5abc", [31.0, 30.0, 33.0])]).comparisons
+    assert comparison.seeds_for(0.6) == math.ceil(3 * (comparison.delta_2se / 0.6) ** 2)
+    assert comparison.seeds_for(0.6) == 15 and comparison.seeds_for(comparison.delta_2se) == 3
+    (unmeasured,) = read_claim(GAIN, runs_of("dcnv1/baseline", BASE)).comparisons
+    assert unmeasured.seeds_for() is None
+
+
 def test_a_claim_needs_every_comparison():
     claim = Claim("T", "both", (Comparison("dcnv1/res5abc", "dcnv1/baseline", "AP", "gain"),
                                 Comparison("dcnv1/dpool", "dcnv1/baseline", "AP", "gain")))
@@ -118,8 +128,8 @@ def test_markdown_lists_every_comparison_with_its_verdict():
     first = [c.strip() for c in lines[0].strip("|").split("|")]
     assert first[0] == f"{CLAIMS[0].name}: {CLAIMS[0].statement}"
     assert first[1] == "**not measured**"            # its saturation row has no runs
-    assert first[2:] == ["`dcnv1/res5abc` vs `dcnv1/baseline`", "AP (gain)", "+2.0 ± 0.0", "3 / 3",
-                         first[6], "holds"]
+    assert first[2:] == ["`dcnv1/res5abc` vs `dcnv1/baseline`", "AP (gain)", "+2.0 ± 0.0", "3 / 3", "2",
+                         first[7], "holds"]
 
 
 def test_report_prints_the_claims_after_all_tables_only(tmp_path):
