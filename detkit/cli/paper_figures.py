@@ -89,8 +89,7 @@ def job(cfg: DictConfig) -> None:
         raise ValueError(f"image_index must be 0 or more (or null), got {cfg.image_index}")
     model, checkpoint = load_model(cfg.checkpoint, resolve_device(cfg.device))
     try:
-        if check_sampling_request(model, cfg.stage, int(cfg.num_layers)) == 0:
-            raise ValueError("has no deformable conv layers: Figure 5 has no sampling points to draw")
+        check_sampling_request(model, cfg.stage, int(cfg.num_layers))
     except ValueError as exc:
         raise ValueError(f"{cfg.checkpoint}: {exc}") from None
     dataset, source = open_dataset(cfg, checkpoint)
@@ -107,24 +106,29 @@ def job(cfg: DictConfig) -> None:
         raise ValueError(f"image {index} (id {info['id']}, {info['file_name']}) of {source}: {exc}") from None
     output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(HydraConfig.get().runtime.output_dir)
     fig5, fig7 = output_dir / "fig5_sampling.png", output_dir / "fig7_roi_bins.png"
-    save_png(fig5, figures.fig5)
-    if figures.fig7 is not None:
-        save_png(fig7, figures.fig7)
-    else:
-        fig7.unlink(missing_ok=True)  # an earlier run's picture in the same folder would pass for this one's
+    for path, picture in ((fig5, figures.fig5), (fig7, figures.fig7)):
+        if picture is not None:
+            save_png(path, picture)
+        else:
+            path.unlink(missing_ok=True)  # an earlier run's picture in the same folder would pass for this one's
     summary = figures.summary()
     payload = {"checkpoint": str(cfg.checkpoint), "data": source,
                "image": {"index": index, "id": int(info["id"]), "file_name": str(info["file_name"]),
                          "width": int(info["width"]), "height": int(info["height"])},
                "num_layers": int(cfg.num_layers), "stage": cfg.stage, "min_canvas": int(cfg.min_canvas),
-               "fig5": str(fig5), "fig7": None if figures.fig7 is None else str(fig7), **summary}
+               "fig5": None if figures.fig5 is None else str(fig5),
+               "fig7": None if figures.fig7 is None else str(fig7), **summary}
     write_json(output_dir / "figures.json", payload, indent=2)  # atomic
-    logger.info("image %d (id %s, %s) of %s; %d sampling points per unit through %s", index, info["id"],
-                info["file_name"], source, summary["num_points"], ", ".join(summary["layers"]))
+    logger.info("image %d (id %s, %s) of %s; %s", index, info["id"], info["file_name"], source,
+                f"{summary['num_points']} sampling points per unit through {', '.join(summary['layers'])}"
+                if summary["layers"] else "deformable RoI pooling only")
     for unit in summary["units"]:
         logger.info("%-10s unit at (%.1f, %.1f): mean distance of its points %.1f px", unit["bucket"], unit["x"],
                     unit["y"], unit["mean_distance"])
-    logger.info("-> %s", fig5)
+    if figures.fig5 is None:
+        logger.info("fig5 skipped: %s", figures.fig5_skipped)
+    else:
+        logger.info("-> %s", fig5)
     if figures.fig7 is None:
         logger.info("fig7 skipped: %s", figures.fig7_skipped)
     else:

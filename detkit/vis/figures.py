@@ -385,11 +385,11 @@ def roi_bin_panels(canvas: Canvas, bins: Sequence[RoIBins],
 
 @dataclass
 class PaperFigures:
-    """What `paper_figures` made: fig5 (HxWx3 uint8 RGB), fig7 (or None, and why in
-    fig7_skipped), the units' samplings, the RoI bins (original pixels), the canvas and the
-    names of the deformable conv layers followed."""
+    """What `paper_figures` made: fig5 and fig7 (HxWx3 uint8 RGB, or None and why in
+    fig5_skipped / fig7_skipped), the units' samplings, the RoI bins (original pixels), the
+    canvas and the names of the deformable conv layers followed."""
 
-    fig5: np.ndarray
+    fig5: np.ndarray | None
     fig7: np.ndarray | None
     fig7_skipped: str | None
     samplings: list[UnitSampling]
@@ -397,6 +397,7 @@ class PaperFigures:
     canvas: Canvas
     layer_names: list[str] = field(default_factory=list)
     class_names: Mapping | Sequence | None = None
+    fig5_skipped: str | None = None
 
     def summary(self) -> dict:
         """A JSON-ready dict: the layers, the canvas, per unit its point, centre (x, y original
@@ -418,9 +419,11 @@ class PaperFigures:
                          "feature": roi.feature, "mean_bin_shift": float(shift.mean()),
                          "modulated": roi.mask is not None})
         height, width = self.canvas.pixels.shape[:2]
-        return {"layers": list(self.layer_names), "num_points": int(len(self.samplings[0].points)),
+        return {"layers": list(self.layer_names),
+                "num_points": int(len(self.samplings[0].points)) if self.samplings else 0,
                 "canvas": {"width": width, "height": height, "scale": list(self.canvas.scale)},
-                "units": units, "roi_bins": rois, "fig7_skipped": self.fig7_skipped}
+                "units": units, "roi_bins": rois, "fig5_skipped": self.fig5_skipped,
+                "fig7_skipped": self.fig7_skipped}
 
 
 def paper_figures(model: nn.Module, image, boxes, areas, num_layers: int = 3, stage: str | None = None,
@@ -433,24 +436,28 @@ def paper_figures(model: nn.Module, image, boxes, areas, num_layers: int = 3, st
     background one among the top layer's `unit_centres`) are followed through the last
     `num_layers` deformable convs of `stage` (None: of the network). Figure 7 shows the RoI
     bins of the `top_k` highest-scoring detections; it is None (fig7_skipped says why) when the
-    RoI pooler is not deformable, top_k is 0 or nothing was detected. ValueError when the
-    model has no deformable conv, the stage has fewer than num_layers, or the image has no
-    small or no large object or no background unit."""
+    RoI pooler is not deformable, top_k is 0 or nothing was detected; Figure 5 is None
+    (fig5_skipped) when the model's only deformable layers are its RoI pooler's (DCNv1's
+    deformable-pooling-only row). ValueError when the model has no deformable layer, the stage
+    has fewer than num_layers, the image has no small or no large object or no background unit
+    (for Figure 5), or neither figure can be drawn."""
     used = check_sampling_request(model, stage, int(num_layers))
-    if used == 0:
-        raise ValueError("the model has no deformable conv layers: Figure 5 has no sampling points to draw")
     if int(top_k) < 0:
         raise ValueError(f"top_k must be 0 or more, got {top_k}")
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     areas = np.asarray(areas, np.float64).reshape(-1)
-    for bucket in ("small", "large"):  # before the forward: the cheap refusal first
-        _object_unit(bucket, boxes, areas)
+    if used:
+        for bucket in ("small", "large"):  # before the forward: the cheap refusal first
+            _object_unit(bucket, boxes, areas)
     result = capture(model, image, top_k=int(top_k))
-    stack = _stack(result.layers, used, stage)
-    units = choose_units(boxes, areas, result.geometry.original_size, candidates=unit_centres(stack[-1]))
-    samplings = sample_units(stack, units, used)
     canvas = upscale(image, min_canvas)
-    fig5 = sampling_panels(canvas, samplings, boxes, point_radius=point_radius, alpha=alpha)
+    stack, samplings, fig5, fig5_skipped = [], [], None, "the model has no deformable conv layers"
+    if used:
+        stack = _stack(result.layers, used, stage)
+        units = choose_units(boxes, areas, result.geometry.original_size, candidates=unit_centres(stack[-1]))
+        samplings = sample_units(stack, units, used)
+        fig5 = sampling_panels(canvas, samplings, boxes, point_radius=point_radius, alpha=alpha)
+        fig5_skipped = None
     skipped = None
     if not result.deformable_pooling:
         skipped = "the RoI pooler is not deformable"
@@ -458,6 +465,8 @@ def paper_figures(model: nn.Module, image, boxes, areas, num_layers: int = 3, st
         skipped = "top_k=0"
     elif not result.roi_bins:
         skipped = "the model detected nothing on the image"
+    if fig5 is None and skipped:
+        raise ValueError(f"nothing to draw: {fig5_skipped} (no Figure 5) and {skipped} (no Figure 7)")
     fig7 = None if skipped else roi_bin_panels(canvas, result.roi_bins, class_names)
     return PaperFigures(fig5, fig7, skipped, samplings, list(result.roi_bins), canvas,
-                        [layer.name for layer in stack], class_names)
+                        [layer.name for layer in stack], class_names, fig5_skipped)

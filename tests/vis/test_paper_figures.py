@@ -180,10 +180,19 @@ def test_canvas_scale_is_per_axis():
     assert canvas.map_points([[90.5, 76.5]])[0] == pytest.approx([604.5, 511.5])   # the far corner stays the corner
 
 
-def test_paper_figures_needs_deformable_convs():
+def test_pooling_only_models_draw_figure_7_alone():
+    """DCNv1's deformable-pooling-only row has no sampling points to follow: Figure 5 is skipped
+    (with the reason), Figure 7 is drawn; with nothing to draw at all it is an error."""
     pooling_only = build_tiny(backbone={"deform_blocks": {}}, pooler_kind="deform")
-    with pytest.raises(ValueError, match="no deformable conv layers"):
-        paper_figures(pooling_only, smooth_image(120, 130), [[10, 10, 110, 110], [112, 5, 124, 17]], [10000, 144])
+    boxes, areas = [[10, 10, 110, 110], [112, 5, 124, 17]], [10000, 144]
+    figures = paper_figures(pooling_only, smooth_image(120, 130), boxes, areas, top_k=2)
+    assert figures.fig5 is None and "no deformable conv layers" in figures.fig5_skipped
+    assert figures.fig7 is not None and figures.fig7_skipped is None and len(figures.roi_bins) == 2
+    summary = figures.summary()
+    assert summary["units"] == [] and summary["num_points"] == 0 and summary["layers"] == []
+    assert summary["fig5_skipped"] == figures.fig5_skipped
+    with pytest.raises(ValueError, match="nothing to draw: the model has no deformable conv layers .* top_k=0"):
+        paper_figures(pooling_only, smooth_image(120, 130), boxes, areas, top_k=0)
 
 
 # --------------------------------------------------------------------------- tools/paper_figures.py
