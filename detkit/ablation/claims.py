@@ -9,7 +9,8 @@ difference and its twice standard error come from `detkit.ablation.report.differ
 - expect "gain": holds where the difference exceeds +2 SE, does not hold where it is below
   -2 SE, within noise otherwise;
 - expect "no further gain" (saturation): holds unless the difference exceeds +2 SE;
-- not measured: a row without runs, or fewer than two seeds on a side (no standard error).
+- not measured: a row without runs, or fewer than `MIN_SEEDS_TO_READ` (3) seeds on a side
+  (a standard error from two runs has one degree of freedom: its Δ and 2 SE are shown, unread).
 
 A claim holds when every comparison holds, does not hold when one does not, is not measured
 while one is not measured, and is within noise otherwise.
@@ -20,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detkit.ablation.report import RunResult, difference
+from detkit.ablation.report import MIN_SEEDS_TO_READ, RunResult, difference
 from detkit.ablation.tables import load_table
 
 __all__ = ["Comparison", "Claim", "ComparisonResult", "ClaimResult", "CLAIMS", "QUANTITIES",
@@ -116,8 +117,8 @@ class ClaimResult:
     verdict: str
 
 
-def _verdict(delta: float | None, delta_2se: float | None, expect: str) -> str:
-    if delta is None or delta_2se is None:
+def _verdict(delta: float | None, delta_2se: float | None, expect: str, seeds: int) -> str:
+    if delta is None or delta_2se is None or seeds < MIN_SEEDS_TO_READ:
         return NOT_MEASURED
     if expect == "no further gain":
         return DOES_NOT_HOLD if delta > delta_2se else HOLDS
@@ -148,7 +149,7 @@ def read_claim(claim: Claim, runs: Sequence[RunResult]) -> ClaimResult:
         base = [r for r in runs if r.experiment == comparison.base]
         delta, delta_2se = difference(row, base, QUANTITIES[comparison.quantity])
         results.append(ComparisonResult(comparison, delta, delta_2se, (len(row), len(base)),
-                                        _verdict(delta, delta_2se, comparison.expect),
+                                        _verdict(delta, delta_2se, comparison.expect, min(len(row), len(base))),
                                         _paper_difference(comparison)))
     verdicts = {r.verdict for r in results}
     verdict = (DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts else NOT_MEASURED if NOT_MEASURED in verdicts
@@ -182,7 +183,9 @@ def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str
     lines += ["", "Δ: the row's mean minus the base's, paired by seed where they share two seeds or more, "
               "± twice its standard error. A comparison expecting a gain holds beyond +2 SE, does not hold "
               "below -2 SE, and is within noise between; one expecting no further gain (saturation) holds "
-              "unless it exceeds +2 SE; fewer than two seeds on a side is not measured. A claim holds when "
+              "unless it exceeds +2 SE; fewer than "
+              f"{MIN_SEEDS_TO_READ} seeds on a side is not measured (Δ shown, not read)."
+              " A claim holds when "
               "all its comparisons hold (detkit/ablation/claims.py). Seeds for 2 SE ≤ "
               f"{RESOLUTION}: per row, at the spread seen so far. Paper Δ: the same two rows in the "
               "paper's own table and metric (COCO AP or VOC mAP), where it publishes both."]

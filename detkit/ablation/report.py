@@ -180,6 +180,9 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 
 
+MIN_SEEDS_TO_READ = 3   # a standard error from two runs has one degree of freedom: too unsteady to read
+
+
 def difference(row: Sequence[RunResult], base: Sequence[RunResult],
                value: Callable[[RunResult], float | None] = lambda run: run.metrics["AP"],
                ) -> tuple[float | None, float | None]:
@@ -253,6 +256,7 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
               *(f"paper {c}" for c in table.paper_columns)]
     lines = [f"{'#' * heading_level} {table.title}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base_runs = next((row.runs for row in rows if row.experiment == table.baseline), ())
     for row in rows:
         if not row.runs:
             cells = [row.label, f"`{row.experiment}`", "none", *(["not run"] * len(METRICS)), "", "", ""]
@@ -264,7 +268,8 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
             else:
                 delta = f"{row.delta_ap:+.1f}"
                 if row.delta_ap_2se is not None:
-                    delta += f" ± {row.delta_ap_2se:.1f}" + (" *" if abs(row.delta_ap) > row.delta_ap_2se else "")
+                    readable = min(len(row.runs), len(base_runs)) >= MIN_SEEDS_TO_READ
+                    delta += f" ± {row.delta_ap_2se:.1f}" + (" *" if readable and abs(row.delta_ap) > row.delta_ap_2se else "")
             seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
             cells = [row.label, f"`{row.experiment}`", seeds,
                      *(_cell(row.mean[k], row.std[k]) for k in METRICS), delta,
@@ -279,7 +284,7 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
     lines += ["",
               f"Ours: data={', '.join(datas) or 'none'}; box AP in percent (COCO metrics), mean ± sample "
               f"standard deviation over the seeds listed. ΔAP: mean AP minus the baseline's, ± twice its "
-              f"standard error; * where the difference exceeds that. time/iter: median training seconds per "
+              f"standard error; * where the difference exceeds that and both rows have {MIN_SEEDS_TO_READ} seeds or more. time/iter: median training seconds per "
               f"iteration (data loading excluded) relative to the baseline row{base_time}. "
               f"params: all parameters of the detector.",
               (f"Paper columns ({', '.join(table.paper_columns)}): {table.paper_source}. A blank cell: "

@@ -58,6 +58,17 @@ def test_fewer_than_two_seeds_is_not_measured():
     assert missing.delta is None and missing.seeds == (0, 3) and missing.verdict == "not measured"
 
 
+def test_two_seeds_show_a_difference_but_are_not_read():
+    """Two runs a side give a standard error with one degree of freedom: two per-seed
+    differences that happen to agree (-0.4, -0.5) would read 'does not hold' at 2 SE = 0.1."""
+    two = [*runs_of("dcnv1/baseline", BASE[:2]), *runs_of("dcnv1/res5abc", [29.6, 30.5])]
+    (comparison,) = read_claim(GAIN, two).comparisons
+    assert comparison.delta == pytest.approx(-0.45) and comparison.delta_2se == pytest.approx(0.1)
+    assert comparison.seeds == (2, 2) and comparison.verdict == "not measured"
+    third = [*two, run("dcnv1/baseline", 2, 32.0), run("dcnv1/res5abc", 2, 31.6)]
+    assert read_claim(GAIN, third).comparisons[0].verdict == "does not hold"
+
+
 def test_saturation_holds_unless_the_further_gain_is_beyond_noise():
     claim = Claim("T", "saturates", (Comparison("dcnv1/res5abc_res4", "dcnv1/res5abc", "AP", "no further gain"),))
     three = runs_of("dcnv1/res5abc", BASE)

@@ -93,6 +93,22 @@ def test_markdown_layout(sweep):
     assert "Zhu et al." in text and "arXiv 1811.11168" in text
 
 
+def test_two_seeds_are_not_starred(tmp_path):
+    """A difference from two seeds shows its 2 SE (one degree of freedom) but no star."""
+    for seed, (base_ap, row_ap) in enumerate([(20.0, 25.0), (22.0, 27.2)]):
+        make_run(tmp_path / "base" / f"seed{seed}", "dcnv2/regular", seed, base_ap, 0.5, 1)
+        make_run(tmp_path / "row" / f"seed{seed}", "dcnv2/dconv_c5_dpool", seed, row_ap, 0.5, 1)
+    table = load_table("dcnv2_table1")
+    text = render_markdown(table, summarize(table, collect_runs([tmp_path])))
+    (line,) = [l for l in text.splitlines() if l.startswith("| DCNv1: dconv conv5")]
+    assert "+5.1 ± 0.2 |" in line                      # per-seed 5.0, 5.2: far beyond 2 SE, yet unread
+    make_run(tmp_path / "base" / "seed2", "dcnv2/regular", 2, 21.0, 0.5, 1)
+    make_run(tmp_path / "row" / "seed2", "dcnv2/dconv_c5_dpool", 2, 26.1, 0.5, 1)
+    text = render_markdown(table, summarize(table, collect_runs([tmp_path])))
+    (line,) = [l for l in text.splitlines() if l.startswith("| DCNv1: dconv conv5")]
+    assert "+5.1 ± 0.1 *" in line
+
+
 def _longest_vertical_run(mask: np.ndarray) -> int:
     """The most consecutive True pixels in any column of an HxW mask (a bar's height in pixels)."""
     best = 0
