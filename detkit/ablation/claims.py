@@ -103,8 +103,9 @@ class ComparisonResult:
 
     def seeds_for(self, resolution: float = RESOLUTION) -> int | None:
         """Seeds per row that would bring 2 SE to `resolution` at the spread seen so far
-        (2 SE shrinks as 1 / sqrt(seeds)); None without a standard error."""
-        if self.delta_2se is None:
+        (2 SE shrinks as 1 / sqrt(seeds)); None without a standard error or from fewer than
+        `MIN_SEEDS_TO_READ` seeds a side (a spread from two runs is too unsteady to plan on)."""
+        if self.delta_2se is None or min(self.seeds) < MIN_SEEDS_TO_READ:
             return None
         n = min(self.seeds)
         return max(2, math.ceil(n * (self.delta_2se / resolution) ** 2 - 1e-9))
@@ -187,6 +188,6 @@ def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str
               f"{MIN_SEEDS_TO_READ} seeds on a side is not measured (Δ shown, not read)."
               " A claim holds when "
               "all its comparisons hold (detkit/ablation/claims.py). Seeds for 2 SE ≤ "
-              f"{RESOLUTION}: per row, at the spread seen so far. Paper Δ: the same two rows in the "
+              f"{RESOLUTION}: per row, at the spread seen so far ({MIN_SEEDS_TO_READ} seeds or more). Paper Δ: the same two rows in the "
               "paper's own table and metric (COCO AP or VOC mAP), where it publishes both."]
     return "\n".join(lines) + "\n"

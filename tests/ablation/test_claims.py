@@ -65,6 +65,7 @@ def test_two_seeds_show_a_difference_but_are_not_read():
     (comparison,) = read_claim(GAIN, two).comparisons
     assert comparison.delta == pytest.approx(-0.45) and comparison.delta_2se == pytest.approx(0.1)
     assert comparison.seeds == (2, 2) and comparison.verdict == "not measured"
+    assert comparison.seeds_for() is None            # nor is its spread planned on
     third = [*two, run("dcnv1/baseline", 2, 32.0), run("dcnv1/res5abc", 2, 31.6)]
     assert read_claim(GAIN, third).comparisons[0].verdict == "does not hold"
 
