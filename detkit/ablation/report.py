@@ -46,6 +46,7 @@ class RunResult:
     sec_per_iter: float | None
     parameters: int | None
     same_run_as: str | None = None            # the run is this other experiment's (identical training config)
+    layout: str | None = None                 # its detector's model.layout ("single_scale" / "fpn"), when known
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,14 @@ def _read_run(run_dir: Path) -> RunResult:
         choices = choices if isinstance(choices, dict) else {}
         experiment, data = choices.get("experiment"), choices.get("data")
     config_path = run_dir / "config.yaml"
-    if config_path.is_file():  # the resolved config the run wrote: only the seed is read
-        seed = check_stored_config(_select(_load_yaml(config_path), "seed"), str(config_path), root="seed")
-    return _run_result(run_dir, None if experiment in (None, "null") else str(experiment),
-                       None if data is None else str(data), None if seed is None else int(seed), metrics, stats)
+    layout = None
+    if config_path.is_file():  # the resolved config the run wrote: only the seed and the layout are read
+        config = _load_yaml(config_path)
+        seed = check_stored_config(_select(config, "seed"), str(config_path), root="seed")
+        layout = check_stored_config(_select(config, "model", "layout"), str(config_path), root="model.layout")
+    result = _run_result(run_dir, None if experiment in (None, "null") else str(experiment),
+                         None if data is None else str(data), None if seed is None else int(seed), metrics, stats)
+    return replace(result, layout=None if layout is None else str(layout))
 
 
 def _run_result(source: Path, experiment: str | None, data: str | None, seed: int | None,
@@ -126,7 +131,12 @@ def runs_from_records(path: str | Path, records: Iterable[dict[str, Any]]) -> li
     (their run_dir)."""
     path = Path(path).resolve()
     return [replace(_run_result(path, r["experiment"], r["data"], r["seed"], r["metrics"], r["train_stats"]),
-                    same_run_as=r.get("same_run_as")) for r in records]
+                    same_run_as=r.get("same_run_as"), layout=_layout_of(r.get("config"))) for r in records]
+
+
+def _layout_of(config: Any) -> str | None:
+    layout = _select(config, "model", "layout")
+    return None if layout is None else str(layout)
 
 
 def _is_records_file(path: Path) -> bool:
@@ -278,11 +288,17 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
         cells += ["" if v is None else f"{v:.1f}" for v in row.paper]
         lines.append("| " + " | ".join(cells) + " |")
     datas = sorted({str(r.data) for row in rows for r in row.runs})
+    layouts = sorted({r.layout for row in rows for r in row.runs if r.layout is not None})
+    detector = ""
+    if layouts:
+        detector = f"; detector layout: {', '.join(layouts)}"
+        if table.paper_layout is not None and layouts != [table.paper_layout]:
+            detector += f" (not the paper's {table.paper_layout})"
     base = next((row for row in rows if row.experiment == table.baseline), None)
     base_time = (f" ({base.sec_per_iter:.3f} s per iteration, median over its runs)"
                  if base is not None and base.sec_per_iter else "")
     lines += ["",
-              f"Ours: data={', '.join(datas) or 'none'}; box AP in percent (COCO metrics), mean ± sample "
+              f"Ours: data={', '.join(datas) or 'none'}{detector}; box AP in percent (COCO metrics), mean ± sample "
               f"standard deviation over the seeds listed. ΔAP: mean AP minus the baseline's, ± twice its "
               f"standard error; * where the difference exceeds that and both rows have {MIN_SEEDS_TO_READ} seeds or more. time/iter: median training seconds per "
               f"iteration (data loading excluded) relative to the baseline row{base_time}. "

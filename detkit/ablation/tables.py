@@ -8,11 +8,13 @@ package data, or a checkout's configs/):
     paper:
       source: "Dai et al., ... Table 1 ..."   # the citation printed under the report
       columns: ["mAP@0.5", "mAP@0.7"]          # what the paper's numbers are
+      layout: single_scale                     # optional: the paper's detector (model.layout)
     rows:
       - {experiment: dcnv1/baseline, label: "none (0)", paper: [78.1, 62.1]}
 
 `experiment` names a config under `configs/experiment/`; `paper` holds one number per
-paper column, null where the paper gives none. A table with `from_scratch: true` (the
+paper column, null where the paper gives none; `paper.layout` (`single_scale` or `fpn`, the
+values of `model.layout`) is the paper's detector, which the report sets beside the runs' own. A table with `from_scratch: true` (the
 positive control) trains its rows from random initialisation: the sweep gives them no
 pre-training backbone, and `table=all` (the papers' tables, which fine-tune) leaves it out.
 """
@@ -26,6 +28,7 @@ from detkit.cli import CONFIG_DIR
 __all__ = ["TABLE_DIR", "AblationRow", "AblationTable", "load_table", "table_names", "paper_table_names"]
 
 TABLE_DIR = CONFIG_DIR / "ablation"
+LAYOUTS = ("single_scale", "fpn")         # model.layout's values
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class AblationTable:
     paper_columns: tuple[str, ...]
     rows: tuple[AblationRow, ...]
     from_scratch: bool = False            # rows start from random weights, never from a pre-training
+    paper_layout: str | None = None       # the paper's detector ("single_scale" / "fpn"), when the table says
 
     @property
     def experiments(self) -> list[str]:
@@ -96,5 +100,8 @@ def load_table(name: str, table_dir: str | Path | None = None) -> AblationTable:
     from_scratch = raw.get("from_scratch", False)
     if not isinstance(from_scratch, bool):
         raise ValueError(f"{path}: from_scratch must be true or false; got {from_scratch!r}")
+    layout = paper.get("layout")
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"{path}: paper.layout must be one of {list(LAYOUTS)}; got {layout!r}")
     return AblationTable(name, str(field(raw, "title", "the table")), baseline, str(field(paper, "source", "paper")),
-                         columns, tuple(rows), from_scratch)
+                         columns, tuple(rows), from_scratch, layout)

@@ -61,6 +61,17 @@ def test_tables_have_the_papers_rows():
     rows = {r.experiment: r.paper for r in load_table("dcnv2_table1").rows}
     assert rows["dcnv2/regular"] == (34.7,) and rows["dcnv2/mdconv_c3_c5_mdpool"] == (41.7,)
     assert rows["dcnv2/dconv_c4_c5_dpool"] == (None,)
+    # The papers' detectors: single-scale for DCNv1/DCNv2, FPN for mmdetection's rows; the
+    # data=coco rows use the same (check_model below), the CPU proxy may not.
+    assert [load_table(t).paper_layout for t in ("dcnv1_table1", "dcnv1_table3", "dcnv2_table1", "fpn_mmdet")] == \
+        ["single_scale", "single_scale", "single_scale", "fpn"]
+
+
+def test_a_table_with_an_unknown_paper_layout_is_refused(tmp_path):
+    text = (CONFIG_DIR / "ablation" / "fpn_mmdet.yaml").read_text().replace("layout: fpn", "layout: pyramid")
+    (tmp_path / "odd.yaml").write_text(text)
+    with pytest.raises(ValueError, match="paper.layout must be one of"):
+        load_table("odd", tmp_path)
 
 
 def check_model(cfg, experiment: str, depth: int, lr_mult: tuple[float, float] | None = None,

@@ -93,6 +93,19 @@ def test_markdown_layout(sweep):
     assert "Zhu et al." in text and "arXiv 1811.11168" in text
 
 
+def test_the_runs_detector_layout_is_set_beside_the_papers(sweep):
+    make_run(sweep / "fpn" / "baseline" / "seed0", "fpn/baseline", 0, 20.0, 0.5, 1)
+    for config in sweep.rglob("config.yaml"):
+        config.write_text(config.read_text() + "model:\n  layout: fpn\n")
+    runs = collect_runs([sweep])
+    assert {r.layout for r in runs} == {"fpn"}
+    single_scale = load_table("dcnv2_table1")
+    assert "detector layout: fpn (not the paper's single_scale)" in render_markdown(single_scale, summarize(single_scale, runs))
+    mmdet = load_table("fpn_mmdet")       # whose paper is an FPN: no remark
+    text = render_markdown(mmdet, summarize(mmdet, runs))
+    assert "detector layout: fpn;" in text and "not the paper's" not in text
+
+
 def test_two_seeds_are_not_starred(tmp_path):
     """A difference from two seeds shows its 2 SE (one degree of freedom) but no star."""
     for seed, (base_ap, row_ap) in enumerate([(20.0, 25.0), (22.0, 27.2)]):
