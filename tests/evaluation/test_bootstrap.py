@@ -182,3 +182,16 @@ def test_the_tool_prints_each_runs_spread_and_refuses_runs_evaluated_elsewhere(t
     assert refused.returncode == 2 and "evaluated on other images or another ground truth" in refused.stderr
     missing = eval_noise(f"runs=[{base},{tmp_path}]", f"gt={tmp_path / 'gt.json'}")
     assert missing.returncode == 2 and "has no detections.json" in missing.stderr
+
+
+def test_a_crafted_run_config_builds_nothing_it_names(tmp_path):
+    """Without gt= the tool reads the first run's config.yaml (a file people exchange): a data
+    node naming something other than detkit's data sources is refused, never imported."""
+    gt = make_ground_truth()
+    run = make_run(tmp_path / "run", make_detections(gt, 4.0, 1), None)
+    marker = tmp_path / "ran"
+    (run / "config.yaml").write_text(
+        f"data:\n  _target_: os.system\n  command: 'touch {marker}'\n  root: {tmp_path}\n")
+    result = eval_noise(f"runs=[{run}]")
+    assert result.returncode == 2 and "os.system" in result.stderr
+    assert not marker.exists()
