@@ -32,6 +32,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detkit.evaluation.coco_eval import load_coco_results
+
 __all__ = ["ImageEvaluation", "evaluate_images", "load_detections", "resampled_ap", "bootstrap_ap",
            "BootstrapSummary", "summarize_bootstrap"]
 
@@ -72,15 +74,8 @@ def evaluate_images(coco_gt: COCO, detections: Sequence[Mapping[str, Any]]) -> I
             raise ValueError(f"a detection's image_id {d['image_id']} is not an image of the ground truth")
         if d["category_id"] not in known_categories:
             raise ValueError(f"a detection's category_id {d['category_id']} is not a category of the ground truth")
+    coco_dt = load_coco_results(coco_gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):
-        if detections:
-            coco_dt = coco_gt.loadRes([dict(d, bbox=list(d["bbox"])) for d in detections])
-        else:   # loadRes refuses an empty list
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
-                               "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
-                               "annotations": []}
-            coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = list(image_ids)
         coco_eval.params.catIds = sorted(known_categories)

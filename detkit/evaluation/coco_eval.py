@@ -33,7 +33,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["COCOEvaluator", "coco_records", "predictions_to_coco"]
+__all__ = ["COCOEvaluator", "coco_records", "load_coco_results", "predictions_to_coco"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,22 @@ def _scale_xy(target: Mapping[str, Any]) -> tuple[float, float]:
 
 def _rounded(value: Any, digits: int | None) -> float:
     return float(value) if digits is None else round(float(value), digits)
+
+
+def load_coco_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> COCO:
+    """COCO results ([{image_id, category_id, bbox, score}]) as the COCO object COCOeval takes
+    beside `coco_gt`; an empty list gives an empty result set over the ground truth's images
+    (pycocotools' loadRes refuses one). The entries are copied: loadRes adds keys to them."""
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+                       "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
 
 
 def coco_records(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, label_to_category_id: Mapping[int, int],
@@ -180,20 +196,6 @@ class COCOEvaluator:
         """The detections in COCO results format ([{image_id, category_id, bbox, score}]), by image id."""
         return [entry for image_id in sorted(self._results) for entry in self._results[image_id]]
 
-    def _load_results(self, results: list[dict[str, Any]]) -> COCO:
-        if results:
-            with contextlib.redirect_stdout(io.StringIO()):
-                # loadRes adds keys to the entries (area, id, ...): give it copies.
-                return self.coco_gt.loadRes([dict(r, bbox=list(r["bbox"])) for r in results])
-        # loadRes cannot take an empty list: an empty result set with the ground truth's images.
-        coco_dt = COCO()
-        coco_dt.dataset = {"images": list(self.coco_gt.dataset.get("images", [])),
-                           "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),
-                           "annotations": []}
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt.createIndex()
-        return coco_dt
-
     def evaluate(self) -> dict[str, float]:
         """Run COCOeval on the seen images and return the metrics in percent.
 
@@ -210,7 +212,7 @@ class COCOEvaluator:
             metrics = {f"bbox/{k}": math.nan for k in SUMMARY_KEYS}
             metrics.update({f"bbox/AP-{names[c]}": math.nan for c in cat_ids})
             return metrics
-        coco_dt = self._load_results(self.results())
+        coco_dt = load_coco_results(self.coco_gt, self.results())
         coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = self.image_ids
         coco_eval.params.catIds = cat_ids
