@@ -189,7 +189,6 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
 
 
-
 MIN_SEEDS_TO_READ = 3   # a standard error from two runs has one degree of freedom: too unsteady to read
 
 
