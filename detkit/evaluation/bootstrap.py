@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
@@ -45,9 +46,10 @@ class ImageEvaluation:
     coco_eval: COCOeval
     image_ids: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def ap(self) -> float:
-        """Box AP (IoU .50:.95, all areas, 100 detections) on all the images, in percent."""
+        """Box AP (IoU .50:.95, all areas, 100 detections) on all the images, in percent
+        (accumulated once: the tool checks it against metrics.json and prints it)."""
         return resampled_ap(self, np.arange(len(self.image_ids)))
 
 
