@@ -7,17 +7,20 @@
 - `write_predictions`: the predictions JSON of tools/predict.py and tools/predict_onnx.py,
   a list of {"file_name", "category_id", "bbox": [x, y, w, h], "score"}
   (`detkit.evaluation.inference.to_coco_results`) on one line.
+- `file_lock`: an exclusive lock on a lock file, for processes that share a file or a
+  folder (two ablation sweeps recording into one records file, or reaching the same run).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "write_text", "write_predictions"]
+__all__ = ["write_json", "write_text", "write_predictions", "file_lock"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -49,3 +52,29 @@ def write_predictions(output: str | os.PathLike, detections: Iterable[dict]) -> 
     detections = list(detections)
     write_json(output, detections, indent=None)
     return len(detections)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on the lock file `path` (created, with its folders, if missing)
+    while the block runs, and yield True. With `blocking=False`, when another process holds it,
+    yield False at once, without the lock. The lock is the operating system's (POSIX flock),
+    so it goes with the process that held it, even a killed one: a lock file left behind never
+    blocks anyone. Where there is no flock (Windows) it yields True without locking."""
+    try:
+        import fcntl
+    except ImportError:       # pragma: no cover - not POSIX
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

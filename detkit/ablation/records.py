@@ -38,6 +38,7 @@ compared, never passed to a training run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -50,11 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detkit.io import write_json
+from detkit.io import file_lock, write_json
 
 __all__ = ["RECORDS_FORMAT", "RECORDS_VERSION", "Records", "SweepRecords", "record_of", "pretrain_entry",
            "portable_overrides", "portable_config", "config_differences", "check_configs", "load_records",
-           "save_records", "upsert", "record_key", "file_sha256", "PATH_PLACEHOLDER", "ABSENT"]
+           "save_records", "upsert", "record_key", "lock_path", "file_sha256", "PATH_PLACEHOLDER", "ABSENT"]
 
 RECORDS_FORMAT = "detkit-ablation-records"
 RECORDS_VERSION = 1
@@ -214,6 +215,13 @@ def upsert(runs: Iterable[dict[str, Any]], record: dict[str, Any]) -> list[dict[
             runs[i] = record
             return runs
     return [*runs, record]
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file beside records file `path` (`<name>.lock`) that sweeps writing to it take
+    in turn (`detkit.io.file_lock`); never committed (.gitignore)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
 
 
 # ---------------------------------------------------------------------------- reading, checking
@@ -451,7 +459,11 @@ class SweepRecords:
 
     `open` refuses a file whose runs of the same data were made from another pre-training
     backbone, or with other overrides for one of this sweep's (experiment, seed): either
-    would mix two settings in one table."""
+    would mix two settings in one table.
+
+    Several sweeps may record into one file at once (two sweeps of other rows side by side):
+    each write takes the file's lock (`lock_path`), reads the file again and adds its record
+    to what is there, so none drops another's."""
 
     def __init__(self, path: Path, records: Records, backbone_sha256: str | None) -> None:
         self.path, self.records, self.backbone_sha256 = path, records, backbone_sha256
@@ -489,9 +501,21 @@ class SweepRecords:
                     f"use another record= file")
         sweep = cls(path, records, backbone_sha256)
         if pretrain is not None and records.pretrain.get(data, {}).get("backbone_sha256") != backbone_sha256:
-            records.pretrain[data] = pretrain
-            save_records(path, records)
+            with sweep._locked_file():
+                records.pretrain[data] = pretrain
+                save_records(path, records)
         return sweep
+
+    @contextlib.contextmanager
+    def _locked_file(self):
+        """While the block runs, hold the records file's lock (`lock_path`) and have
+        `self.records` hold the file's content as it is now: another sweep recording into the
+        same file may have added runs since this one read it, and rewriting the file from an
+        older copy would drop them. `self.records` is updated in place (callers keep it)."""
+        with file_lock(lock_path(self.path)):
+            on_disk = load_records(self.path)
+            self.records.runs, self.records.pretrain = on_disk.runs, on_disk.pretrain
+            yield
 
     def find(self, spec) -> dict[str, Any] | None:
         """The record of run `spec` made with its overrides and this sweep's backbone, or None."""
@@ -516,8 +540,9 @@ class SweepRecords:
 
         if old is not None and content(old) == content(record):
             return
-        self.records.runs = upsert(self.records.runs, record)
-        save_records(self.path, self.records)
+        with self._locked_file():
+            self.records.runs = upsert(self.records.runs, record)
+            save_records(self.path, self.records)
 
     def add_same_run(self, spec, source) -> None:
         """Record run `spec` as the recorded run `source` (another experiment, same seed, whose

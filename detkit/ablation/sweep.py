@@ -39,11 +39,13 @@ from pathlib import Path
 from detkit.ablation.records import SweepRecords
 from detkit.ablation.tables import AblationTable
 from detkit.cli import quote_override
+from detkit.io import file_lock
 
-__all__ = ["RunSpec", "plan_runs", "check_run_folders", "run_overrides", "train_command", "run_sweep", "RUN_RECORD"]
+__all__ = ["RunSpec", "plan_runs", "check_run_folders", "run_overrides", "train_command", "run_sweep", "RUN_RECORD", "RUN_LOCK"]
 
 TRAIN_MODULE = "detkit.cli.train"    # what every run executes (python -m)
 RUN_RECORD = "ablate.json"       # the overrides a run folder was made with
+RUN_LOCK = "sweep.lock"          # held by the sweep training the run (detkit.io.file_lock)
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,10 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
               log=print, records: SweepRecords | None = None,
               on_record: Callable[[RunSpec], None] | None = None) -> dict[RunSpec, str]:
     """Train every unfinished run, `jobs` at a time, each with `threads_per_job` threads
-    (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "failed (exit N)"};
-    a failed run does not stop the others. Output of each run goes to <run folder>/stdout.log.
+    (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "busy" |
+    "failed (exit N)"}; a failed run does not stop the others. A run whose folder's lock
+    (RUN_LOCK) another sweep holds is being trained by it and is left to it ("busy"), so two
+    sweeps of the same rows started side by side share the runs out between them. Output of each run goes to <run folder>/stdout.log.
     With `records` (a records file, `detkit.ablation.records`), a run without a finished folder
     whose record is there is not trained ("recorded"), and every finished run (found so at the
     start, or finished by this sweep) is recorded there at once, then passed to `on_record`
@@ -151,11 +155,24 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
 
     def one(spec: RunSpec) -> None:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
-        (spec.run_dir / RUN_RECORD).write_text(json.dumps({"overrides": list(spec.overrides)}, indent=1))
-        start = time.perf_counter()
-        with open(spec.run_dir / "stdout.log", "ab") as output:
-            code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env)
-        seconds = time.perf_counter() - start
+        with file_lock(spec.run_dir / RUN_LOCK, blocking=False) as mine:
+            if mine:
+                train(spec)
+            else:
+                with lock:
+                    status[spec] = "busy"
+                    log(f"[{next(counter)}/{len(todo)}] {spec.experiment} seed {spec.seed}: busy (another sweep "
+                        f"is training it: {spec.run_dir / RUN_LOCK} is held), left to it")
+
+    def train(spec: RunSpec) -> None:
+        if spec.finished:     # another sweep finished it after this one started
+            seconds, code = 0.0, 0
+        else:
+            (spec.run_dir / RUN_RECORD).write_text(json.dumps({"overrides": list(spec.overrides)}, indent=1))
+            start = time.perf_counter()
+            with open(spec.run_dir / "stdout.log", "ab") as output:
+                code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env)
+            seconds = time.perf_counter() - start
         if code == 0 and spec.finished:
             ap = json.loads((spec.run_dir / "metrics.json").read_text()).get("bbox/AP")
             result, detail = "done", f"box AP {ap:.2f}" if isinstance(ap, (int, float)) else "no AP"

@@ -24,6 +24,11 @@ pre-training backbone than this machine's is refused before any run starts, and 
 whose record of one of the sweep's runs holds another resolved config than the run would use
 now (the config files changed since it was recorded).
 
+Two sweeps may run side by side (more runs at a time on a machine with spare cores, or two
+machines sharing the output folder): a run the other sweep is training is left to it ("busy",
+its folder's sweep.lock held), and both write into one records file without dropping each
+other's records (each write takes the file's lock and reads it again first).
+
 Rows whose composed training configs are identical (on data=synthetic_geometry dcnv2/regular
 is dcnv1/baseline) get one run per seed, the first of them already finished or recorded, else
 the first row's; it is reported, and recorded (marked "same_run_as"), under every such row.
@@ -35,7 +40,8 @@ data=synthetic_geometry rows train from scratch (their model configs; pretrain=a
 none): a backbone pre-trained without deformable layers took the deformable rows' gain away in
 this proxy (docs/ablations.md).
 
-Exit status: 0 every run finished; 1 some run failed (the others still ran; the report
+Exit status: 0 every run finished (or was left to another sweep training it: a note names
+it); 1 some run failed (the others still ran; the report
 marks the missing rows); 2 a mistake in the arguments (one line on stderr, nothing started).
 """
 from __future__ import annotations
@@ -375,6 +381,9 @@ def ablate(argv: list[str]) -> int:
     for spec in failed:
         print(f"error: {spec.experiment} seed {spec.seed} {status[spec]}: see {spec.run_dir / 'stdout.log'}",
               file=sys.stderr)
+    for spec in [s for s, result in status.items() if result == "busy"]:
+        print(f"note: {spec.experiment} seed {spec.seed} was being trained by another sweep and is not in this "
+              f"report; run the command again once that sweep has finished", file=sys.stderr)
     return 1 if failed else 0
 
 

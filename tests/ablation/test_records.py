@@ -1,7 +1,7 @@
 """Sweep records (detkit.ablation.records): the file format and its checks, upsert, reports
 from records files beside run folders, the sweep that skips recorded runs and records new
-ones, and the check of a record's resolved config against the one its run would use now. The
-sweep runs here without training: `train_command` is replaced by a script that writes a run
+ones, two sweeps sharing a records file and run folders, and the check of a record's resolved
+config against the one its run would use now. The sweep runs here without training: `train_command` is replaced by a script that writes a run
 folder's config.yaml (composed from its overrides and written as the trainer writes it),
 metrics.json and train_stats.json."""
 from __future__ import annotations
@@ -22,10 +22,11 @@ import yaml
 import detkit.ablation.sweep as sweep_module
 import detkit.cli
 from detkit.ablation.records import (ABSENT, RECORDS_FORMAT, Records, SweepRecords, config_differences, load_records,
-                                     portable_config, record_of, save_records, upsert)
+                                     lock_path, portable_config, record_of, save_records, upsert)
 from detkit.ablation.report import collect_runs, render_markdown, summarize
-from detkit.ablation.sweep import plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
+from detkit.ablation.sweep import RUN_LOCK, plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
 from detkit.ablation.tables import load_table
+from detkit.io import file_lock
 from tests.ablation.test_report import make_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -583,3 +584,81 @@ def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, 
     assert f"its record of {first['experiment']} seed {first['seed']} (data=synthetic) predates config checking" \
         in str(error.value)
     assert len(trained_runs(trained)) == 8 and not (tmp_path / "c" / "dcnv1").exists()
+
+
+# ---------------------------------------------------------------------------- two sweeps at once
+
+def test_two_sweeps_recording_into_one_file_keep_each_others_records(tmp_path, trained):
+    # Both sweeps read the file before either wrote: each must add to what the other wrote,
+    # not rewrite the file from its own older copy.
+    path = tmp_path / "results.json"
+    specs = specs_for(tmp_path / "out", seeds=[0])
+    first, second = specs[:2], specs[2:]
+    records_a = SweepRecords.open(path, load_records(path), first, "synthetic", SHA_A)
+    records_b = SweepRecords.open(path, load_records(path), second, "synthetic", SHA_A)
+    assert set(run_sweep(first, records=records_a, log=lambda line: None).values()) == {"done"}
+    assert set(run_sweep(second, records=records_b, log=lambda line: None).values()) == {"done"}
+    saved = sorted((r["experiment"], r["seed"]) for r in load_records(path).runs)
+    assert saved == sorted((s.experiment, 0) for s in specs)
+    # The later writer's in-memory records are the file's (callers such as the report use them).
+    assert sorted((r["experiment"], r["seed"]) for r in records_b.records.runs) == saved
+    assert lock_path(path) == tmp_path / "results.json.lock"
+
+
+def test_a_run_another_sweep_is_training_is_left_to_it(tmp_path, trained):
+    specs = specs_for(tmp_path / "out", seeds=[0])
+    busy, free = specs[0], specs[1]
+    lines = []
+    with file_lock(busy.run_dir / RUN_LOCK) as held:      # the other sweep, training `busy`
+        assert held
+        status = run_sweep([busy, free], log=lines.append)
+    assert status == {busy: "busy", free: "done"}
+    assert trained_runs(trained) == [(free.experiment, 0)]
+    assert any(line.startswith(f"[1/2] {busy.experiment} seed 0: busy (another sweep is training it") for line in lines)
+    assert not (busy.run_dir / "metrics.json").exists()
+    # Once the other sweep has let go, the run is this sweep's again.
+    assert run_sweep([busy, free], log=lambda line: None) == {busy: "done", free: "skipped"}
+
+
+def test_a_run_the_other_sweep_finished_meanwhile_is_recorded_not_trained(tmp_path, trained):
+    path = tmp_path / "results.json"
+    [spec] = specs_for(tmp_path / "out", seeds=[0])[:1]
+    records = SweepRecords.open(path, load_records(path), [spec], "synthetic", SHA_A)
+    original = sweep_module.file_lock
+
+    def finished_by_the_other_sweep(lock, blocking=True):     # it finishes the run just before we lock
+        finish(spec, 21.0)
+        return original(lock, blocking)
+
+    sweep_module.file_lock = finished_by_the_other_sweep
+    try:
+        assert run_sweep([spec], records=records, log=lambda line: None) == {spec: "done"}
+    finally:
+        sweep_module.file_lock = original
+    assert trained_runs(trained) == []
+    [record] = load_records(path).runs
+    assert record["metrics"]["bbox/AP"] == 21.0
+
+
+def test_file_lock_is_exclusive_and_dies_with_its_process(tmp_path):
+    lock = tmp_path / "sub" / "x.lock"
+    with file_lock(lock) as first:
+        assert first and lock.is_file()
+        with file_lock(lock, blocking=False) as second:
+            assert second is False
+    with file_lock(lock, blocking=False) as again:
+        assert again is True
+    # A process killed while holding the lock leaves the file behind but not the lock.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from detkit.io import file_lock\n"
+        f"with file_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with file_lock(lock, blocking=False) as while_held:
+            assert while_held is False
+    finally:
+        holder.kill()
+        holder.wait()
+    with file_lock(lock, blocking=False) as after_kill:
+        assert after_kill is True
