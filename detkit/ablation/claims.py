@@ -1,4 +1,4 @@
-"""The papers' claims, read from an ablation sweep: holds / does not hold / within noise.
+"""The papers' claims, read from an ablation sweep: holds / does not hold / mixed / within noise.
 
 Each claim (`CLAIMS`) rests on one or more comparisons of two table rows (experiments), each
 of one quantity per run: AP, or a contrast such as AP75 - AP50 ("the gain is mostly at the
@@ -12,8 +12,11 @@ difference and its twice standard error come from `detkit.ablation.report.differ
 - not measured: a row without runs, or fewer than `MIN_SEEDS_TO_READ` (3) seeds on a side
   (a standard error from two runs has one degree of freedom: its Δ and 2 SE are shown, unread).
 
-A claim holds when every comparison holds, does not hold when one does not, is not measured
-while one is not measured, and is within noise otherwise.
+A claim holds when every comparison holds; is mixed when one comparison expecting a gain
+holds and another does not (the same claim tested in two models, say DCNv1's res5 and DCNv2's
+conv3-5 rows, comes out both ways: neither verdict alone would be the reading); does not hold
+when one comparison does not; is not measured while one is not measured; and is within noise
+otherwise.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ __all__ = ["Comparison", "Claim", "ComparisonResult", "ClaimResult", "CLAIMS", "
            "read_claim", "read_claims", "render_claims"]
 
 HOLDS, DOES_NOT_HOLD, WITHIN_NOISE, NOT_MEASURED = "holds", "does not hold", "within noise", "not measured"
+MIXED = "mixed"
 RESOLUTION = 0.6   # AP: the 2 SE a claim's comparison should reach (docs/ablations.md); the seeds it needs are shown
 
 
@@ -153,8 +157,9 @@ def read_claim(claim: Claim, runs: Sequence[RunResult]) -> ClaimResult:
                                         _verdict(delta, delta_2se, comparison.expect, min(len(row), len(base))),
                                         _paper_difference(comparison)))
     verdicts = {r.verdict for r in results}
-    verdict = (DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts else NOT_MEASURED if NOT_MEASURED in verdicts
-               else HOLDS if verdicts == {HOLDS} else WITHIN_NOISE)
+    gains = {r.verdict for r in results if r.comparison.expect == "gain"}
+    verdict = (MIXED if {HOLDS, DOES_NOT_HOLD} <= gains else DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts
+               else NOT_MEASURED if NOT_MEASURED in verdicts else HOLDS if verdicts == {HOLDS} else WITHIN_NOISE)
     return ClaimResult(claim, tuple(results), verdict)
 
 
@@ -187,7 +192,8 @@ def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str
               "unless it exceeds +2 SE; fewer than "
               f"{MIN_SEEDS_TO_READ} seeds on a side is not measured (Δ shown, not read)."
               " A claim holds when "
-              "all its comparisons hold (detkit/ablation/claims.py). Seeds for 2 SE ≤ "
+              "all its comparisons hold, and is mixed when one expecting a gain holds and another does not "
+              "(detkit/ablation/claims.py). Seeds for 2 SE ≤ "
               f"{RESOLUTION}: per row, at the spread seen so far ({MIN_SEEDS_TO_READ} seeds or more). Paper Δ: the same two rows in the "
               "paper's own table and metric (COCO AP or VOC mAP), where it publishes both."]
     return "\n".join(lines) + "\n"

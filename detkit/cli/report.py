@@ -11,7 +11,7 @@
 records files of tools/ablate.py record=PATH.json (`detkit.ablation.records`); one path or a
 list. A table is rendered when at least one of its experiments has runs; its
 other rows say "not run". Without `table`, the papers' claims follow the tables, each read
-as holds / does not hold / within noise / not measured (`detkit.ablation.claims`; with `out`,
+as holds / does not hold / mixed / within noise / not measured (`detkit.ablation.claims`; with `out`,
 as claims.md). Without `out` the Markdown goes to stdout and no chart is drawn.
 
 Exit status: 0 done; 2 a bad path, table, metrics or records file, or a bad argument (one line on stderr).

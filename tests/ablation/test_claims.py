@@ -110,10 +110,25 @@ def test_a_claim_needs_every_comparison():
     up = runs_of("dcnv1/res5abc", [32.0, 33.0, 34.0])
     assert read_claim(claim, [*base, *up, *runs_of("dcnv1/dpool", [32.0, 33.0, 34.0])]).verdict == "holds"
     assert read_claim(claim, [*base, *up, *runs_of("dcnv1/dpool", [31.0, 30.0, 33.0])]).verdict == "within noise"
-    assert read_claim(claim, [*base, *up, *runs_of("dcnv1/dpool", [28.0, 29.0, 30.0])]).verdict == "does not hold"
+    flat = runs_of("dcnv1/res5abc", [31.0, 30.0, 33.0])     # within noise
+    assert read_claim(claim, [*base, *flat, *runs_of("dcnv1/dpool", [28.0, 29.0, 30.0])]).verdict == "does not hold"
     assert read_claim(claim, [*base, *up]).verdict == "not measured"
     # "does not hold" wins over "not measured": one comparison against the claim is a reading
     assert read_claim(claim, [*base, *runs_of("dcnv1/res5abc", [28.0, 29.0, 30.0])]).verdict == "does not hold"
+    # One gain that holds and one that does not: mixed, not either of them
+    down = runs_of("dcnv1/dpool", [28.0, 29.0, 30.0])
+    assert read_claim(claim, [*base, *up, *down]).verdict == "mixed"
+
+
+def test_a_failed_gain_with_a_holding_saturation_is_not_mixed():
+    # "help, then saturate": the saturation part holding says nothing when the help does not
+    claim = Claim("T1", "help then saturate", (Comparison("dcnv1/res5abc", "dcnv1/baseline", "AP", "gain"),
+                                               Comparison("dcnv1/res5abc_res4", "dcnv1/res5abc", "AP",
+                                                          "no further gain")))
+    runs = [*runs_of("dcnv1/baseline", BASE), *runs_of("dcnv1/res5abc", [28.0, 29.0, 30.0]),
+            *runs_of("dcnv1/res5abc_res4", [28.0, 29.0, 30.0])]
+    assert [r.verdict for r in read_claim(claim, runs).comparisons] == ["does not hold", "holds"]
+    assert read_claim(claim, runs).verdict == "does not hold"
 
 
 def test_the_claims_name_table_rows_and_quote_the_papers_differences():
