@@ -286,18 +286,12 @@ def render_markdown(table: AblationTable, rows: Sequence[RowSummary], heading_le
                      "n/a" if row.parameters is None else f"{row.parameters / 1e6:.2f}M"]
         cells += ["" if v is None else f"{v:.1f}" for v in row.paper]
         lines.append("| " + " | ".join(cells) + " |")
-    datas = sorted({str(r.data) for row in rows for r in row.runs})
-    layouts = sorted({r.layout for row in rows for r in row.runs if r.layout is not None})
-    detector = ""
-    if layouts:
-        detector = f"; detector layout: {', '.join(layouts)}"
-        if table.paper_layout is not None and layouts != [table.paper_layout]:
-            detector += f" (not the paper's {table.paper_layout})"
+    setting = runs_setting(table, rows)
     base = next((row for row in rows if row.experiment == table.baseline), None)
     base_time = (f" ({base.sec_per_iter:.3f} s per iteration, median over its runs)"
                  if base is not None and base.sec_per_iter else "")
     lines += ["",
-              f"Ours: data={', '.join(datas) or 'none'}{detector}; box AP in percent (COCO metrics), mean ± sample "
+              f"Ours: {setting}; box AP in percent (COCO metrics), mean ± sample "
               f"standard deviation over the seeds listed. ΔAP: mean AP minus the baseline's, ± twice its "
               f"standard error; * where the difference exceeds that and both rows have {MIN_SEEDS_TO_READ} seeds or more. time/iter: median training seconds per "
               f"iteration (data loading excluded) relative to the baseline row{base_time}. "
@@ -334,11 +328,26 @@ def _draw_row(ax, x: int, row: RowSummary, colour: str, floor: float) -> None:
     ax.text(x + 0.08, mean, f"{mean:.1f}", ha="left", va="bottom", fontsize=9, zorder=5)
 
 
+def runs_setting(table: AblationTable, rows: Sequence[RowSummary]) -> str:
+    """What the runs were trained on, for the note under a table and the line under a chart's
+    title: "data=<data configs>; detector layout: <layouts> (not the paper's <layout>)"."""
+    datas = sorted({str(r.data) for row in rows for r in row.runs})
+    layouts = sorted({r.layout for row in rows for r in row.runs if r.layout is not None})
+    setting = f"data={', '.join(datas) or 'none'}"
+    if layouts:
+        setting += f"; detector layout: {', '.join(layouts)}"
+        if table.paper_layout is not None and layouts != [table.paper_layout]:
+            setting += f" (not the paper's {table.paper_layout})"
+    return setting
+
+
 def chart_figure(table: AblationTable, rows: Sequence[RowSummary], width: int = 960):
     """The chart as a matplotlib Figure (Agg canvas, `width` pixels wide at 100 dpi; no pyplot
     state). Row i (1-based, from the left) is a bar of its mean box AP with ± one sample std
     over the seeds as an error bar and each seed's AP as a dot; the baseline's mean is a dashed
-    horizontal line (artist id "baseline"); rows without runs read "not run". The rows are
+    horizontal line (artist id "baseline"); rows without runs read "not run". Under the title,
+    what the runs were trained on (`runs_setting`: data, and the detector layout where it is not
+    the paper's). The rows are
     numbered under the bars and named in the legend below. Build and save it inside
     `matplotlib.style.context("default")` (as `write_report` does) so that the user's
     matplotlibrc does not change it."""
@@ -373,7 +382,8 @@ def chart_figure(table: AblationTable, rows: Sequence[RowSummary], width: int = 
     ax.set_ylabel("box AP (%)")
     ax.grid(axis="y", color="0.9")
     ax.set_axisbelow(True)
-    ax.set_title(table.title, fontsize=11, loc="left")
+    figure.suptitle(table.title, fontsize=11, x=0.01, horizontalalignment="left")
+    ax.set_title(f"ours: {runs_setting(table, rows)}", fontsize=9, loc="left", color="0.3")
     figure.legend(handles=handles, loc="outside lower left", fontsize=9, frameon=False)
     return figure
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from detkit.ablation.report import collect_runs, render_chart, render_markdown, summarize, write_report
+from detkit.ablation.report import chart_figure, collect_runs, render_chart, render_markdown, runs_setting, summarize, write_report
 from detkit.ablation.tables import load_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +104,12 @@ def test_the_runs_detector_layout_is_set_beside_the_papers(sweep):
     mmdet = load_table("fpn_mmdet")       # whose paper is an FPN: no remark
     text = render_markdown(mmdet, summarize(mmdet, runs))
     assert "detector layout: fpn;" in text and "not the paper's" not in text
+    # The chart says it under its title too: a picture read on its own must not pass for the paper's setting.
+    from matplotlib.text import Text
+
+    figure = chart_figure(single_scale, summarize(single_scale, runs))
+    texts = [t.get_text() for t in figure.findobj(Text)]
+    assert "ours: data=synthetic; detector layout: fpn (not the paper's single_scale)" in texts
 
 
 def test_two_seeds_are_not_starred(tmp_path):
@@ -184,6 +190,7 @@ def test_write_report_files(sweep, tmp_path):
     root = ET.parse(tmp_path / "out" / "t.svg").getroot()
     texts = ["".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert table.title in texts
+    assert f"ours: {runs_setting(table, summarize(table, collect_runs([sweep])))}" in texts
     groups = _svg_groups(root)
     # One bar per row that was run (rows 1, 2 and 5 of the table's 5); the others read "not run".
     assert sorted(k for k in groups if k.startswith("bar-")) == ["bar-1", "bar-2", "bar-5"]
