@@ -126,7 +126,8 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
     (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "busy" |
     "failed (exit N)"}; a failed run does not stop the others. A run whose folder's lock
     (RUN_LOCK) another sweep holds is being trained by it and is left to it ("busy"), so two
-    sweeps of the same rows started side by side share the runs out between them. Output of each run goes to <run folder>/stdout.log.
+    sweeps of the same rows started side by side share the runs out between them. Output of
+    each run goes to <run folder>/stdout.log.
     With `records` (a records file, `detkit.ablation.records`), a run without a finished folder
     whose record is there is not trained ("recorded"), and every finished run (found so at the
     start, or finished by this sweep) is recorded there at once, then passed to `on_record`
