@@ -348,9 +348,8 @@ def chart_figure(table: AblationTable, rows: Sequence[RowSummary], width: int = 
     horizontal line (artist id "baseline"); rows without runs read "not run". Under the title,
     what the runs were trained on (`runs_setting`: data, and the detector layout where it is not
     the paper's). The rows are numbered under the bars and named in the legend below. Build and
-    save it inside
-    `matplotlib.style.context("default")` (as `write_report` does) so that the user's
-    matplotlibrc does not change it."""
+    save it inside `matplotlib.style.context("default")` (as `write_report` does) so that the
+    user's matplotlibrc does not change it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
