@@ -9,7 +9,10 @@ per-class AP, and writes `metrics.json` (as a training run's) and `detections.js
 results: image_id, category_id, bbox [x, y, w, h], score) into its run folder
 (`hydra.run.dir`, default outputs/eval/<time>; log eval.log). Without `data=...` it
 evaluates on the dataset the checkpoint was trained on, so on a finished run's checkpoint it
-reproduces that run's metrics.json. Mistakes end with one line on stderr and exit status 2.
+reproduces that run's metrics.json. `roi_pool_probe=no_offsets|mask_roi_mean|mask_batch_mean`
+evaluates a model with deformable RoI pooling with its offsets or bin weights changed at
+inference (`detkit.evaluation.roi_pool_probe`; metrics.json then names the probe).
+Mistakes end with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def job(cfg) -> None:
     from detkit.engine.checkpoint import load_model
     from detkit.engine.distributed import resolve_device
     from detkit.evaluation.evaluate import coco_stats_table, evaluate_detector, per_class_table
+    from detkit.evaluation.roi_pool_probe import roi_pool_probe
     from detkit.io import write_json
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -40,11 +44,18 @@ def job(cfg) -> None:
     dataset = build_dataset(data_cfg, "val", train=False)
     logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,
                 checkpoint.get("iteration", "n/a"), len(dataset), data_cfg["kind"], source)
-    metrics, evaluator = evaluate_detector(model, dataset, device, checkpoint["label_to_category_id"],
-                                           batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
+    probe = cfg.get("roi_pool_probe")
+    with roi_pool_probe(model, probe):
+        if probe is not None:
+            logger.info("roi_pool_probe=%s: the deformable RoI pooling's %s", probe,
+                        "offsets set to 0" if probe == "no_offsets" else "bin weights averaged")
+        metrics, evaluator = evaluate_detector(model, dataset, device, checkpoint["label_to_category_id"],
+                                               batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers))
     logger.info("box AP %.2f\n%s\nper-class AP:\n%s", metrics["bbox/AP"], coco_stats_table(evaluator),
                 per_class_table(metrics))
     result = {"iteration": checkpoint["iteration"]} if "iteration" in checkpoint else {}
+    if probe is not None:
+        result["roi_pool_probe"] = str(probe)
     write_json(run_dir / "metrics.json", {**result, **metrics})
     write_json(run_dir / "detections.json", evaluator.results(), indent=None)
     logger.info("wrote %s and %s", run_dir / "metrics.json", run_dir / "detections.json")
