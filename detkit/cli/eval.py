@@ -31,12 +31,15 @@ def job(cfg) -> None:
     from detkit.engine.checkpoint import load_model
     from detkit.engine.distributed import resolve_device
     from detkit.evaluation.evaluate import coco_stats_table, evaluate_detector, per_class_table
-    from detkit.evaluation.roi_pool_probe import roi_pool_probe
+    from detkit.evaluation.roi_pool_probe import probed_poolers, roi_pool_probe
     from detkit.io import write_json
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = resolve_device(cfg.device)
     model, checkpoint = load_model(cfg.checkpoint, device)
+    probe = cfg.get("roi_pool_probe")
+    if probe is not None:
+        probed_poolers(model, probe)  # a probe this model cannot take fails before any data is made
     if "label_to_category_id" not in checkpoint:
         raise ValueError(f"{cfg.checkpoint} has no label_to_category_id: cannot map its labels to categories")
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
@@ -44,7 +47,6 @@ def job(cfg) -> None:
     dataset = build_dataset(data_cfg, "val", train=False)
     logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,
                 checkpoint.get("iteration", "n/a"), len(dataset), data_cfg["kind"], source)
-    probe = cfg.get("roi_pool_probe")
     with roi_pool_probe(model, probe):
         if probe is not None:
             logger.info("roi_pool_probe=%s: the deformable RoI pooling's %s", probe,

@@ -29,29 +29,20 @@ ROI_POOL_PROBES = ("no_offsets", "mask_roi_mean", "mask_batch_mean")
 MASK_PROBES = ("mask_roi_mean", "mask_batch_mean")
 
 
-def probed(offset: Tensor, mask: Tensor | None, probe: str) -> tuple[Tensor, Tensor | None]:
-    """offset [K, 2, ph, pw], mask [K, 1, ph, pw] or None -> the same with `probe` applied."""
+def _probed(offset: Tensor, mask: Tensor | None, probe: str) -> tuple[Tensor, Tensor | None]:
+    """offset [K, 2, ph, pw], mask [K, 1, ph, pw] or None -> the same with `probe` applied
+    (a probe `probed_poolers` accepted for this pooler)."""
     if probe == "no_offsets":
         return torch.zeros_like(offset), mask
-    if mask is None:
-        raise ValueError(f"roi_pool_probe={probe!r} changes the bin weights of modulated deformable RoI pooling; "
-                         f"this pooler is not modulated (no mask)")
     if probe == "mask_roi_mean":
         return offset, mask.mean(dim=(1, 2, 3), keepdim=True).expand_as(mask).contiguous()
-    if probe == "mask_batch_mean":
-        return offset, mask.mean().expand_as(mask).contiguous()
-    raise ValueError(f"roi_pool_probe must be one of {list(ROI_POOL_PROBES)} (or null), got {probe!r}")
+    return offset, mask.mean().expand_as(mask).contiguous()  # mask_batch_mean
 
 
-@contextlib.contextmanager
-def roi_pool_probe(model: nn.Module, probe: str | None) -> Iterator[int]:
-    """Within the block, every `DeformRoIPool` of `model` pools with `probe` applied to its
-    predicted offsets and masks (module docstring); None changes nothing. Yields how many
-    poolers were probed. Raises ValueError, before changing anything, for an unknown probe, a
-    model without deformable RoI pooling, or a mask probe on an unmodulated pooler."""
-    if probe is None:
-        yield 0
-        return
+def probed_poolers(model: nn.Module, probe: str) -> list[DeformRoIPool]:
+    """The `DeformRoIPool`s of `model` that `probe` would change. Raises ValueError for an
+    unknown probe, a model without deformable RoI pooling, or a mask probe on an unmodulated
+    pooler (so a tool can check before it loads any data)."""
     if probe not in ROI_POOL_PROBES:
         raise ValueError(f"roi_pool_probe must be one of {list(ROI_POOL_PROBES)} (or null), got {probe!r}")
     poolers = [m for m in model.modules() if isinstance(m, DeformRoIPool)]
@@ -61,12 +52,25 @@ def roi_pool_probe(model: nn.Module, probe: str | None) -> Iterator[int]:
     if probe in MASK_PROBES and not all(p.modulated for p in poolers):
         raise ValueError(f"roi_pool_probe={probe!r} changes the bin weights of modulated deformable RoI pooling "
                          f"('mdeform'); this model's is not modulated ('deform')")
+    return poolers
+
+
+@contextlib.contextmanager
+def roi_pool_probe(model: nn.Module, probe: str | None) -> Iterator[int]:
+    """Within the block, every `DeformRoIPool` of `model` pools with `probe` applied to its
+    predicted offsets and masks (module docstring); None changes nothing. Yields how many
+    poolers were probed. Raises ValueError before changing anything where `probed_poolers`
+    does."""
+    if probe is None:
+        yield 0
+        return
+    poolers = probed_poolers(model, probe)
     for pooler in poolers:
         predict = pooler.predict_offsets  # the class's method, bound
 
         def probed_predict(input: Tensor, rois: Tensor, predict=predict) -> tuple[Tensor, Tensor | None]:
             offset, mask = predict(input, rois)
-            return probed(offset, mask, probe)
+            return _probed(offset, mask, probe)
 
         pooler.predict_offsets = probed_predict  # an instance attribute shadows the method
     try:
