@@ -201,6 +201,15 @@ inline int64_t tile_positions(const DeformConvShape& s, size_t element_size) {
   return std::min(s.positions(), std::max<int64_t>(128, (int64_t{2} << 20) / row_bytes));
 }
 
+// A tile's [groups, tile.size, K*Cg] view at the start of a flat column buffer:
+// contiguous, as column_index addresses it. (Narrowing a [groups, tile_size, ...]
+// buffer instead would keep the full tile's group stride, and a last, shorter
+// tile would be read with the wrong stride by every group but the first.)
+inline at::Tensor tile_view(const at::Tensor& flat, const DeformConvShape& s, const Tile& tile) {
+  const int64_t width = s.taps() * s.group_in();
+  return flat.narrow(0, 0, s.groups * tile.size * width).view({s.groups, tile.size, width});
+}
+
 // columns[groups, tile, K, Cg] = mask * bilinear(input) at the deformed taps.
 // in_pad: [H+2, W+2, C] of one image; offset: [2GK, P]; mask: [GK, P] or null.
 template <typename T>
@@ -320,7 +329,8 @@ void crop_to_channels_first(const DeformConvShape& s, const T* padded, T* out) {
   const int64_t channels = s.in_channels, height = s.height, width = s.width;
   const int64_t padded_w = s.padded_width();
   constexpr int64_t kBlock = 16;
-  const int64_t row_grain = std::max<int64_t>(1, 32768 / (width * channels));
+  // max(1, ...): a zero-width input with padding still has output positions.
+  const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width * channels));
   at::parallel_for(0, height, row_grain, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       const T* row = padded + ((y + 1) * padded_w + 1) * channels;
@@ -358,7 +368,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor weight_rows = weight_as_rows(weight, s);
   const int64_t tile_size = tile_positions(s, input.element_size());
-  at::Tensor columns = at::empty({s.groups, tile_size, s.taps() * s.group_in()}, input.options());
+  at::Tensor columns = at::empty({s.groups * tile_size * s.taps() * s.group_in()}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
     for (int64_t b = 0; b < s.batch; ++b) {
@@ -369,7 +379,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
       const at::Tensor out_b = output.select(0, b).view({s.groups, s.group_out(), s.positions()});
       for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
         const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
-        const at::Tensor cols = columns.narrow(1, 0, tile.size);
+        const at::Tensor cols = tile_view(columns, s, tile);
         deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
         // out[groups, Cout_g, tile] = weight[groups, Cout_g, K*Cg] @ cols^T
         at::Tensor out_tile = out_b.narrow(2, begin, tile.size);
@@ -407,8 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_weight_rows = at::zeros_like(weight_rows);
   const int64_t column_width = s.taps() * s.group_in();
   const int64_t tile_size = tile_positions(s, input.element_size());
-  at::Tensor columns = at::empty({s.groups, tile_size, column_width}, options);
-  at::Tensor grad_columns = at::empty({s.groups, tile_size, column_width}, options);
+  at::Tensor columns = at::empty({s.groups * tile_size * column_width}, options);
+  at::Tensor grad_columns = at::empty({s.groups * tile_size * column_width}, options);
   at::Tensor grad_in_pad = at::empty({s.height + 2, s.width + 2, s.in_channels}, options);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
@@ -425,8 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       grad_in_pad.zero_();
       for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
         const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
-        const at::Tensor cols = columns.narrow(1, 0, tile.size);
-        at::Tensor grad_cols = grad_columns.narrow(1, 0, tile.size);
+        const at::Tensor cols = tile_view(columns, s, tile);
+        at::Tensor grad_cols = tile_view(grad_columns, s, tile);
         const at::Tensor grad_out_tile = grad_out_b.narrow(2, begin, tile.size);
 
         // Weight gradient: grad_out [groups, Cout_g, tile] @ columns [groups, tile, K*Cg].
