@@ -3,15 +3,21 @@
 - `deform_conv2d`: deformable / modulated deformable convolution (DCNv1 / DCNv2).
 - `deform_roi_pool`: deformable / modulated deformable RoI pooling.
 - `DeformConv2d`, `DeformRoIPool`: layers owning their zero-initialised offset branches.
+- `DCNv3`, `DCNv4`: InternImage's / FlashInternImage's layers (their options and parameter
+  names), channels-first; `OffsetSampling`: per-channel offsets (the Keras ConvOffset2D layer).
 - `offset_branch_parameters`: finds those branches' parameters for lr multipliers.
 - `detkit.ops.reference`: slow float64-friendly references used by the tests.
 """
 from detkit.ops._extension import cuda_kernels_built, require_ops
 from detkit.ops.deform_conv import deform_conv2d
 from detkit.ops.deform_roi_pool import deform_roi_pool
-from detkit.ops.modules import DeformConv2d, DeformRoIPool, offset_branch_parameters
+from detkit.ops.modules import DeformConv2d, DeformRoIPool, OffsetSampling, offset_branch_parameters
+from detkit.ops.dcnv3_layers import DCNv3, DCNv4
 
 __all__ = [
+    "DCNv3",
+    "DCNv4",
+    "OffsetSampling",
     "DeformConv2d",
     "DeformRoIPool",
     "cuda_kernels_built",

@@ -182,17 +182,59 @@ class DeformRoIPool(nn.Module):
                 f"gamma={self.gamma}, modulated={self.modulated}")
 
 
+class OffsetSampling(nn.Module):
+    """Per-channel offset sampling, the layer of the widely copied Keras `ConvOffset2D`: a
+    learned (dy, dx) for every input channel and pixel, then bilinear sampling of that
+    channel there (zero outside the image). A regular conv after it makes the "deformable"
+    conv of that line of work; in a backbone block it stands in front of the block's conv.
+
+    It is a 1x1 depthwise `deform_conv2d` with unit weights and one offset group per
+    channel. The offsets come from `offset_branch`, a 3x3 conv (padding 1) over the input,
+    zero-initialised, so a fresh layer is the identity.
+
+    Shapes: input [B, C, H, W] -> [B, C, H, W]; offsets [B, 2*C, H, W] as (dy, dx) per channel.
+    """
+
+    offset_branch_kind = "deform_conv"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
+        self.channels = channels
+        self.offset_branch = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.register_buffer("unit_weight", torch.ones(channels, 1, 1, 1), persistent=False)
+        nn.init.zeros_(self.offset_branch.weight)
+        nn.init.zeros_(self.offset_branch.bias)
+
+    def predict_offsets(self, input: Tensor) -> Tensor:
+        """Offsets [B, 2*C, H, W] (float32 under autocast)."""
+        context, branch_input = _float32_offsets(input)
+        with context:
+            return self.offset_branch(branch_input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        offset = self.predict_offsets(input)
+        return deform_conv2d(input, offset, self.unit_weight.to(offset.dtype))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
 def offset_branch_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
     """Yield (kind, qualified name, parameter) for every offset-branch parameter.
 
-    kind is "deform_conv" or "deform_roi_pool", so an optimizer can give each
-    kind its own learning-rate multiplier (DCNv2: 0.1x for the conv offsets;
-    DCNv1: 1x, and 0.01x for the deformable RoI pooling fc).
+    kind is "deform_conv" (every deformable conv layer: DeformConv2d, DCNv3, DCNv4,
+    OffsetSampling) or "deform_roi_pool", so an optimizer can give each kind its own
+    learning-rate multiplier (DCNv2: 0.1x for the conv offsets; DCNv1: 1x, and 0.01x for
+    the deformable RoI pooling fc). A layer names its branch's parameters by the prefixes
+    in `offset_branch_prefixes` (default: its `offset_branch` submodule).
     """
     for module_name, module in model.named_modules():
         kind = getattr(module, "offset_branch_kind", None)
         if kind is None:
             continue
-        prefix = f"{module_name}.offset_branch" if module_name else "offset_branch"
-        for name, param in module.offset_branch.named_parameters(prefix=prefix):
-            yield kind, name, param
+        prefixes = getattr(module, "offset_branch_prefixes", ("offset_branch.",))
+        for name, param in module.named_parameters():
+            if name.startswith(prefixes):
+                yield kind, f"{module_name}.{name}" if module_name else name, param

@@ -47,7 +47,7 @@ def test_single_scale_config_is_the_papers_layout():
 @pytest.mark.parametrize("overrides", [
     {"pooler_kind": "deform", "backbone.deform_blocks": {"res5": [-1]}},
     {"pooler_kind": "mdeform", "backbone.deform_blocks": {"res5": "all", "res4": [-3, -2, -1]},
-     "backbone.deform_modulated": True},
+     "backbone.deform_kind": "dcnv2"},
 ])
 def test_deformable_overrides_compose(overrides):
     config = OmegaConf.create(load("faster_rcnn_r50_single_scale"))

@@ -186,7 +186,7 @@ def test_fpn_dconv_c3_c5_mdpool_batch2_opset22(val_images, tmp_path):
     (the per-image forward), at opset 22 (DeformConv-22; the RoI pooling as gathers, since
     onnxruntime runs no RoiAlign-22)."""
     torch.manual_seed(1)
-    backbone = tiny_resnet(deform_blocks={"res3": "all", "res4": "all", "res5": "all"}, deform_offset_groups=2)
+    backbone = tiny_resnet(deform_blocks={"res3": "all", "res4": "all", "res5": "all"}, deform_groups=2)
     model = make_trained_like(build_faster_rcnn(backbone, 9, "fpn", "mdeform", **SMALL), seed=1)
     assert_offsets_nonzero(model, val_images[0])
     same_size = [val_images[0], val_images[0].flip(-1)]     # a batch shares one size
@@ -222,7 +222,7 @@ def test_plain_pooler_kinds(val_images, tmp_path, layout, kind, norm):
     """The other pooler kinds, and the other norms of the ResNet (frozen BN, GroupNorm)."""
     torch.manual_seed(3)
     kwargs = dict(dilate_res5=True, out_features=["res4", "res5"]) if layout == "single_scale" else {}
-    backbone = tiny_resnet(norm, deform_blocks={"res4": [-1]}, deform_modulated=True, **kwargs)
+    backbone = tiny_resnet(norm, deform_blocks={"res4": [-1]}, deform_kind="dcnv2", **kwargs)
     model = make_trained_like(build_faster_rcnn(backbone, 9, layout, kind, **SMALL), seed=3)
     export_and_compare(model, val_images[:2], tmp_path / f"{kind}.onnx")
 

@@ -27,7 +27,7 @@ CONFIG = {
     "pooler_kind": "mdeform", "pooler_sampling_ratio": 2, "fpn_channels": 16, "representation_size": 32,
     "deform_hidden_dim": 32,
     "backbone": {"_target_": "detkit.modeling.build.build_resnet", "depth": 18, "width": 8, "norm": "bn",
-                 "freeze_at": 0, "deform_blocks": {"res4": "all", "res5": "all"}, "deform_modulated": True},
+                 "freeze_at": 0, "deform_blocks": {"res4": "all", "res5": "all"}, "deform_kind": "dcnv2"},
     "transform_options": {"min_size": 192, "max_size": 320},
     "rpn_options": {"pre_nms_top_n_test": 200, "post_nms_top_n_test": 100},
     "roi_heads_options": {"score_thresh": 0.05, "detections_per_img": 30},

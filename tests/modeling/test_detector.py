@@ -340,7 +340,7 @@ def test_detector_with_resnet18_deformable_res5_fpn():
 
     torch.manual_seed(5)
     backbone = ResNet(depth=18, norm="frozen_bn", freeze_at=2, deform_blocks={"res5": "all"},
-                      deform_modulated=True)
+                      deform_kind="dcnv2")
     assert deformable_layers(backbone)
     model = build_faster_rcnn(backbone, NUM_CLASSES, "fpn", "mdeform", **SMALL)
     kinds = {kind for kind, _, _ in offset_branch_parameters(model)}

@@ -192,7 +192,7 @@ def test_fresh_deformable_blocks_equal_plain_model(modulated, tmp_path):
     _randomise_batchnorms(plain, generator(11))
     torch.save(plain.state_dict(), tmp_path / "plain.pth")
     deform = _loaded(tmp_path / "plain.pth", depth=50, width=16, out_features=FEATURE_NAMES,
-                     deform_blocks=DCN_V1_6_LAYERS, deform_modulated=modulated)
+                     deform_blocks=DCN_V1_6_LAYERS, deform_kind="dcnv2" if modulated else "dcnv1")
     plain.eval()
     names = {n for n, _ in deformable_layers(deform)}
     assert len(names) == len(plain.layer4) + len(DCN_V1_6_LAYERS["res4"])
@@ -224,7 +224,7 @@ PLACEMENTS = [
 
 @pytest.mark.parametrize("depth,spec", PLACEMENTS, ids=[f"r{d}-{'-'.join(s)}" for d, s in PLACEMENTS])
 def test_deformable_placement(depth, spec):
-    model = _meta_resnet(depth=depth, deform_blocks=spec, deform_modulated=True, deform_offset_groups=2)
+    model = _meta_resnet(depth=depth, deform_blocks=spec, deform_kind="dcnv2", deform_groups=2)
     expected = set()
     for stage, which in spec.items():
         indices = list(range(len(getattr(model, LAYER_OF[stage]))))  # Python's own negative indexing
@@ -436,7 +436,7 @@ def test_deformable_checkpoint_into_plain_model_is_rejected(tmp_path):
 def test_gradients_reach_offset_branches_and_skip_frozen_stages():
     freeze_at = FEATURE_NAMES.index("res2") + 1
     model = ResNet(18, norm="frozen_bn", freeze_at=freeze_at, deform_blocks={"res2": "all", "res5": "all"},
-                   deform_modulated=True, width=16).train()
+                   deform_kind="dcnv2", width=16).train()
     feats = model(_image(9, SMALL, batch=2))
     gen = generator(10)
     sum((f * normal(f.shape, gen, dtype=f.dtype)).sum() for f in feats.values()).backward()

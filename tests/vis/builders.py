@@ -38,7 +38,7 @@ def single_scale_config(**backbone) -> dict:
     """A single-scale (papers' layout) tiny R50: res5 deformable, deformable RoI pooling on res5."""
     return tiny_config(layout="single_scale", pooler_kind="deform",
                        backbone={"depth": 50, "out_features": ["res4", "res5"], "deform_blocks": {"res5": "all"},
-                                 "deform_modulated": False, **backbone})
+                                 "deform_kind": "dcnv1", **backbone})
 
 
 def randomise_offset_branches(model: torch.nn.Module, std: float, seed: int) -> None:

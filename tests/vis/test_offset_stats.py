@@ -47,7 +47,7 @@ def test_a_single_moved_tap_by_hand():
 
 
 def test_model_with_injected_outward_offsets():
-    model = build_tiny(**single_scale_config(dilate_res5=True, deform_modulated=True))
+    model = build_tiny(**single_scale_config(dilate_res5=True, deform_kind="dcnv2"))
     layers = dict(deformable_layers(model))
     target = list(layers)[1]
     delta = 0.5

@@ -6,10 +6,23 @@ Names of parameters and buffers are torchvision's (`conv1`, `bn1`, `layer1.0.con
 "ResNet v1.5"); there is no avgpool/fc. Stages res2..res5 are the modules layer1..layer4.
 
 Deformable placement: `deform_blocks` maps a stage to "all" or to block indices, negative
-ones counting from the end. Those blocks' `conv2` becomes a `detkit.ops.DeformConv2d`:
-the 3x3 conv of a Bottleneck, and in a BasicBlock (18/34) its second 3x3 conv (stride 1,
-as in mmdetection). Its main weight keeps the name `...conv2.weight`; only
-`...conv2.offset_branch.*` is new. The DCN papers' rows read:
+ones counting from the end. Those blocks' `conv2` (the 3x3 conv of a Bottleneck, stride
+included; in a BasicBlock (18/34) its second 3x3 conv, stride 1, as in mmdetection) becomes
+the layer of `deform_kind`:
+
+    "dcnv1"            detkit.ops.DeformConv2d (deformable conv); weight keeps the name
+                       `conv2.weight`, `conv2.offset_branch.*` is new
+    "dcnv2"            the same, modulated (a sigmoid mask per sampling point)
+    "dcnv3"            detkit.ops.DCNv3 (InternImage's layer; channels in = out)
+    "dcnv4"            detkit.ops.DCNv4 (FlashInternImage's layer; channels in = out)
+    "offset_sampling"  detkit.ops.OffsetSampling (per-channel offsets, the Keras layer) in
+                       front of the 3x3 conv: `conv2.0.offset_branch.*`, `conv2.1.weight`
+
+`deform_groups` is the number of groups with their own sampling points (offset groups of
+DCNv1/v2, `group` of DCNv3/v4; OffsetSampling has one per channel and takes none), and
+`deform_options` the layer's own options (DCNv3: offset_scale, dw_kernel_size, act_layer,
+norm_layer, center_feature_scale; DCNv4: offset_scale, dw_kernel_size, remove_center,
+center_feature_scale, output_bias, without_pointwise). The DCN papers' rows read:
 
     DCNv1, last 3 layers of res5:    {"res5": "all"}
     DCNv1, 6 layers (res5 + res4):   {"res5": "all", "res4": [-3, -2, -1]}
@@ -27,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detkit.ops import DeformConv2d
+from detkit.ops import DCNv3, DCNv4, DeformConv2d, OffsetSampling, offset_branch_parameters
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 #: Stage -> the name of the ResNet submodule holding it (torchvision's names).
@@ -104,12 +117,56 @@ def _make_norm(kind: str, channels: int, gn_groups: int) -> nn.Module:
     return nn.GroupNorm(gn_groups, channels)
 
 
-def _conv3x3(in_c: int, out_c: int, stride: int, dilation: int,
-             deform: Mapping[str, object] | None) -> nn.Module:
-    """3x3 conv keeping the size at stride 1 (padding = dilation); a DeformConv2d when `deform`."""
+DEFORM_KINDS = ("dcnv1", "dcnv2", "dcnv3", "dcnv4", "offset_sampling")
+_LAYER_OPTIONS = {"dcnv1": (), "dcnv2": (), "offset_sampling": (),
+                  "dcnv3": ("offset_scale", "dw_kernel_size", "act_layer", "norm_layer", "center_feature_scale"),
+                  "dcnv4": ("offset_scale", "dw_kernel_size", "remove_center", "center_feature_scale",
+                            "output_bias", "without_pointwise")}
+
+
+class DeformSpec:
+    """Which deformable layer replaces a block's 3x3 conv, and its settings (the module
+    docstring lists the kinds); checked when made, so a bad option fails before any layer is
+    built. Called with (in_c, out_c, stride, dilation), it returns the layer."""
+
+    def __init__(self, kind: str = "dcnv1", groups: int = 1, options: Mapping[str, object] | None = None) -> None:
+        if kind not in DEFORM_KINDS:
+            raise ValueError(f"deform_kind must be one of {list(DEFORM_KINDS)}, got {kind!r}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"deform_groups must be an int >= 1, got {groups!r}")
+        if kind == "offset_sampling" and groups != 1:
+            raise ValueError("deform_groups must be 1 for deform_kind 'offset_sampling' "
+                             f"(it samples every channel at its own offsets), got {groups}")
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_LAYER_OPTIONS[kind]))
+        if unknown:
+            allowed = list(_LAYER_OPTIONS[kind]) or "none"
+            raise ValueError(f"deform_options {unknown} do not apply to deform_kind {kind!r} "
+                             f"(its options: {allowed})")
+        self.kind, self.groups, self.options = kind, groups, options
+
+    def __call__(self, in_c: int, out_c: int, stride: int, dilation: int) -> nn.Module:
+        if self.kind in ("dcnv1", "dcnv2"):
+            return DeformConv2d(in_c, out_c, 3, stride, padding=dilation, dilation=dilation, bias=False,
+                                offset_groups=self.groups, modulated=self.kind == "dcnv2")
+        if self.kind == "offset_sampling":
+            return nn.Sequential(OffsetSampling(in_c), _conv3x3(in_c, out_c, stride, dilation, None))
+        if in_c != out_c:
+            raise ValueError(f"deform_kind {self.kind!r} keeps the channel count, but this conv maps "
+                             f"{in_c} to {out_c} channels")
+        layer = DCNv3 if self.kind == "dcnv3" else DCNv4
+        return layer(in_c, kernel_size=3, stride=stride, pad=dilation, dilation=dilation, group=self.groups,
+                     **self.options)
+
+    def __repr__(self) -> str:
+        return f"DeformSpec(kind={self.kind!r}, groups={self.groups}, options={self.options})"
+
+
+def _conv3x3(in_c: int, out_c: int, stride: int, dilation: int, deform: DeformSpec | None) -> nn.Module:
+    """3x3 conv keeping the size at stride 1 (padding = dilation); the `deform` layer when given."""
     if deform is None:
         return nn.Conv2d(in_c, out_c, 3, stride, padding=dilation, dilation=dilation, bias=False)
-    return DeformConv2d(in_c, out_c, 3, stride, padding=dilation, dilation=dilation, bias=False, **deform)
+    return deform(in_c, out_c, stride, dilation)
 
 
 class _Block(nn.Module):
@@ -130,7 +187,7 @@ class BasicBlock(_Block):
     expansion = 1
 
     def __init__(self, in_c: int, planes: int, stride: int, dilation: int, norm: NormFactory,
-                 deform: Mapping[str, object] | None) -> None:
+                 deform: DeformSpec | None) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_c, planes, stride, dilation, None)
         self.bn1 = norm(planes)
@@ -151,7 +208,7 @@ class Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, in_c: int, planes: int, stride: int, dilation: int, norm: NormFactory,
-                 deform: Mapping[str, object] | None) -> None:
+                 deform: DeformSpec | None) -> None:
         super().__init__()
         out_c = planes * self.expansion
         self.conv1 = nn.Conv2d(in_c, planes, 1, bias=False)
@@ -186,10 +243,10 @@ class ResNet(nn.Module):
             Stages after the last requested one are built (checkpoints load) but not run.
         dilate_res5: res5 without its stride 2 (first block's 3x3 conv and downsample at
             stride 1) and every 3x3 conv of res5 at dilation 2, padding 2: output stride 16.
-        deform_blocks: {stage: "all" | block indices}; those blocks' conv2 is a DeformConv2d
-            (see the module docstring). `deform_modulated` selects DCNv2 (a fresh layer's
-            mask is sigmoid(0) = 0.5, so it starts as half its plain conv), and
-            `deform_offset_groups` the number of offset groups.
+        deform_blocks: {stage: "all" | block indices}; those blocks' conv2 becomes the layer
+            of `deform_kind` (see the module docstring; "dcnv2": a fresh layer's mask is
+            sigmoid(0) = 0.5, so it starts as half its plain conv), with `deform_groups`
+            groups of sampling points and the layer's own `deform_options`.
         width: channels of the stem and of res2's 3x3 convs; doubled per stage.
 
     Attributes:
@@ -201,8 +258,9 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", gn_groups: int = 32, freeze_at: int = 2,
                  out_features: Sequence[str] = ("res2", "res3", "res4", "res5"), dilate_res5: bool = False,
-                 deform_blocks: Mapping[str, str | Sequence[int]] | None = None,
-                 deform_modulated: bool = False, deform_offset_groups: int = 1, width: int = 64) -> None:
+                 deform_blocks: Mapping[str, str | Sequence[int]] | None = None, deform_kind: str = "dcnv1",
+                 deform_groups: int = 1, deform_options: Mapping[str, object] | None = None,
+                 width: int = 64) -> None:
         super().__init__()
         counts = block_counts(depth)
         if norm not in NORMS:
@@ -215,13 +273,13 @@ class ResNet(nn.Module):
             raise ValueError(f"out_features must be distinct names among {list(FEATURE_NAMES)}, "
                              f"got {list(out_features)}")
         placement = _resolve_deform_blocks(deform_blocks, counts)
+        deform = DeformSpec(deform_kind, deform_groups, deform_options)
         self.depth, self.norm, self.freeze_at, self.out_features = depth, norm, freeze_at, out_features
 
         def make_norm(channels: int) -> nn.Module:
             return _make_norm(norm, channels, gn_groups)
 
         block_cls = BasicBlock if _ARCH[depth][0] == "basic" else Bottleneck
-        deform_kw = {"modulated": deform_modulated, "offset_groups": deform_offset_groups}
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = make_norm(width)
         self.relu = nn.ReLU(inplace=True)
@@ -233,7 +291,7 @@ class ResNet(nn.Module):
             blocks = []
             for b in range(counts[stage]):
                 blocks.append(block_cls(in_c, width * 2 ** i, stride if b == 0 else 1, dilation, make_norm,
-                                        deform_kw if b in placement.get(stage, ()) else None))
+                                        deform if b in placement.get(stage, ()) else None))
                 in_c = width * 2 ** i * block_cls.expansion
             self.add_module(STAGE_MODULES[stage], nn.Sequential(*blocks))
             channels[stage], strides[stage] = in_c, strides[FEATURE_NAMES[i]] * stride
@@ -252,10 +310,11 @@ class ResNet(nn.Module):
         return [getattr(self, STAGE_MODULES[name])]
 
     def _init_weights(self) -> None:
-        # He init (fan_out) for convs, norms at weight 1 / bias 0 (their defaults); offset branches stay zero.
-        offset_branches = {id(m.offset_branch) for m in self.modules() if isinstance(m, DeformConv2d)}
+        # He init (fan_out) for convs, norms at weight 1 / bias 0 (their defaults); offset
+        # branches keep their own init (zero heads), DCNv3/v4 their projections' (xavier).
+        offset_branch = {id(p) for _, _, p in offset_branch_parameters(self)}
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, DeformConv2d)) and id(m) not in offset_branches:
+            if isinstance(m, (nn.Conv2d, DeformConv2d)) and id(m.weight) not in offset_branch:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def train(self, mode: bool = True) -> ResNet:
@@ -282,9 +341,13 @@ class ResNet(nn.Module):
         return {f: feats[f] for f in self.out_features}
 
 
-def deformable_layers(model: nn.Module) -> list[tuple[str, DeformConv2d]]:
-    """(qualified name, layer) of every DeformConv2d in `model`, in forward order for a ResNet."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DeformConv2d)]
+DEFORMABLE_LAYERS = (DeformConv2d, DCNv3, DCNv4, OffsetSampling)
+
+
+def deformable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every deformable conv layer (DeformConv2d, DCNv3, DCNv4,
+    OffsetSampling) in `model`, in forward order for a ResNet."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DEFORMABLE_LAYERS)]
 
 
 def _preview(keys: list[str], limit: int = 10) -> str:
@@ -296,9 +359,12 @@ def load_torchvision_weights(model: ResNet, path: str | os.PathLike) -> None:
     """Load a torchvision ImageNet ResNet state dict file (or a dict holding it under
     "state_dict" or "model") into `model`, ignoring its `fc.*` keys.
 
-    Strict apart from two kinds of key the checkpoint may lack: offset branches
-    (`*.offset_branch.*`, new in deformable blocks) and BN `num_batches_tracked` counters
-    (which FrozenBatchNorm2d does not have either). Raises FileNotFoundError for a missing
+    Strict apart from the keys deformable blocks change and BN `num_batches_tracked` counters
+    (which FrozenBatchNorm2d does not have either). In deformable blocks: offset branches are
+    new and keep their zero init; DCNv1/v2 layers take the 3x3 weight; OffsetSampling blocks
+    take it as `conv2.1.weight`; DCNv3/DCNv4 layers have no 3x3 weight, so they keep their
+    own init and the checkpoint's `conv2.weight` of those blocks is not used. Raises
+    FileNotFoundError for a missing
     file, and ValueError for any other missing or unexpected key, a shape mismatch, or BN
     statistics offered to a GroupNorm model (ImageNet BN checkpoints cannot initialise GN).
     """
@@ -318,8 +384,16 @@ def load_torchvision_weights(model: ResNet, path: str | os.PathLike) -> None:
                          "loaded into a GroupNorm ResNet; load ImageNet BN checkpoints into norm='frozen_bn' "
                          "or 'bn' models, or train the GN model from scratch")
     own = model.state_dict()
-    missing = [k for k in own if k not in state
-               and ".offset_branch." not in k and not k.endswith(".num_batches_tracked")]
+    fresh: set[str] = {name for _, name, _ in offset_branch_parameters(model)}  # keep their init
+    for name, layer in deformable_layers(model):
+        if isinstance(layer, (DCNv3, DCNv4)):
+            fresh.update(f"{name}.{k}" for k in layer.state_dict())
+            state.pop(f"{name}.weight", None)
+        elif isinstance(layer, OffsetSampling) and name.endswith(".0"):
+            conv = name[:-2]
+            if f"{conv}.weight" in state:
+                state[f"{conv}.1.weight"] = state.pop(f"{conv}.weight")
+    missing = [k for k in own if k not in state and k not in fresh and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own and not k.endswith(".num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path!r} does not match the model: missing keys {_preview(missing)}; "
