@@ -124,3 +124,15 @@ def test_bad_deform_settings_are_named(kwargs, match):
 def test_dcnv3_on_a_conv_that_changes_channels_is_refused():
     with pytest.raises(ValueError, match=r"deform_kind 'dcnv3' keeps the channel count, but this conv maps 8 to 16"):
         DeformSpec("dcnv3", 2)(8, 16, 1, 1)
+
+
+def test_groups_per_stage_keep_internimage_t_channels_per_group():
+    # Half-width R34: res3/res4/res5 have 64/128/256 channels; 4/8/16 groups = 16 channels each.
+    model = ResNet(34, width=32, deform_blocks=C3_C5, deform_kind="dcnv3",
+                   deform_groups={"res3": 4, "res4": 8, "res5": 16})
+    assert {layer.group_channels for _, layer in deformable_layers(model)} == {16}
+    assert {model.stage_of(n): layer.group for n, layer in deformable_layers(model)} == \
+        {"res3": 4, "res4": 8, "res5": 16}
+    with pytest.raises(ValueError, match=r"unknown \['res6'\], missing \['res5'\]"):
+        ResNet(34, width=32, deform_blocks=C3_C5, deform_kind="dcnv3",
+               deform_groups={"res3": 4, "res4": 8, "res6": 16})

@@ -19,7 +19,9 @@ the layer of `deform_kind`:
                        front of the 3x3 conv: `conv2.0.offset_branch.*`, `conv2.1.weight`
 
 `deform_groups` is the number of groups with their own sampling points (offset groups of
-DCNv1/v2, `group` of DCNv3/v4; OffsetSampling has one per channel and takes none), and
+DCNv1/v2, `group` of DCNv3/v4; OffsetSampling has one per channel and takes none), one count
+or one per stage (InternImage-T's 16 channels per group: {res3: 4, res4: 8, res5: 16} at
+64/128/256 channels), and
 `deform_options` the layer's own options (DCNv3: offset_scale, dw_kernel_size, act_layer,
 norm_layer, center_feature_scale; DCNv4: offset_scale, dw_kernel_size, remove_center,
 center_feature_scale, output_bias, without_pointwise). The DCN papers' rows read:
@@ -107,6 +109,19 @@ def _resolve_deform_blocks(spec: Mapping[str, str | Sequence[int]] | None,
             chosen.add(i % n)
         placement[stage] = chosen
     return placement
+
+
+def _groups_per_stage(groups: int | Mapping[str, int], placement: Mapping[str, set[int]]) -> dict[str, int]:
+    """deform_groups (one count, or {stage: count} naming every stage with deformable blocks)
+    -> {stage: count} for the stages in `placement`."""
+    if not isinstance(groups, Mapping):
+        return {stage: groups for stage in placement}
+    unknown = sorted(set(groups) - set(STAGE_NAMES))
+    missing = sorted(stage for stage in placement if placement[stage] and stage not in groups)
+    if unknown or missing:
+        raise ValueError(f"deform_groups as a mapping must name stages among {list(STAGE_NAMES)}, every stage "
+                         f"with deformable blocks included; unknown {unknown}, missing {missing}")
+    return {stage: groups[stage] for stage in placement if stage in groups}
 
 
 def _make_norm(kind: str, channels: int, gn_groups: int) -> nn.Module:
@@ -259,7 +274,7 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", gn_groups: int = 32, freeze_at: int = 2,
                  out_features: Sequence[str] = ("res2", "res3", "res4", "res5"), dilate_res5: bool = False,
                  deform_blocks: Mapping[str, str | Sequence[int]] | None = None, deform_kind: str = "dcnv1",
-                 deform_groups: int = 1, deform_options: Mapping[str, object] | None = None,
+                 deform_groups: int | Mapping[str, int] = 1, deform_options: Mapping[str, object] | None = None,
                  width: int = 64) -> None:
         super().__init__()
         counts = block_counts(depth)
@@ -273,7 +288,8 @@ class ResNet(nn.Module):
             raise ValueError(f"out_features must be distinct names among {list(FEATURE_NAMES)}, "
                              f"got {list(out_features)}")
         placement = _resolve_deform_blocks(deform_blocks, counts)
-        deform = DeformSpec(deform_kind, deform_groups, deform_options)
+        deform = {stage: DeformSpec(deform_kind, groups, deform_options)
+                  for stage, groups in _groups_per_stage(deform_groups, placement).items()}
         self.depth, self.norm, self.freeze_at, self.out_features = depth, norm, freeze_at, out_features
 
         def make_norm(channels: int) -> nn.Module:
@@ -291,7 +307,7 @@ class ResNet(nn.Module):
             blocks = []
             for b in range(counts[stage]):
                 blocks.append(block_cls(in_c, width * 2 ** i, stride if b == 0 else 1, dilation, make_norm,
-                                        deform if b in placement.get(stage, ()) else None))
+                                        deform[stage] if b in placement.get(stage, ()) else None))
                 in_c = width * 2 ** i * block_cls.expansion
             self.add_module(STAGE_MODULES[stage], nn.Sequential(*blocks))
             channels[stage], strides[stage] = in_c, strides[FEATURE_NAMES[i]] * stride
