@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.ops.dcnv3 import dcnv3_core, dcnv4_core
-from detkit.ops.modules import _float32_offsets
+from detkit.ops.modules import SamplingGeometry, _float32_offsets
 
 __all__ = ["DCNv3", "DCNv4"]
 
@@ -74,6 +74,36 @@ def _check_geometry(channels: int, group: int, kernel_size: int, stride: int, pa
 
 def _output_size(size: int, kernel_size: int, stride: int, pad: int, dilation: int) -> int:
     return (size + 2 * pad - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def _as_deform_conv_offsets(offset: Tensor, weight: Tensor, group: int, kernel_size: int, dilation: int,
+                            offset_scale: float, remove_center: bool) -> tuple[Tensor, Tensor]:
+    """Official DCNv3/DCNv4 offsets and point weights -> deform_conv2d's terms for the same
+    sampling locations (see `DCNv3.sampling_offsets`).
+
+    offset [N, Ho, Wo, G*K*2] ((x, y) pairs, points x-major, the centre left out with
+    remove_center), weight [N, Ho, Wo, G*K] -> offset [N, 2*G*k*k, Ho, Wo] ((dy, dx) per tap,
+    taps row-major), weight [N, G*k*k, Ho, Wo] (a removed centre: offset 0, weight 0).
+    """
+    n, ho, wo, _ = offset.shape
+    k = kernel_size
+    # Tap (i, j) of a conv with padding `pad` samples y = ho*s - pad + i*d + dy; the official
+    # point (i, j) samples y = ho*s - pad + c + (i*d - c + off_y) * offset_scale, c = d(k-1)//2.
+    c = (dilation * (k - 1)) // 2
+    grid = torch.arange(k, dtype=offset.dtype, device=offset.device) * dilation - c
+    off = offset.reshape(n, ho, wo, group, -1, 2)
+    w = weight.reshape(n, ho, wo, group, -1)
+    if remove_center:  # put the centre back (x-major index k*k // 2) with offset 0 and weight 0
+        mid = k * k // 2
+        off = torch.cat([off[..., :mid, :], off.new_zeros(n, ho, wo, group, 1, 2), off[..., mid:, :]], dim=-2)
+        w = torch.cat([w[..., :mid], w.new_zeros(n, ho, wo, group, 1), w[..., mid:]], dim=-1)
+    # x-major (j, i) -> row-major (i, j)
+    off = off.reshape(n, ho, wo, group, k, k, 2).transpose(4, 5)
+    w = w.reshape(n, ho, wo, group, k, k).transpose(4, 5)
+    dy = grid.view(k, 1) * (offset_scale - 1) + off[..., 1] * offset_scale
+    dx = grid.view(1, k) * (offset_scale - 1) + off[..., 0] * offset_scale
+    dydx = torch.stack([dy, dx], dim=-1).reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
+    return dydx, w.reshape(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def _center_feature_scale_parameters(module: nn.Module, group: int, channels: int) -> None:
@@ -168,6 +198,19 @@ class DCNv3(nn.Module):
         context, branch_input = _float32_offsets(x)
         with context:
             return self._heads(self._query(branch_input))
+
+    @property
+    def sampling_geometry(self) -> SamplingGeometry:
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        return SamplingGeometry((k, k), (s, s), (p, p), (d, d), self.group)
+
+    def sampling_offsets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, C, H, W] -> where the layer samples, in deform_conv2d's terms relative to a
+        conv of `sampling_geometry`: offsets [B, 2*G*k*k, Ho, Wo] ((dy, dx) per tap, taps
+        row-major, offset_scale folded in) and the softmax point weights [B, G*k*k, Ho, Wo]."""
+        offset, mask = self.predict_offsets(x.permute(0, 2, 3, 1))
+        return _as_deform_conv_offsets(offset, mask, self.group, self.kernel_size, self.dilation,
+                                       self.offset_scale, False)
 
     def forward_channels_last(self, x: Tensor) -> Tensor:
         """x [N, H, W, C] -> [N, Ho, Wo, C]: the official module's forward."""
@@ -268,6 +311,22 @@ class DCNv4(nn.Module):
             else:
                 query = x[:, ::s, ::s]
             return self.offset_mask(query[:, :ho, :wo])
+
+    @property
+    def sampling_geometry(self) -> SamplingGeometry:
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        return SamplingGeometry((k, k), (s, s), (p, p), (d, d), self.group)
+
+    def sampling_offsets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, C, H, W] -> offsets [B, 2*G*k*k, Ho, Wo] and raw point weights [B, G*k*k, Ho, Wo]
+        in deform_conv2d's terms (see `DCNv3.sampling_offsets`); with remove_center the centre
+        tap is there with offset 0 and weight 0."""
+        packed = self.predict_offsets(x.permute(0, 2, 3, 1))
+        per_group = packed[..., :self.group * self.points * 3].unflatten(-1, (self.group, 3 * self.points))
+        offset = per_group[..., :2 * self.points].flatten(-2)
+        weight = per_group[..., 2 * self.points:].flatten(-2)
+        return _as_deform_conv_offsets(offset, weight, self.group, self.kernel_size, self.dilation,
+                                       self.offset_scale, self.remove_center)
 
     def forward_channels_last(self, x: Tensor) -> Tensor:
         """x [N, H, W, C] -> [N, Ho, Wo, C]: the official module's forward."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,18 @@ def _float32_offsets(input: Tensor) -> tuple[contextlib.AbstractContextManager, 
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext(), input
     return torch.autocast(device_type, enabled=False), input.float()
+
+
+class SamplingGeometry(NamedTuple):
+    """The regular conv grid a deformable layer's `sampling_offsets` are relative to: tap (i, j)
+    of output (ho, wo) samples the input at (ho*stride - padding + (i, j)*dilation + offset),
+    in input pixel-index coordinates, for each of `groups` groups of channels."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
 
 
 class DeformConv2d(nn.Module):
@@ -102,6 +115,16 @@ class DeformConv2d(nn.Module):
             return out, None
         split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         return out[:, :split], torch.sigmoid(out[:, split:])
+
+    @property
+    def sampling_geometry(self) -> SamplingGeometry:
+        return SamplingGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.offset_groups)
+
+    def sampling_offsets(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Where the layer samples (the interface every deformable conv layer shares):
+        offsets [B, 2*G*kh*kw, Ho, Wo] relative to `sampling_geometry` and per-tap weights
+        [B, G*kh*kw, Ho, Wo] (the DCNv2 mask; None for DCNv1)."""
+        return self.predict_offsets(input)
 
     def forward(self, input: Tensor) -> Tensor:
         offset, mask = self.predict_offsets(input)
@@ -212,6 +235,15 @@ class OffsetSampling(nn.Module):
         context, branch_input = _float32_offsets(input)
         with context:
             return self.offset_branch(branch_input)
+
+    @property
+    def sampling_geometry(self) -> SamplingGeometry:
+        return SamplingGeometry((1, 1), (1, 1), (0, 0), (1, 1), self.channels)
+
+    def sampling_offsets(self, input: Tensor) -> tuple[Tensor, None]:
+        """Offsets [B, 2*C, H, W] relative to `sampling_geometry` (a 1x1 grid, one group per
+        channel), no weights."""
+        return self.predict_offsets(input), None
 
     def forward(self, input: Tensor) -> Tensor:
         offset = self.predict_offsets(input)

@@ -231,3 +231,34 @@ def test_offset_branch_parameters_names_every_layers_branch():
 def test_bad_layer_arguments_are_named(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("make,kind", [
+    (lambda: DCNv3(12, kernel_size=3, group=3, offset_scale=0.7), "dcnv3"),
+    (lambda: DCNv3(12, kernel_size=5, pad=4, dilation=2, group=2, stride=2), "dcnv3"),
+    (lambda: DCNv4(12, kernel_size=3, group=2, offset_scale=1.3, remove_center=True, without_pointwise=True), "dcnv4"),
+    (lambda: DCNv4(12, kernel_size=3, group=3, dw_kernel_size=3, without_pointwise=True), "dcnv4"),
+])
+def test_sampling_offsets_reproduce_the_layer_as_a_depthwise_deform_conv2d(make, kind):
+    # The offsets and weights a layer reports in deform_conv2d's terms, fed to a depthwise
+    # deform_conv2d with unit weights over the projected input, give the op's output.
+    from detkit.ops import deform_conv2d
+
+    torch.manual_seed(7)
+    layer = make().double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    x = torch.randn(2, 12, 7, 9, dtype=torch.float64)
+    geometry = layer.sampling_geometry
+    offset, weight = layer.sampling_offsets(x)
+    value = x if kind == "dcnv4" else F.linear(x.permute(0, 2, 3, 1), layer.input_proj.weight,
+                                               layer.input_proj.bias).permute(0, 3, 1, 2)
+    ones = torch.ones(12, 1, *geometry.kernel_size, dtype=torch.float64)
+    sampled = deform_conv2d(value, offset, ones, None, geometry.stride, geometry.padding, geometry.dilation, weight)
+    if kind == "dcnv4":
+        expected = layer(x)
+    else:  # undo the output projection
+        out = layer.forward_channels_last(x.permute(0, 2, 3, 1))
+        expected = torch.linalg.solve(layer.output_proj.weight, (out - layer.output_proj.bias).unsqueeze(-1))
+        expected = expected.squeeze(-1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(sampled, expected, rtol=1e-9, atol=1e-9)
