@@ -2,13 +2,16 @@
 
 - `deform_conv2d`: deformable / modulated deformable convolution (DCNv1 / DCNv2).
 - `deform_roi_pool`: deformable / modulated deformable RoI pooling.
+- `dcnv3_core`, `dcnv4_core`: DCNv3 / DCNv4 sampling (InternImage's conventions, channels-last).
 - `DeformConv2d`, `DeformRoIPool`: layers owning their zero-initialised offset branches.
 - `DCNv3`, `DCNv4`: InternImage's / FlashInternImage's layers (their options and parameter
   names), channels-first; `OffsetSampling`: per-channel offsets (the Keras ConvOffset2D layer).
 - `offset_branch_parameters`: finds those branches' parameters for lr multipliers.
 - `detkit.ops.reference`: slow float64-friendly references used by the tests.
+- `detkit.ops.pure`: pure-PyTorch versions (benchmark baselines, no-compiler fallbacks).
 """
 from detkit.ops._extension import cuda_kernels_built, require_ops
+from detkit.ops.dcnv3 import dcnv3_core, dcnv4_core
 from detkit.ops.deform_conv import deform_conv2d
 from detkit.ops.deform_roi_pool import deform_roi_pool
 from detkit.ops.modules import DeformConv2d, DeformRoIPool, OffsetSampling, offset_branch_parameters
@@ -21,6 +24,8 @@ __all__ = [
     "DeformConv2d",
     "DeformRoIPool",
     "cuda_kernels_built",
+    "dcnv3_core",
+    "dcnv4_core",
     "deform_conv2d",
     "deform_roi_pool",
     "offset_branch_parameters",
