@@ -3,7 +3,8 @@
 What this module computes (the DCNv1 paper's Figures 5 and 7):
 
 - `capture(model, image)` runs one eval forward of a detkit detector with hooks and returns,
-  for every `DeformConv2d`, its predicted offsets (and DCNv2 masks) with the geometry needed
+  for every deformable conv layer (DCNv1-v4, offset sampling), its predicted offsets (and
+  per-tap weights) in deform_conv2d's terms, with the geometry needed
   to place them in the image (`LayerOffsets`), the detections, and, when the RoI pooler is
   deformable, the bins of the top detections (`RoIBins`).
 - `follow_sampling_points(layers, unit_xy)` follows the sampling locations of one
@@ -58,7 +59,7 @@ from torch import Tensor, nn
 from detkit.engine.distributed import unwrap_model as unwrap
 from detkit.modeling.backbone import deformable_layers
 from detkit.modeling.backbone.resnet import STAGE_MODULES, ResNet
-from detkit.ops import DeformConv2d, DeformRoIPool
+from detkit.ops import DeformRoIPool
 
 __all__ = [
     "STAGES", "ImageGeometry", "LayerOffsets", "RoIBins", "Capture", "capture", "capture_deformable_offsets",
@@ -112,7 +113,8 @@ class LayerOffsets:
 
     offset: [G, K, 2, Ho, Wo] float64, (dy, dx) per tap k = i*kw + j, in input-grid units
         (the op's layout [2*G*K, Ho, Wo] reshaped).
-    mask: [G, K, Ho, Wo] (DCNv2, after the sigmoid) or None (DCNv1).
+    mask: [G, K, Ho, Wo] per-tap weights (DCNv2's sigmoid mask, DCNv3's softmax, DCNv4's raw
+        weights) or None (DCNv1, offset sampling).
     input_size: (H_in, W_in) of the layer's input grid.
     input_stride: (sy, sx) network-input pixels per input-grid cell.
     stage: the ResNet stage ("res2".."res5") holding the layer, as the model reports it
@@ -240,12 +242,12 @@ def _normalise_stage(stage: str | None) -> str | None:
 
 
 def deformable_conv_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's DeformConv2d layers, in registration (forward) order."""
+    """Qualified names of the model's deformable conv layers (DCNv1-v4, offset sampling), in registration (forward) order."""
     return [name for name, _ in deformable_layers(unwrap(model))]
 
 
 def deformable_conv_stages(model: nn.Module) -> dict[str, str | None]:
-    """{qualified name: stage} of the model's DeformConv2d layers, in registration (forward)
+    """{qualified name: stage} of the model's deformable conv layers, in registration (forward)
     order; the stage ("res2".."res5") is what the detkit ResNet holding the layer reports
     (`ResNet.stage_of`), None for a layer outside any ResNet."""
     model = unwrap(model)
@@ -316,10 +318,13 @@ def _infer_stride(padded: int, grid: int, other_padded: int, other_grid: int, na
     return min(candidates, key=lambda s: abs(math.log(s / ratio)))
 
 
-def _layer_offsets(name: str, module: DeformConv2d, input_shape: Sequence[int], offset: Tensor,
+def _layer_offsets(name: str, module: nn.Module, input_shape: Sequence[int], offset: Tensor,
                    mask: Tensor | None, geometry: ImageGeometry, stage: str | None) -> LayerOffsets:
-    kh, kw = module.kernel_size
-    groups = module.offset_groups
+    # Every deformable conv layer (DeformConv2d, DCNv3, DCNv4, OffsetSampling) reports its
+    # offsets in deform_conv2d's terms, relative to its `sampling_geometry`.
+    conv = module.sampling_geometry
+    kh, kw = conv.kernel_size
+    groups = conv.groups
     _, _, height, width = (int(v) for v in input_shape)
     out_h, out_w = int(offset.shape[-2]), int(offset.shape[-1])
     off = offset[0].detach().to("cpu", torch.float64).numpy().reshape(groups, kh * kw, 2, out_h, out_w)
@@ -328,8 +333,8 @@ def _layer_offsets(name: str, module: DeformConv2d, input_shape: Sequence[int], 
     ph, pw = geometry.padded_size
     sy = _infer_stride(ph, height, pw, width, name)
     sx = _infer_stride(pw, width, ph, height, name)
-    return LayerOffsets(name, off, msk, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
-                        tuple(module.dilation), (height, width), (sy, sx), geometry, stage)
+    return LayerOffsets(name, off, msk, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding),
+                        tuple(conv.dilation), (height, width), (sy, sx), geometry, stage)
 
 
 # --------------------------------------------------------------------------- capture
@@ -348,8 +353,8 @@ def _as_image_tensor(image) -> Tensor:
 
 def capture(model: nn.Module, image, top_k: int = 3, roi_boxes: Tensor | np.ndarray | None = None) -> Capture:
     """One eval forward of a detkit detector on `image` ([3, H, W] float RGB in [0, 1], or an HxWx3
-    uint8 RGB array) with hooks on every DeformConv2d (offsets via `predict_offsets` on the
-    hooked input), on the transform (sizes) and on a deformable RoI pooler (its features).
+    uint8 RGB array) with hooks on every deformable conv layer (offsets via `sampling_offsets`
+    on the hooked input), on the transform (sizes) and on a deformable RoI pooler (its features).
 
     RoI bins are computed for `roi_boxes` ([N, 4] original pixels) when given, else for the
     `top_k` highest-scoring detections. The model's train/eval mode is restored afterwards.
@@ -365,15 +370,15 @@ def capture(model: nn.Module, image, top_k: int = 3, roi_boxes: Tensor | np.ndar
     original_size = (int(tensor.shape[1]), int(tensor.shape[2]))
     modules = dict(deformable_layers(model))
     stages = deformable_conv_stages(model)
-    records: list[tuple[str, DeformConv2d, tuple[int, ...], Tensor, Tensor | None]] = []
+    records: list[tuple[str, nn.Module, tuple[int, ...], Tensor, Tensor | None]] = []
     sizes: dict[str, tuple[int, int]] = {}
     pool_features: dict[str, Tensor] = {}
     handles = []
 
     def conv_hook(name: str):
-        def hook(module: DeformConv2d, inputs, output) -> None:
+        def hook(module: nn.Module, inputs, output) -> None:
             x = inputs[0]
-            offset, mask = module.predict_offsets(x)
+            offset, mask = module.sampling_offsets(x)
             records.append((name, module, tuple(x.shape), offset, mask))
         return hook
 
