@@ -49,6 +49,8 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from detkit.data.transforms import image_to_tensor
+
 __all__ = ["CocoDetection", "DatasetError", "clipped_xyxy", "coco_paths", "load_coco_json"]
 
 
@@ -283,7 +285,6 @@ class CocoDetection(Dataset):
 def _as_tensors(image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Convert what transforms left as numpy (image HWC uint8, boxes, labels) into tensors."""
     if isinstance(image, np.ndarray):
-        from detkit.data.transforms import image_to_tensor
         image = image_to_tensor(image)
     if not isinstance(target["boxes"], torch.Tensor):
         target["boxes"] = torch.as_tensor(np.asarray(target["boxes"], np.float32).reshape(-1, 4))

@@ -44,18 +44,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detkit.config.build import build_data_source, build_from_config, build_model
+from detkit.config.schemas import check_train_config
+from detkit.config.stored import check_stored_config
 from detkit.data import build_train_loader
-from detkit.engine import distributed as dist
-from detkit.engine.checkpoint import build_model
-from detkit.engine.config import check_train_config
-from detkit.data.build import build_data_source
-from detkit.engine.distributed import resolve_device
-from detkit.evaluation.evaluate import evaluate_detector
-from detkit.engine.hooks import CheckpointHook, EvalHook, Hook, MetricWriter, ResultsHook, TrainingRun, train_stats
-from detkit.engine.loop import LoopState, Trainer, TrainingDiverged
-from detkit.engine.optim import build_from_config
+from detkit.engine.hooks import CheckpointHook, EvalHook, MetricWriter, ResultsHook, TrainingRun, train_stats
+from detkit.engine.loop import Hook, LoopState, Trainer, TrainingDiverged
 from detkit.engine.state import resume_training_state, rng_state, seed_all, set_rng_state
-from detkit.engine.stored_config import check_stored_config
+from detkit.evaluation.evaluate import evaluate_detector
+from detkit.utils import comm as dist
+from detkit.utils.comm import resolve_device
 
 __all__ = ["train", "TrainingDiverged", "TrainingParts", "build_training_parts", "resolve_device",
            "checkpoint_model_config", "rng_state", "set_rng_state", "seed_all", "train_stats"]

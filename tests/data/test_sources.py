@@ -1,7 +1,7 @@
-"""Data nodes as `_target_` nodes (detkit.data.sources, detkit.data.build.build_data_source):
+"""Data nodes as `_target_` nodes (detkit.data.sources, detkit.config.build.build_data_source):
 the shipped data configs build their source through the registry as Hydra would, a data
 config of an older checkpoint (no `_target_`, `kind: ...`) still builds, the compatibility
-functions of detkit.data.build answer as the source does, and refusals name the node."""
+functions of detkit.config.build answer as the source does, and refusals name the node."""
 from __future__ import annotations
 
 import random
@@ -14,10 +14,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from detkit.data import CocoFolder, DatasetError, SyntheticConfig, SyntheticShapes
-from detkit.data import build as datasets
+from detkit.config import build as datasets
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
-from detkit.engine.config import register_configs
-from detkit.data.build import build_data_source, data_config_for_checkpoint
+from detkit.config.schemas import register_configs
+from detkit.config.build import build_data_source, data_config_for_checkpoint
 from tests.engine.crafted import good_state
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

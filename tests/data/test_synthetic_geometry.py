@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import detkit.data.synthetic as synthetic
-from detkit.cli import CONFIG_DIR, check_config
+from detkit.config.compose import CONFIG_DIR, check_config
 from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
-from detkit.data.build import build_dataset, prepare_data, synthetic_config
+from detkit.config.build import build_dataset, prepare_data, synthetic_config
 
 SMALL, LARGE = 32 ** 2, 96 ** 2        # COCOeval's area ranges: small < 32^2 <= medium <= 96^2 < large
 GEOMETRY = CONFIG_DIR / "data" / "synthetic_geometry.yaml"

@@ -1,17 +1,14 @@
-"""Datasets from a `data` config node (configs/data/*.yaml): the node builds a
-`detkit.data.sources.DataSource` (`build_data_source`), which prepares the data and makes the
-datasets.
+"""Building from config nodes: the model (`build_model`), the data source (`build_data_source`)
+and the optimizer with its LR schedule (`build_from_config`), every `_target_` looked up in
+detkit's registry of config targets (`detkit.config.registry`), never imported by name
+(`detkit.config.stored.build_stored` / `build_partial`), for a run's own config and for the
+configs stored in a checkpoint alike.
 
-`build_data_source(data_cfg)` builds the node through detkit's registry of config targets
-(`_target_` looked up, never imported; `detkit.engine.stored_config.build_stored`), for a
-run's own config and for the `data_config` stored in a checkpoint alike. A node without
-`_target_`, as detkit stored them before data nodes had one (`kind: synthetic|coco`), gets
-the class of its kind (`detkit.data.sources.KIND_TARGETS`).
-
-The functions below it (`data_root`, `synthetic_config`, `prepare_data`, `split_paths`,
-`build_dataset`) are the interface of before, kept for their callers: each builds the source
-and asks it. Problems with the data on disk raise `DatasetError` (a ValueError) with a
-one-line message.
+A data node without `_target_`, as detkit stored them before data nodes had one
+(`kind: synthetic|coco`), gets the class of its kind (`detkit.data.sources.KIND_TARGETS`).
+The functions after `build_data_source` (`data_root`, `synthetic_config`, `prepare_data`,
+`split_paths`, `build_dataset`) each build the source and ask it. Problems with the data on
+disk raise `DatasetError` (a ValueError) with a one-line message.
 """
 from __future__ import annotations
 
@@ -19,13 +16,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from detkit.config.compose import CONFIG_DIR
+from detkit.config.stored import CheckpointError, build_partial, build_stored
 from detkit.data import CocoDetection, SyntheticConfig
 from detkit.data.sources import KIND_TARGETS, DataSource, synthetic_generator_config
 
 __all__ = ["KINDS", "build_data_source", "data_root", "synthetic_config", "prepare_data", "split_paths",
-           "build_dataset", "data_config_for_checkpoint"]
+           "build_dataset", "data_config_for_checkpoint", "build_model", "build_from_config"]
 
 KINDS = tuple(KIND_TARGETS)
 
@@ -40,8 +41,6 @@ def build_data_source(data_cfg: DictConfig | Mapping[str, Any], source: str = "t
     without `_target_` is mapped from its `kind`; a `defaults` key (a data yaml read with
     OmegaConf.load instead of composed) is ignored. Errors are one-line ValueErrors
     (CheckpointError naming `source` and the node for what the registry refuses)."""
-    from detkit.engine.stored_config import build_stored
-
     config = dict(_plain(data_cfg) or {})
     config.pop("defaults", None)
     if "_target_" not in config:
@@ -97,8 +96,42 @@ def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,
         return config, f"the data= config ({config.get('kind')} data in {config.get('root')})"
     if checkpoint.get("data_config"):
         return dict(checkpoint["data_config"]), "the checkpoint's data config"
-    from detkit.cli import CONFIG_DIR
-
     default = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"), resolve=True)
     default.pop("defaults", None)
     return default, "the default synthetic data (the checkpoint stores no data config)"
+
+
+def build_model(model_config: Mapping[str, Any], source: str = "model config", *, root: str = "",
+                allow_files: bool = True) -> nn.Module:
+    """Build a model from its config node (a mapping with `_target_`), resolved plain data.
+
+    Only detkit's builders run: the tree is checked first (`check_stored_config`: every
+    `_target_` at any depth must be a name of `detkit.config.registry.targets()`, no other Hydra
+    options, no interpolations) and built by looking the targets up in that registry, never
+    by importing a name (`detkit.config.stored.build_stored`). An OmegaConf node (the
+    caller's own config, never something read from a checkpoint) is resolved first.
+    `allow_files=False` also refuses builder arguments naming files (backbone.weights), as
+    for configs read from checkpoints. `source` and `root` (the node's key path) name the
+    config in errors."""
+    if isinstance(model_config, DictConfig):
+        model_config = OmegaConf.to_container(model_config, resolve=True, throw_on_missing=True)
+    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
+        raise CheckpointError(f"{source}: refused {root or '<root>'}: a model config is a mapping with a "
+                              f"_target_, got {type(model_config).__name__}")
+    model = build_stored(dict(model_config), source, root=root, allow_files=allow_files)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{source}: {model_config['_target_']} built a {type(model).__name__}, not a model")
+    return model
+
+
+def build_from_config(schedule_cfg: DictConfig | Mapping[str, Any], model: nn.Module,
+                      source: str = "the schedule config", root: str = "schedule"
+                      ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """(optimizer, scheduler) of a schedule config node: its `optimizer` node called with
+    `model`, its `scheduler` node with that optimizer (both `_partial_: true`, `_target_` in
+    detkit's registry; module docstring). Errors are one-line ValueErrors naming the node."""
+    if isinstance(schedule_cfg, DictConfig):
+        schedule_cfg = OmegaConf.to_container(schedule_cfg, resolve=True, throw_on_missing=True)
+    optimizer = build_partial(schedule_cfg.get("optimizer"), source, model, root=f"{root}.optimizer")
+    scheduler = build_partial(schedule_cfg.get("scheduler"), source, optimizer, root=f"{root}.scheduler")
+    return optimizer, scheduler

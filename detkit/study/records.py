@@ -173,7 +173,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 def record_of(spec, backbone_sha256: str | None) -> dict[str, Any]:
-    """The record of finished run `spec` (a `detkit.ablation.sweep.RunSpec`), which started
+    """The record of finished run `spec` (a `detkit.study.sweep.RunSpec`), which started
     from the pre-training backbone with sha256 `backbone_sha256` (None: no such backbone)."""
     if not spec.finished:
         raise ValueError(f"{spec.experiment} seed {spec.seed} has not finished (no {spec.run_dir / 'metrics.json'})")

@@ -58,7 +58,7 @@ from torch import nn
 from detkit.vis.draw import (_label_of, dim, draw_box_outline, draw_points, draw_roi_bins, draw_unit_marker,
                              to_rgb_uint8)
 from detkit.data.coco import clipped_xyxy
-from detkit.vis.offset_stats import size_category
+from detkit.study.offset_stats import size_category
 from detkit.vis.sampling import (LayerOffsets, RoIBins, capture, check_sampling_request, follow_sampling_points,
                                  locate_unit, select_stage)
 
