@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from detkit.config.build import build_model
-from detkit.config.stored import CheckpointError, build_stored, check_class_names, check_label_map, check_stored_config
+from detkit.config.stored import CheckpointError, check_class_names, check_label_map, check_stored_config
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_dict_strict",
            "load_model", "export_backbone"]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from detkit.config.stored import check_stored_config
 from detkit.study.records import load_records
 from detkit.study.tables import AblationTable
 
@@ -93,8 +94,6 @@ def _select(node: Any, *keys: str) -> Any:
 
 
 def _read_run(run_dir: Path) -> RunResult:
-    from detkit.config.stored import check_stored_config
-
     metrics = _load_json(run_dir / "metrics.json")
     stats_path = run_dir / "train_stats.json"
     stats = _load_json(stats_path) if stats_path.is_file() else {}

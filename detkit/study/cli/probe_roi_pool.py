@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkit.cli import run_app  # torch comes later
-from detkit.cli.eval import ModelChange
+from detkit.cli.eval import ModelChange, evaluate_checkpoint
 
 
 def probe_change(probe: str):
     """The `change_model` of `detkit.cli.eval.evaluate_checkpoint` for `probe`."""
-    from detkit.study.probes import probed_poolers, roi_pool_probe
+    from detkit.study.probes import probed_poolers, roi_pool_probe  # torch: after the command line is checked
 
     def change(model) -> ModelChange:
         probed_poolers(model, probe)  # a probe this model cannot take fails before any data is made
@@ -33,8 +33,6 @@ def probe_change(probe: str):
 
 def job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-
-    from detkit.cli.eval import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir), probe_change(str(cfg.roi_pool_probe)))
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkit.cli import run_app
+from detkit.study.claims import read_claims, render_claims
+from detkit.study.report import collect_runs, render_markdown, summarize, write_report
+from detkit.study.tables import load_table, table_names
 
 
 def _names(value, key: str) -> list[str]:
@@ -32,10 +35,6 @@ def _names(value, key: str) -> list[str]:
 
 
 def job(cfg) -> None:
-    from detkit.study.claims import read_claims, render_claims
-    from detkit.study.report import collect_runs, render_markdown, summarize, write_report
-    from detkit.study.tables import load_table, table_names
-
     tables = [load_table(name) for name in (_names(cfg.table, "table") if cfg.table is not None else table_names())]
     runs = collect_runs(_names(cfg.runs, "runs"))
     experiments = {run.experiment for run in runs}
