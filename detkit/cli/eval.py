@@ -50,7 +50,7 @@ def evaluate_checkpoint(cfg, run_dir: Path, change_model: Callable[[Any], ModelC
     changed at inference (the study's RoI-pooling probes, `detkit.study.cli.probe_roi_pool`);
     called on the loaded model before any data is made, so a change this model cannot take
     fails first."""
-    from detkit.config.build import build_dataset, data_config_for_checkpoint, prepare_data
+    from detkit.config.build import build_data_source, data_config_for_checkpoint
     from detkit.engine.checkpoint import load_model
     from detkit.evaluation.evaluate import coco_stats_table, evaluate_detector, per_class_table
     from detkit.io import write_json
@@ -62,8 +62,9 @@ def evaluate_checkpoint(cfg, run_dir: Path, change_model: Callable[[Any], ModelC
     if "label_to_category_id" not in checkpoint:
         raise ValueError(f"{cfg.checkpoint} has no label_to_category_id: cannot map its labels to categories")
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    prepare_data(data_cfg)
-    dataset = build_dataset(data_cfg, "val", train=False)
+    source = build_data_source(data_cfg)
+    source.prepare()
+    dataset = source.dataset("val", train=False)
     logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,
                 checkpoint.get("iteration", "n/a"), len(dataset), data_cfg["kind"], source)
     with change.context if change is not None else contextlib.nullcontext():

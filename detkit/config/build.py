@@ -6,14 +6,13 @@ configs stored in a checkpoint alike.
 
 A data node without `_target_`, as detkit stored them before data nodes had one
 (`kind: synthetic|coco`), gets the class of its kind (`detkit.data.sources.KIND_TARGETS`).
-The functions after `build_data_source` (`data_root`, `synthetic_config`, `prepare_data`,
-`split_paths`, `build_dataset`) each build the source and ask it. Problems with the data on
-disk raise `DatasetError` (a ValueError) with a one-line message.
+The source prepares the data (`prepare()`) and makes the datasets (`dataset(split, train)`,
+`split_paths(split)`). Problems with the data on disk raise `DatasetError` (a ValueError)
+with a one-line message.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,11 +21,9 @@ from torch import nn
 
 from detkit.config.compose import CONFIG_DIR
 from detkit.config.stored import CheckpointError, build_partial, build_stored
-from detkit.data import CocoDetection, SyntheticConfig
-from detkit.data.sources import KIND_TARGETS, DataSource, synthetic_generator_config
+from detkit.data.sources import KIND_TARGETS, DataSource
 
-__all__ = ["KINDS", "build_data_source", "data_root", "synthetic_config", "prepare_data", "split_paths",
-           "build_dataset", "data_config_for_checkpoint", "build_model", "build_from_config"]
+__all__ = ["KINDS", "build_data_source", "data_config_for_checkpoint", "build_model", "build_from_config"]
 
 KINDS = tuple(KIND_TARGETS)
 
@@ -52,37 +49,6 @@ def build_data_source(data_cfg: DictConfig | Mapping[str, Any], source: str = "t
     if not isinstance(built, DataSource):
         raise ValueError(f"{source}: {config['_target_']} built a {type(built).__name__}, not a data source")
     return built
-
-
-def data_root(data_cfg: Mapping[str, Any]) -> Path:
-    """data.root with `~` expanded."""
-    return build_data_source(data_cfg).root
-
-
-def synthetic_config(data_cfg: Mapping[str, Any]) -> SyntheticConfig:
-    """The `SyntheticConfig` of a synthetic data node (its `generator` fields)."""
-    return synthetic_generator_config(data_cfg.get("generator"))
-
-
-def prepare_data(data_cfg: Mapping[str, Any]) -> None:
-    """`DataSource.prepare`: synthetic, rank 0 generates the dataset if needed while the others
-    wait at a barrier; COCO, checks that the root folder exists (the datasets check the rest)."""
-    build_data_source(data_cfg).prepare()
-
-
-def split_paths(data_cfg: Mapping[str, Any], split: str) -> tuple[Path, Path]:
-    """(image_dir, annotation_file) of split "train" or "val" of the configured dataset."""
-    return build_data_source(data_cfg).split_paths(split)
-
-
-def build_dataset(data_cfg: Mapping[str, Any], split: str, train: bool,
-                  category_ids: Sequence[int] | None = None) -> CocoDetection:
-    """The configured dataset's `split`, with training (resize + flip, images without
-    boxes dropped) or test transforms (resize only, every image kept).
-
-    `category_ids`: the category ids it must have (DatasetError otherwise).
-    """
-    return build_data_source(data_cfg).dataset(split, train, category_ids=category_ids)
 
 
 def data_config_for_checkpoint(data: DictConfig | Mapping[str, Any] | None,

@@ -269,10 +269,10 @@ def machine(out: Path, backbone: bytes, pretrain_ap: float, train: list[str]) ->
 
 def test_ablate_command_goes_on_from_the_records_and_refuses_another_pretraining(tmp_path, trained, monkeypatch,
                                                                                 capsys):
-    import detkit.config.build
+    from detkit.data.sources import SyntheticShapes
     from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.config.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "docs" / "results.json"
     train = ["schedule.max_iters=1"]
     args = [f"table={TABLE}", f"record={path}", "--", *train]
@@ -315,10 +315,10 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     """On data=synthetic_geometry every family trains with the same schedule, so dcnv2/regular
     is dcnv1/baseline and dcnv2/dconv_c5_dpool is dcnv1/res5abc_dpool: the sweep trains each
     pair once, reports the run under both rows, and records it under both names (marked)."""
-    import detkit.config.build
+    from detkit.data.sources import SyntheticShapes
     from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.config.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     pairs = {"dcnv2/regular": "dcnv1/baseline", "dcnv2/dconv_c5_dpool": "dcnv1/res5abc_dpool"}
     args = ["table=[dcnv1_table3,dcnv2_table1]", f"rows=[{','.join([*pairs.values(), *pairs])}]",
@@ -359,10 +359,10 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
 def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, monkeypatch):
     """A sweep of some rows (rows=) uses the run an identical row made in an earlier sweep, and
     trains a group's run itself where none exists."""
-    import detkit.config.build
+    from detkit.data.sources import SyntheticShapes
     from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.config.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     common = ["table=[dcnv1_table3,fpn_mmdet]", "data=synthetic_geometry", "seeds=[0]", f"record={path}",
               "--", "schedule.max_iters=1"]
@@ -383,10 +383,10 @@ def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, mon
 def test_rows_sharing_a_run_are_recorded_as_soon_as_it_is(tmp_path, trained, monkeypatch):
     """A sweep cut short (a session's end kills it) still leaves the rows that share a finished
     run in the records file: they are recorded when that run is, not when the sweep ends."""
-    import detkit.config.build
+    from detkit.data.sources import SyntheticShapes
     from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.config.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     recorded_when_started = {}
     fake_command = sweep_module.train_command
@@ -538,10 +538,10 @@ def test_the_config_a_run_writes_is_the_one_the_sweep_composes(tmp_path, monkeyp
 
 
 def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, monkeypatch):
-    import detkit.config.build
+    from detkit.data.sources import SyntheticShapes
     from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.config.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "results.json"
     train = ["schedule.max_iters=1"]
     args = [f"table={TABLE}", f"record={path}", "--", *train]

@@ -334,9 +334,9 @@ def ablate(argv: list[str]) -> int:
     for group in groups:
         print(f"same run: {', '.join(group)} have identical training configs: one run per seed for all of them")
 
-    from detkit.config.build import prepare_data  # torch: only once the sweep starts
+    from detkit.config.build import build_data_source  # torch: only once the sweep starts
 
-    prepare_data(next(iter(configs.values())).data)   # once, before parallel runs would race to generate it
+    build_data_source(next(iter(configs.values())).data).prepare()   # once, before parallel runs would race to generate it
     jobs, threads = options["jobs"], options["threads_per_job"]
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)

@@ -40,11 +40,12 @@ def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]
     """The COCO-format dataset to analyse (original images, no transforms) and where it came from."""
     if cfg.images is not None:
         return CocoDetection(cfg.images, cfg.annotations), f"images={cfg.images} annotations={cfg.annotations}"
-    from detkit.config.build import data_config_for_checkpoint, prepare_data, split_paths
+    from detkit.config.build import build_data_source, data_config_for_checkpoint
 
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    prepare_data(data_cfg)
-    image_dir, annotation_file = split_paths(data_cfg, str(cfg.split))
+    source = build_data_source(data_cfg)
+    source.prepare()
+    image_dir, annotation_file = source.split_paths(str(cfg.split))
     return CocoDetection(image_dir, annotation_file), f"{source}, {cfg.split} split ({annotation_file})"
 
 
