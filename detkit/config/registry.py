@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS"]
+__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "RENAMED_TARGETS"]
 
 
 @functools.cache
@@ -66,3 +66,14 @@ def allowed_targets() -> frozenset[str]:
 
 def file_arguments() -> Mapping[str, tuple[str, ...]]:
     return FILE_ARGUMENTS
+
+
+# `_target_` names of configs written before the optimizer builders moved to detkit.solver
+# (2026-12), and the names of the same builders now: the run configs kept in the records of
+# finished sweeps (docs/results/*.json) hold the old ones. Only comparisons of such configs
+# with today's read this (`detkit.study.records.config_differences`); no config may name an
+# old name to build with.
+RENAMED_TARGETS: Mapping[str, str] = MappingProxyType({
+    "detkit.engine.optim.build_optimizer": "detkit.solver.optim.build_optimizer",
+    "detkit.engine.optim.build_scheduler": "detkit.solver.optim.build_scheduler",
+})

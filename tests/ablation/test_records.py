@@ -482,6 +482,21 @@ def test_config_differences_name_dotted_keys_with_both_values():
     assert config_differences(current, copy.deepcopy(current)) == []
 
 
+def test_config_differences_read_recorded_builders_under_their_names_now():
+    """The records of sweeps run before the optimizer builders moved (docs/results/*.json) name
+    them detkit.engine.optim.*: the same builders, no difference; any other name still differs."""
+    old = {"schedule": {"optimizer": {"_target_": "detkit.engine.optim.build_optimizer", "base_lr": 0.02},
+                        "scheduler": {"_target_": "detkit.engine.optim.build_scheduler"}}}
+    new = {"schedule": {"optimizer": {"_target_": "detkit.solver.optim.build_optimizer", "base_lr": 0.02},
+                        "scheduler": {"_target_": "detkit.solver.optim.build_scheduler"}}}
+    assert config_differences(old, new) == []
+    assert config_differences(new, old) == [
+        ("schedule.optimizer._target_", "detkit.solver.optim.build_optimizer", "detkit.engine.optim.build_optimizer"),
+        ("schedule.scheduler._target_", "detkit.solver.optim.build_scheduler", "detkit.engine.optim.build_scheduler")]
+    other = {"schedule": {**new["schedule"], "optimizer": {"_target_": "detkit.engine.optim.build_sgd"}}}
+    assert config_differences(other, new)[0][0] == "schedule.optimizer._target_"
+
+
 # Runs the real training tool (detkit.cli.train: Hydra's app, the real `train`) with the parts
 # that build data, model and loop replaced, so that the trainer writes its config.yaml and stops.
 CONFIG_ONLY_TRAIN = '''
