@@ -29,7 +29,7 @@ from omegaconf import MISSING, OmegaConf
 
 __all__ = ["register_configs", "check_train_config",
            "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
-           "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
+           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
 
 
 # ------------------------------------------------------------------ the schemas
@@ -86,37 +86,40 @@ class SyntheticGeneratorConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    """configs/data/synthetic*.yaml: the arguments of `detkit.data.sources.SyntheticShapes`."""
+class DataConfig:
+    """The keys of every data node (configs/data/*.yaml): the arguments of
+    `detkit.data.sources.DataSource`, which every data source takes."""
 
-    _target_: str = "detkit.data.sources.SyntheticShapes"
-    kind: str = "synthetic"
+    _target_: str = MISSING
+    kind: str = MISSING
     root: str = MISSING
     num_classes: int = MISSING
-    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
     min_size: Any = MISSING              # an int, or a list (one drawn per training image)
     max_size: int = MISSING
     flip_prob: float = MISSING
     aspect_grouping: bool = MISSING
+    # Typed on every data node so that a preset's generator options (experiment=smoke) are
+    # still checked when the data is not synthetic (CocoFolder does not use them).
+    generator: Optional[SyntheticGeneratorConfig] = None
 
 
 @dataclass
-class CocoDataConfig:
+class SyntheticDataConfig(DataConfig):
+    """configs/data/synthetic*.yaml: the arguments of `detkit.data.sources.SyntheticShapes`."""
+
+    _target_: str = "detkit.data.sources.SyntheticShapes"
+    kind: str = "synthetic"
+    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
     """configs/data/coco.yaml: the arguments of `detkit.data.sources.CocoFolder`."""
 
     _target_: str = "detkit.data.sources.CocoFolder"
     kind: str = "coco"
-    root: str = MISSING
     train_split: str = MISSING
     val_split: str = MISSING
-    num_classes: int = MISSING
-    min_size: Any = MISSING
-    max_size: int = MISSING
-    flip_prob: float = MISSING
-    aspect_grouping: bool = MISSING
-    # Unused by CocoFolder; typed so that a preset's generator options (experiment=smoke) are
-    # still checked when the data is COCO.
-    generator: Optional[SyntheticGeneratorConfig] = None
 
 
 @dataclass
