@@ -62,9 +62,9 @@ def evaluate_checkpoint(cfg, run_dir: Path, change_model: Callable[[Any], ModelC
     if "label_to_category_id" not in checkpoint:
         raise ValueError(f"{cfg.checkpoint} has no label_to_category_id: cannot map its labels to categories")
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    source = build_data_source(data_cfg)
-    source.prepare()
-    dataset = source.dataset("val", train=False)
+    data_source = build_data_source(data_cfg)
+    data_source.prepare()
+    dataset = data_source.dataset("val", train=False)
     logger.info("evaluating %s (iteration %s) on %d %s val images (%s)", cfg.checkpoint,
                 checkpoint.get("iteration", "n/a"), len(dataset), data_cfg["kind"], source)
     with change.context if change is not None else contextlib.nullcontext():

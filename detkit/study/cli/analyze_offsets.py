@@ -43,9 +43,9 @@ def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]
     from detkit.config.build import build_data_source, data_config_for_checkpoint
 
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    source = build_data_source(data_cfg)
-    source.prepare()
-    image_dir, annotation_file = source.split_paths(str(cfg.split))
+    data_source = build_data_source(data_cfg)
+    data_source.prepare()
+    image_dir, annotation_file = data_source.split_paths(str(cfg.split))
     return CocoDetection(image_dir, annotation_file), f"{source}, {cfg.split} split ({annotation_file})"
 
 
