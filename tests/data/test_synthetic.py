@@ -279,7 +279,7 @@ def test_generation_is_logged_not_printed(tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("main_process", [True, False])
 def test_progress_bar_on_a_terminal_on_rank_0_only(tmp_path, monkeypatch, main_process):
-    import detkit.engine.distributed as dist
+    import detkit.utils.comm as dist
 
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)

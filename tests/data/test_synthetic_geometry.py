@@ -14,9 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import detkit.data.synthetic as synthetic
-from detkit.cli import CONFIG_DIR, check_config
+from detkit.config.compose import CONFIG_DIR, check_config
 from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
-from detkit.data.build import build_dataset, prepare_data, synthetic_config
+from detkit.config.build import build_data_source
+from detkit.data.sources import synthetic_generator_config
 
 SMALL, LARGE = 32 ** 2, 96 ** 2        # COCOeval's area ranges: small < 32^2 <= medium <= 96^2 < large
 GEOMETRY = CONFIG_DIR / "data" / "synthetic_geometry.yaml"
@@ -26,7 +27,7 @@ DOCUMENTED_VAL = {"objects": 951, "small": 288, "medium": 342, "large": 321,
 
 
 def _geometry_config() -> SyntheticConfig:
-    return synthetic_config(OmegaConf.load(GEOMETRY))
+    return synthetic_generator_config(OmegaConf.load(GEOMETRY).get("generator"))
 
 
 def _buckets(areas) -> tuple[int, int, int]:
@@ -50,7 +51,7 @@ def val_split() -> list[tuple[tuple[int, int], list[dict]]]:
 def test_config_composes_and_is_fixed_by_seed():
     cfg = check_config("train", ["data=synthetic_geometry"])
     assert cfg.data.kind == "synthetic" and cfg.data.num_classes == 9
-    gen = synthetic_config(cfg.data)
+    gen = synthetic_generator_config(cfg.data.get("generator"))
     assert gen == _geometry_config()
     assert gen.seed == 0 and gen.num_val == 300 and gen.num_train == 3000
     assert gen.size_distribution == "log" and gen.size_bands == (56.0, 180.0) and gen.max_bend > 0
@@ -97,8 +98,9 @@ def test_config_builds_a_dataset(tmp_path):
     data = OmegaConf.load(GEOMETRY)
     data.root = str(tmp_path / "synthetic_geometry")
     data.generator.num_train, data.generator.num_val = 2, 3
-    prepare_data(data)
-    dataset = build_dataset(data, "val", train=False)
+    source = build_data_source(data)
+    source.prepare()
+    dataset = source.dataset("val", train=False)
     assert len(dataset) == 3
     image, target = dataset[0]
     assert min(image.shape[-2:]) == data.min_size and len(target["boxes"]) > 0
@@ -263,7 +265,7 @@ VERSION_2_KEYS = ["clutter", "deformation", "image_format", "image_size", "max_o
 def test_manifest_of_default_configs_is_unchanged():
     """Options at their defaults are not in the manifest, so existing caches stay valid."""
     assert sorted(SyntheticConfig().to_json()) == VERSION_2_KEYS
-    default_data = synthetic_config(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml"))
+    default_data = synthetic_generator_config(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml").get("generator"))
     assert sorted(default_data.to_json()) == VERSION_2_KEYS
     explicit = SyntheticConfig(size_distribution="sqrt", max_bend=0, size_bands=[])
     assert explicit.to_json() == SyntheticConfig().to_json()

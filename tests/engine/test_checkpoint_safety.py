@@ -1,4 +1,4 @@
-"""Loading a checkpoint runs no code from it (detkit.engine.stored_config, load_model).
+"""Loading a checkpoint runs no code from it (detkit.config.stored, load_model).
 
 In-process and fast: every crafted variant is refused with a one-line CheckpointError naming
 the key path and the target, before anything is imported or called (no marker file); the
@@ -18,12 +18,12 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detkit.engine import config as config_registry
-from detkit.engine import stored_config
-from detkit.engine.checkpoint import CheckpointError, build_model, load_checkpoint, load_model, save_checkpoint
-from detkit.engine.stored_config import build_stored, check_class_names, check_label_map, check_stored_config
+from detkit.config import registry as config_registry
+from detkit.config import schemas as config_schemas
+from detkit.config.build import build_model
+from detkit.engine.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from detkit.config.stored import MAX_DEPTH, build_stored, check_class_names, check_label_map, check_stored_config
 from detkit.engine.trainer import checkpoint_model_config
-from detkit.modeling.build import ALLOWED_TARGETS, BUILDERS
 from tests.engine.crafted import VARIANTS, good_state, marker_payload, write_raw, write_variant
 from tests.vis.builders import build_tiny, smooth_image, tiny_config
 
@@ -127,7 +127,7 @@ def test_check_stored_config_refuses(node, key_path, names):
 
 def test_deep_nesting_and_long_targets_stay_one_line():
     node: dict = {"leaf": 1}
-    for _ in range(stored_config.MAX_DEPTH + 5):
+    for _ in range(MAX_DEPTH + 5):
         node = {"a": node}
     with pytest.raises(CheckpointError, match="nested deeper than"):
         check_stored_config(node, "f.pth")
@@ -247,14 +247,14 @@ def shipped_targets() -> set[str]:
 def test_every_shipped_target_is_allowed_and_nothing_more():
     targets = shipped_targets()
     assert targets, "no _target_ found under configs/"
-    assert targets <= ALLOWED_TARGETS
-    assert ALLOWED_TARGETS == set(BUILDERS) == stored_config.ALLOWED_TARGETS
-    assert all(name.startswith("detkit.") for name in ALLOWED_TARGETS)
+    allowed = config_registry.allowed_targets()
+    assert targets <= allowed
+    assert allowed == set(config_registry.targets())
+    assert all(name.startswith("detkit.") for name in allowed)
     # One registry for every config: the model's builders, the data sources, the schedule's.
-    assert ALLOWED_TARGETS == config_registry.allowed_targets() and BUILDERS is config_registry.targets()
     assert {"detkit.modeling.build.build_faster_rcnn", "detkit.data.sources.SyntheticShapes",
-            "detkit.data.sources.CocoFolder", "detkit.engine.optim.build_optimizer",
-            "detkit.engine.optim.build_scheduler"} <= targets
+            "detkit.data.sources.CocoFolder", "detkit.solver.optim.build_optimizer",
+            "detkit.solver.optim.build_scheduler"} <= targets
 
 
 def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
@@ -276,9 +276,9 @@ def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from detkit.data import SyntheticShapes
-    from detkit.data.build import build_data_source
+    from detkit.config.build import build_data_source
 
-    config_registry.register_configs()
+    config_schemas.register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         data = compose("train", overrides=[f"data.root={tmp_path}"]).data
     stored = OmegaConf.to_container(data, resolve=True)
@@ -292,7 +292,7 @@ def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
 def test_each_allowed_name_is_the_import_path_of_its_builder():
     from hydra._internal.utils import _locate
 
-    for name, builder in BUILDERS.items():
+    for name, builder in config_registry.targets().items():
         assert _locate(name) is builder, name
 
 
@@ -314,7 +314,7 @@ def test_registry_builds_what_hydra_builds(name):
 
 def test_report_reads_run_folders_without_resolving(tmp_path):
     """The ablation report reads run folders as plain data: an interpolation is refused, not resolved."""
-    from detkit.ablation.report import collect_runs
+    from detkit.study.report import collect_runs
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -330,7 +330,7 @@ def test_report_reads_run_folders_without_resolving(tmp_path):
 
 
 def test_stored_config_module_does_not_import_torch():
-    code = "import sys, detkit.engine.stored_config; assert 'torch' not in sys.modules"
+    code = "import sys, detkit.config.stored; assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

@@ -1,4 +1,4 @@
-"""The typed schemas of detkit.engine.config: every shipped schedule and data config is typed
+"""The typed schemas of detkit.config.schemas: every shipped schedule and data config is typed
 by its schema, an unknown key or a wrong type fails when the config is composed with a message
 naming the key, and `check_train_config` keeps the ranges and cross-field rules."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from detkit.cli import check_config
+from detkit.config.compose import check_config
 from detkit.data.synthetic import SyntheticConfig
-from detkit.engine.config import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
+from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
                                   SyntheticDataConfig, SyntheticGeneratorConfig, TrainConfig, check_train_config,
                                   register_configs)
 

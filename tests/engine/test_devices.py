@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkit.engine.distributed import resolve_device
+from detkit.utils.comm import resolve_device
 
 
 def test_auto_picks_cuda_only_when_present():

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.engine.hooks import CheckpointHook, Hook
+from detkit.engine.hooks import CheckpointHook
+from detkit.engine.loop import Hook
 from detkit.engine.loop import LoopState, Trainer, TrainingDiverged
 
 X = [torch.tensor([1.0, 2.0]), torch.tensor([-1.5, 0.5]), torch.tensor([0.5, -2.0]), torch.tensor([2.0, 1.0])]

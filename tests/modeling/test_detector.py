@@ -10,7 +10,8 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detkit.modeling.build import build_faster_rcnn, build_rpn, build_transform
+from detkit.modeling.build import build_faster_rcnn, build_transform
+from detkit.modeling.heads.rpn import build_rpn
 from detkit.modeling.detector import FasterRCNN, clip_targets_to_image
 from detkit.modeling.heads.poolers import POOLER_KINDS, RoIPooler
 from detkit.modeling.neck.fpn import FPN

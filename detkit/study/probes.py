@@ -1,7 +1,7 @@
 """Inference-time probes of a trained model's deformable RoI pooling: what its offsets and
 (modulated) bin weights carry.
 
-`tools/eval.py roi_pool_probe=NAME` evaluates a checkpoint with every `DeformRoIPool` in it
+`tools/probe_roi_pool.py roi_pool_probe=NAME` (`detkit.study.cli.probe_roi_pool`) evaluates a checkpoint with every `DeformRoIPool` in it
 changed at inference (the weights are not touched):
 
 - "no_offsets": the bins stay at their RoIAlign positions (offsets [K, 2, ph, pw] set to 0);

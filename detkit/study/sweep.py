@@ -12,7 +12,7 @@ with the run folder absolute (`out` resolved against the caller's working folder
 override list is kept in `<run folder>/ablate.json`. Running the sweep again skips finished
 runs (metrics.json present) made with the same overrides, resumes interrupted ones from their
 last checkpoint, and refuses, before starting anything, a folder made with other overrides
-(it would mix two settings in one report). With a records file (`detkit.ablation.records`,
+(it would mix two settings in one report). With a records file (`detkit.study.records`,
 tools/ablate.py record=PATH) the runs it holds are skipped too, and every finished run is
 written into it, so that a sweep goes on from where another machine left it.
 Runs go in seed-major order (every experiment with seed 0 first), so that a sweep cut
@@ -36,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detkit.ablation.records import SweepRecords
-from detkit.ablation.tables import AblationTable
-from detkit.cli import quote_override
+from detkit.study.records import SweepRecords
+from detkit.study.tables import AblationTable
+from detkit.config.compose import quote_override
 from detkit.io import file_lock
 
 __all__ = ["RunSpec", "plan_runs", "check_run_folders", "run_overrides", "train_command", "run_sweep", "RUN_RECORD", "RUN_LOCK"]
@@ -128,7 +128,7 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
     (RUN_LOCK) another sweep holds is being trained by it and is left to it ("busy"), so two
     sweeps of the same rows started side by side share the runs out between them. Output of
     each run goes to <run folder>/stdout.log.
-    With `records` (a records file, `detkit.ablation.records`), a run without a finished folder
+    With `records` (a records file, `detkit.study.records`), a run without a finished folder
     whose record is there is not trained ("recorded"), and every finished run (found so at the
     start, or finished by this sweep) is recorded there at once, then passed to `on_record`
     (tools/ablate.py records the rows that share the run there)."""

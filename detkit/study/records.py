@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detkit.config.registry import RENAMED_TARGETS
 from detkit.io import file_lock, write_json
 
 __all__ = ["RECORDS_FORMAT", "RECORDS_VERSION", "Records", "SweepRecords", "record_of", "pretrain_entry",
@@ -173,7 +174,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 def record_of(spec, backbone_sha256: str | None) -> dict[str, Any]:
-    """The record of finished run `spec` (a `detkit.ablation.sweep.RunSpec`), which started
+    """The record of finished run `spec` (a `detkit.study.sweep.RunSpec`), which started
     from the pre-training backbone with sha256 `backbone_sha256` (None: no such backbone)."""
     if not spec.finished:
         raise ValueError(f"{spec.experiment} seed {spec.seed} has not finished (no {spec.run_dir / 'metrics.json'})")
@@ -375,7 +376,8 @@ def config_differences(recorded: Any, current: Any, prefix: str = "") -> list[tu
     value), in the recorded config's key order then the current one's new keys; a key on one
     side only has the value ABSENT on the other. Dicts are compared key by key, lists of the
     same length item by item (key[i]), anything else as a whole (a boolean never equals a
-    number)."""
+    number); a recorded `_target_` of a builder since renamed counts under its name now
+    (`detkit.config.registry.RENAMED_TARGETS`)."""
     if isinstance(recorded, dict) and isinstance(current, dict):
         differences = []
         for key in [*recorded, *(k for k in current if k not in recorded)]:
@@ -387,6 +389,8 @@ def config_differences(recorded: Any, current: Any, prefix: str = "") -> list[tu
         for i, (a, b) in enumerate(zip(recorded, current)):
             differences += config_differences(a, b, _join_key(prefix, i))
         return differences
+    if prefix.endswith("_target_") and isinstance(recorded, str):
+        recorded = RENAMED_TARGETS.get(recorded, recorded)   # a builder recorded under its name of before
     if recorded is ABSENT or current is ABSENT or not _same(recorded, current):
         return [(prefix or "<root>", recorded, current)]
     return []

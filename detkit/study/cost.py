@@ -36,7 +36,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+
+from detkit.config.compose import check_config
+from detkit.config.schemas import check_train_config
+from detkit.engine.hooks import train_stats
+from detkit.engine.loop import Trainer
+from detkit.engine.trainer import AMP_DTYPES, build_training_parts, build_training_stream, resolve_device
+from detkit.ops import require_ops
+from detkit.ops.reference import MAX_ADAPTIVE_GRID
 
 __all__ = ["BILINEAR_FLOPS", "register_flop_formulas", "deform_conv2d_flop_count", "deform_roi_pool_flop_count",
            "FlopCount", "count_flops", "InferenceFlops", "fixed_proposals", "inference_flops", "parameter_counts",
@@ -70,8 +80,6 @@ def _adaptive_grid(sampling_ratio: int, bin_sizes: torch.Tensor) -> torch.Tensor
     """Samples per bin side for each bin size [K] (int64 [K]): `sampling_ratio` if > 0, else
     ceil(bin size) clamped to [0, MAX_ADAPTIVE_GRID], 0 for a non-positive or NaN size
     (`detkit.ops.reference`, csrc/roi_checks.h)."""
-    from detkit.ops.reference import MAX_ADAPTIVE_GRID
-
     if sampling_ratio > 0:
         return torch.full(bin_sizes.shape, int(sampling_ratio), dtype=torch.int64)
     sizes = bin_sizes.double().clamp(max=MAX_ADAPTIVE_GRID)
@@ -106,10 +114,6 @@ def register_flop_formulas() -> None:
     `torch.utils.flop_counter.register_flop_formula` (once; calling again does nothing). A
     FlopCounterMode copies the registry when it is made, so call this before making one
     (`count_flops` does). RuntimeError when detkit's compiled ops are not built."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    from detkit.ops import require_ops
-
     require_ops()
     ops = torch.ops.detkit
     if ops.deform_conv2d not in flop_registry:
@@ -144,8 +148,6 @@ class FlopCount:
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlopCount:
     """Run `fn(*args, **kwargs)` under FlopCounterMode, with detkit's op formulas registered,
     and return what it counted. The call really runs (wrap it in torch.no_grad() for inference)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     register_flop_formulas()
     with FlopCounterMode(display=False) as mode:
         fn(*args, **kwargs)
@@ -247,8 +249,6 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     require a gradient, "offset_parameters": {kind: count} of the offset/mask branches
     ("deform_conv", "deform_roi_pool"; absent kinds left out)}: the counts of
     train_stats.json (`detkit.engine.hooks.train_stats`), plus the trainable ones."""
-    from detkit.engine.hooks import train_stats
-
     stats = train_stats(model, [], world_size=1)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"parameters": stats["parameters"], "trainable": trainable,
@@ -260,13 +260,9 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
 def compose_train_config(experiment: str | None, data: str | None = None, overrides: Sequence[str] = ()) -> Any:
     """configs/train.yaml composed with `experiment=<experiment>` and `data=<data>` (either may be
     None: the config's default) and further `overrides`, as tools/train.py composes it
-    (`detkit.cli.check_config`: Hydra's compose API, the schemas registered, every value
+    (`detkit.config.compose.check_config`: Hydra's compose API, the schemas registered, every value
     resolvable). Returns the config without its `hydra` node, as the training job receives it.
     ValueError (one line) for an unknown experiment, data config or key."""
-    from omegaconf import OmegaConf
-
-    from detkit.cli import check_config
-
     choices = ([f"experiment={experiment}"] if experiment is not None else []) + \
               ([f"data={data}"] if data is not None else [])
     cfg = check_config("train", [*choices, *overrides])
@@ -277,10 +273,6 @@ def _check_for_timing(cfg: Any) -> None:
     """`check_train_config` for one process, except its refusal of frozen layers without
     backbone.weights: the weights decide what training learns, not what an iteration costs
     (frozen layers cost the same with random weights)."""
-    from omegaconf import OmegaConf
-
-    from detkit.engine.config import check_train_config
-
     # resume=true is that rule's one exemption (a checkpoint would bring the weights); a copy.
     check_train_config(OmegaConf.merge(cfg, {"resume": True}), world_size=1)
 
@@ -299,9 +291,6 @@ def time_training_iterations(cfg: Any, iters: int, warmup: int, parts: Any = Non
     sec_per_iter does. The model ends in the state those iterations leave it in.
 
     On CUDA the steps are timed as the trainer times them (no synchronisation at their end)."""
-    from detkit.engine.loop import Trainer
-    from detkit.engine.trainer import AMP_DTYPES, build_training_parts, build_training_stream, resolve_device
-
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0; got iters={iters}, warmup={warmup}")
     _check_for_timing(cfg)
@@ -354,8 +343,6 @@ def measure_experiment(cfg: Any, height: int, width: int, iters: int, warmup: in
     once (`build_training_parts`); parameters and FLOPs are counted on the freshly initialised
     model (offset branches at zero; the FLOPs do not depend on the weights), then
     `time_training_iterations` trains it for warmup + iters."""
-    from detkit.engine.trainer import build_training_parts, resolve_device
-
     _check_for_timing(cfg)
     device = resolve_device(cfg.device)
     parts = build_training_parts(cfg, device, rank=0, world=1)

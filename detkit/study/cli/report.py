@@ -5,13 +5,13 @@
     python tools/report.py runs=[outputs/ablations/synthetic] out=docs/reports  # NAME.md + NAME.png + NAME.svg per table
     python tools/report.py runs=[docs/results/sweep.json]                       # a records file of tools/ablate.py
 
-(or `detkit-report ...`, `python -m detkit.cli.report ...`). A Hydra app
+(or `detkit-report ...`, `python -m detkit.study.cli.report ...`). A Hydra app
 (configs/report.yaml) that writes no run folder. `runs` are run folders of tools/train.py
 (with metrics.json), folders holding them at any depth (a tools/ablate.py sweep folder) or
-records files of tools/ablate.py record=PATH.json (`detkit.ablation.records`); one path or a
+records files of tools/ablate.py record=PATH.json (`detkit.study.records`); one path or a
 list. A table is rendered when at least one of its experiments has runs; its
 other rows say "not run". Without `table`, the papers' claims follow the tables, each read
-as holds / does not hold / mixed / within noise / not measured (`detkit.ablation.claims`; with `out`,
+as holds / does not hold / mixed / within noise / not measured (`detkit.study.claims`; with `out`,
 as claims.md). Without `out` the Markdown goes to stdout and no chart is drawn.
 
 Exit status: 0 done; 2 a bad path, table, metrics or records file, or a bad argument (one line on stderr).
@@ -21,6 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkit.cli import run_app
+from detkit.study.claims import read_claims, render_claims
+from detkit.study.report import collect_runs, render_markdown, summarize, write_report
+from detkit.study.tables import load_table, table_names
 
 
 def _names(value, key: str) -> list[str]:
@@ -32,10 +35,6 @@ def _names(value, key: str) -> list[str]:
 
 
 def job(cfg) -> None:
-    from detkit.ablation.claims import read_claims, render_claims
-    from detkit.ablation.report import collect_runs, render_markdown, summarize, write_report
-    from detkit.ablation.tables import load_table, table_names
-
     tables = [load_table(name) for name in (_names(cfg.table, "table") if cfg.table is not None else table_names())]
     runs = collect_runs(_names(cfg.runs, "runs"))
     experiments = {run.experiment for run in runs}

@@ -9,13 +9,13 @@ tree to Hydra's `instantiate` or to OmegaConf:
   called* and returns a plain copy (dicts, lists, str, int, float, bool, None). It refuses,
   with a one-line `CheckpointError` naming the key path and the offending value:
   a `_target_` that is not a name of detkit's registry of config targets
-  (`detkit.engine.config.targets()`: model, box head, data and schedule builders; at any
+  (`detkit.config.registry.targets()`: model, box head, data and schedule builders; at any
   depth: nested nodes, lists, `_args_`); any other Hydra option key (`_partial_`, `_recursive_`,
   `_convert_`, and any `_name_` key a later Hydra may add); `_args_` that is not a list or
   sits on a node without `_target_`; a string holding `${` (an interpolation: `${oc.env:..}`,
   `${now:..}`, any resolver; stored configs are resolved when written, so nothing is
   resolved when reading); a builder argument that names a file to read
-  (`detkit.engine.config.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
+  (`detkit.config.registry.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
   bytes, sets ...); nesting deeper than `MAX_DEPTH`.
 - `build_stored(node, source)` checks, then builds: every `_target_` is looked up in
   the registry by its exact name (a dict lookup: no import by name, no Hydra), children first
@@ -26,7 +26,7 @@ tree to Hydra's `instantiate` or to OmegaConf:
 - `build_partial(node, source, *args)`: the same for a `_partial_: true` node of a run's own
   config (never a stored one: those refuse `_partial_`), called with `args` first, as
   `hydra.utils.instantiate(node)(*args)` would (the optimizer with the model, the LR
-  schedule with the optimizer: `detkit.engine.optim.build_from_config`).
+  schedule with the optimizer: `detkit.config.build.build_from_config`).
 - `check_label_map` / `check_class_names`: the class mappings (int -> int, int -> str).
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CheckpointError", "ALLOWED_TARGETS", "MAX_DEPTH", "check_stored_config", "build_stored",
+from detkit.config.registry import FILE_ARGUMENTS, targets
+
+__all__ = ["CheckpointError", "MAX_DEPTH", "check_stored_config", "build_stored",
            "build_partial", "check_label_map", "check_class_names"]
 
 MAX_DEPTH = 32
@@ -46,17 +48,9 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def _registry() -> tuple[Mapping[str, Any], Mapping[str, tuple[str, ...]]]:
-    # Called when first needed, so that readers of plain files (the ablation report) do not
-    # pay for torch: the registry imports the builders it names when first asked for.
-    from detkit.engine.config import FILE_ARGUMENTS, targets
-
+    # The registry imports the builders it names when first asked for, so that readers of
+    # plain files (the ablation report) do not pay for torch.
     return targets(), FILE_ARGUMENTS
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ALLOWED_TARGETS":  # frozenset of the dotted names of the registry
-        return frozenset(_registry()[0])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CheckpointError(ValueError):
@@ -118,7 +112,7 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
             hint = f"; did you mean {close[0]}?" if close else ""
             raise _refuse(source, _join(path, "_target_"),
                           f"_target_ {_short(target)} is not a detkit builder{hint} (the {len(builders)} "
-                          f"allowed ones: targets() in detkit/engine/config.py, docs/checkpoints.md)")
+                          f"allowed ones: targets() in detkit/config/registry.py, docs/checkpoints.md)")
         bad_key = next((k for k in node if not isinstance(k, str) or not k.isidentifier()), None)
         if bad_key is not None:
             raise _refuse(source, _join(path, bad_key), f"{_short(bad_key)} cannot be an argument of {target}")

@@ -1,6 +1,6 @@
 """Ablation tables: which experiments make up a paper's table, and the paper's numbers.
 
-A table is `configs/ablation/<name>.yaml` (in `detkit.cli.CONFIG_DIR`: an installed detkit's
+A table is `configs/ablation/<name>.yaml` (in `detkit.config.compose.CONFIG_DIR`: an installed detkit's
 package data, or a checkout's configs/):
 
     title: "DCNv1 Table 1: ..."
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from detkit.cli import CONFIG_DIR
+from detkit.config.compose import CONFIG_DIR
 
 __all__ = ["TABLE_DIR", "AblationRow", "AblationTable", "load_table", "table_names", "paper_table_names"]
 

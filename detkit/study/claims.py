@@ -3,7 +3,7 @@
 Each claim (`CLAIMS`) rests on one or more comparisons of two table rows (experiments), each
 of one quantity per run: AP, or a contrast such as AP75 - AP50 ("the gain is mostly at the
 strict threshold") or APl - APs ("the gain grows with object size"). A comparison's
-difference and its twice standard error come from `detkit.ablation.report.difference`
+difference and its twice standard error come from `detkit.study.report.difference`
 (paired by seed where the rows share two seeds or more), and it reads:
 
 - expect "gain": holds where the difference exceeds +2 SE, does not hold where it is below
@@ -24,8 +24,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from detkit.ablation.report import MIN_SEEDS_TO_READ, RunResult, difference
-from detkit.ablation.tables import load_table
+from detkit.study.report import MIN_SEEDS_TO_READ, RunResult, difference
+from detkit.study.tables import load_table
 
 __all__ = ["Comparison", "Claim", "ComparisonResult", "ClaimResult", "CLAIMS", "QUANTITIES",
            "read_claim", "read_claims", "render_claims"]
@@ -147,7 +147,7 @@ def _paper_difference(comparison: Comparison) -> str:
 
 
 def read_claim(claim: Claim, runs: Sequence[RunResult]) -> ClaimResult:
-    """`claim` read from `runs` (`detkit.ablation.report.collect_runs`), by experiment name."""
+    """`claim` read from `runs` (`detkit.study.report.collect_runs`), by experiment name."""
     results = []
     for comparison in claim.comparisons:
         row = [r for r in runs if r.experiment == comparison.row]
@@ -193,7 +193,7 @@ def render_claims(results: Sequence[ClaimResult], heading_level: int = 3) -> str
               f"{MIN_SEEDS_TO_READ} seeds on a side is not measured (Δ shown, not read)."
               " A claim holds when "
               "all its comparisons hold, and is mixed when one expecting a gain holds and another does not "
-              "(detkit/ablation/claims.py). Seeds for 2 SE ≤ "
+              "(detkit/study/claims.py). Seeds for 2 SE ≤ "
               f"{RESOLUTION}: per row, at the spread seen so far ({MIN_SEEDS_TO_READ} seeds or more). Paper Δ: the same two rows in the "
               "paper's own table and metric (COCO AP or VOC mAP), where it publishes both."]
     return "\n".join(lines) + "\n"

@@ -4,13 +4,13 @@
     python tools/analyze_offsets.py checkpoint=PATH data=coco data.root=/data/coco max_images=500
     python tools/analyze_offsets.py checkpoint=PATH images=FOLDER annotations=instances.json
 
-(or `detkit-analyze-offsets ...`, `python -m detkit.cli.analyze_offsets ...`). For every
+(or `detkit-analyze-offsets ...`, `python -m detkit.study.cli.analyze_offsets ...`). For every
 deformable conv layer: the effective dilation (mean distance between the sampling
 locations of horizontally/vertically adjacent taps, in units of the layer's input grid; a
 plain conv with dilation d gives d) over the activations whose centre lies on a small,
 medium or large ground-truth box (COCO area thresholds 32^2 and 96^2 of the box in the
 original image; the smallest box when several contain it) or on background: mean and
-standard deviation, and the mean mask value for DCNv2 layers (see detkit/vis/offset_stats.py).
+standard deviation, and the mean mask value for DCNv2 layers (see detkit/study/offset_stats.py).
 Images are fed at their original size (the model's transform resizes them as in inference).
 
 Data (first that applies): `images` + `annotations`; `data=...` (its `split`, default val);
@@ -29,9 +29,10 @@ from omegaconf import DictConfig
 from detkit.cli import run_app
 from detkit.data import CocoDetection
 from detkit.engine.checkpoint import load_model
-from detkit.engine.distributed import resolve_device
+from detkit.utils.comm import resolve_device
 from detkit.io import write_json, write_text
-from detkit.vis import OffsetStatistics, capture, table2_markdown
+from detkit.study.offset_stats import OffsetStatistics, table2_markdown
+from detkit.vis import capture
 from detkit.vis.sampling import deformable_conv_names
 
 
@@ -39,11 +40,12 @@ def open_dataset(cfg: DictConfig, checkpoint: dict) -> tuple[CocoDetection, str]
     """The COCO-format dataset to analyse (original images, no transforms) and where it came from."""
     if cfg.images is not None:
         return CocoDetection(cfg.images, cfg.annotations), f"images={cfg.images} annotations={cfg.annotations}"
-    from detkit.data.build import data_config_for_checkpoint, prepare_data, split_paths
+    from detkit.config.build import build_data_source, data_config_for_checkpoint
 
     data_cfg, source = data_config_for_checkpoint(cfg.get("data"), checkpoint)
-    prepare_data(data_cfg)
-    image_dir, annotation_file = split_paths(data_cfg, str(cfg.split))
+    data_source = build_data_source(data_cfg)
+    data_source.prepare()
+    image_dir, annotation_file = data_source.split_paths(str(cfg.split))
     return CocoDetection(image_dir, annotation_file), f"{source}, {cfg.split} split ({annotation_file})"
 
 

@@ -57,8 +57,8 @@ from torch import nn
 
 from detkit.vis.draw import (_label_of, dim, draw_box_outline, draw_points, draw_roi_bins, draw_unit_marker,
                              to_rgb_uint8)
-from detkit.data.coco import clipped_xyxy
-from detkit.vis.offset_stats import size_category
+from detkit.data.coco import kept_annotations
+from detkit.study.offset_stats import size_category
 from detkit.vis.sampling import (LayerOffsets, RoIBins, capture, check_sampling_request, follow_sampling_points,
                                  locate_unit, select_stage)
 
@@ -98,12 +98,7 @@ def ground_truth_boxes(annotations: Sequence[Mapping], image_size: tuple[int, in
     else the clipped box's w * h."""
     height, width = int(image_size[0]), int(image_size[1])
     boxes, areas = [], []
-    for annotation in annotations:
-        if annotation.get("iscrowd", 0):
-            continue
-        box = clipped_xyxy(annotation["bbox"], width, height)
-        if box is None:
-            continue
+    for annotation, box in kept_annotations(annotations, width, height):
         x1, y1, x2, y2 = box
         area = annotation.get("area")
         valid = isinstance(area, numbers.Real) and not isinstance(area, bool) and math.isfinite(area) and area > 0

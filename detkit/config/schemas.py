@@ -1,17 +1,5 @@
-"""detkit's configs: what a `_target_` may name (the registry), what the configs must look like
-(the typed schemas), and the rules types cannot express (`check_train_config`).
-
-**The registry** (`targets()`): every `_target_` of a detkit config (the model, backbone, neck, RPN, RoI
-pooler, box head and predictor builders, the data sources, the optimizer and schedule builders), mapped to the
-callable it builds with. A target is looked up here by its exact dotted name, never imported
-by name: `detkit.engine.stored_config` refuses any other name before anything is called, for
-configs read back from checkpoints and for the training run's own (`build_model`,
-`detkit.data.build.build_data_source`, `detkit.engine.optim.build_from_config`), so a
-config naming anything else fails before training rather than when its checkpoint is loaded.
-A new part (a head, a dataset) is its class plus one line here plus a config file;
-tests/engine/test_checkpoint_safety.py checks that every `_target_` under configs/ is listed
-and that each name is the import path of what it maps to. `FILE_ARGUMENTS` names arguments
-that read a file (a stored config must leave them null).
+"""What detkit's configs must look like (the typed schemas) and the rules types cannot express
+(`check_train_config`). What a `_target_` may name is `detkit.config.registry`.
 
 **The schemas** (`register_configs()`): dataclasses stored in Hydra's ConfigStore under the
 group `schema`, which the yaml files pull in with a defaults-list entry (Hydra's "structured
@@ -32,61 +20,16 @@ idempotent). Importing this module imports neither torch nor detkit's data and m
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-__all__ = ["targets", "allowed_targets", "file_arguments", "register_configs", "check_train_config",
+__all__ = ["register_configs", "check_train_config",
            "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
-           "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
-
-
-# ------------------------------------------------------------------ the registry of config targets
-
-@functools.cache
-def targets() -> Mapping[str, Callable[..., Any]]:
-    """THE allowlist: dotted name -> the callable a `_target_` of that name builds with."""
-    from detkit.data.sources import CocoFolder, SyntheticShapes
-    from detkit.engine.optim import build_optimizer, build_scheduler
-    from detkit.modeling.build import build_faster_rcnn, build_resnet
-    from detkit.modeling.heads.box_head import FastRCNNPredictorBuilder, TwoMLPHeadBuilder
-    from detkit.modeling.heads.poolers import RoIPoolerBuilder
-    from detkit.modeling.heads.rpn import RPNBuilder
-    from detkit.modeling.neck.fpn import FPNBuilder
-
-    return MappingProxyType({
-        "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
-        "detkit.modeling.build.build_resnet": build_resnet,
-        "detkit.modeling.heads.box_head.TwoMLPHeadBuilder": TwoMLPHeadBuilder,
-        "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder": FastRCNNPredictorBuilder,
-        "detkit.modeling.heads.poolers.RoIPoolerBuilder": RoIPoolerBuilder,
-        "detkit.modeling.heads.rpn.RPNBuilder": RPNBuilder,
-        "detkit.modeling.neck.fpn.FPNBuilder": FPNBuilder,
-        "detkit.data.sources.SyntheticShapes": SyntheticShapes,
-        "detkit.data.sources.CocoFolder": CocoFolder,
-        "detkit.engine.optim.build_optimizer": build_optimizer,
-        "detkit.engine.optim.build_scheduler": build_scheduler,
-    })
-
-
-# Arguments of the targets above that name a file to read. A config stored in a checkpoint
-# leaves them null (the checkpoint holds the weights; training stores `backbone.weights: null`).
-FILE_ARGUMENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "detkit.modeling.build.build_resnet": ("weights",),
-})
-
-
-def allowed_targets() -> frozenset[str]:
-    """The names of `targets()`."""
-    return frozenset(targets())
-
-
-def file_arguments() -> Mapping[str, tuple[str, ...]]:
-    return FILE_ARGUMENTS
+           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
 
 
 # ------------------------------------------------------------------ the schemas
@@ -95,7 +38,7 @@ def file_arguments() -> Mapping[str, tuple[str, ...]]:
 @dataclass
 class ScheduleConfig:
     """configs/schedule/*.yaml. `optimizer` and `scheduler` are `_partial_` nodes built with the
-    model and the optimizer (`detkit.engine.optim.build_from_config`); they interpolate the
+    model and the optimizer (`detkit.config.build.build_from_config`); they interpolate the
     flat keys above them, which are what users and experiments override."""
 
     max_iters: int = MISSING
@@ -143,37 +86,40 @@ class SyntheticGeneratorConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    """configs/data/synthetic*.yaml: the arguments of `detkit.data.sources.SyntheticShapes`."""
+class DataConfig:
+    """The keys of every data node (configs/data/*.yaml): the arguments of
+    `detkit.data.sources.DataSource`, which every data source takes."""
 
-    _target_: str = "detkit.data.sources.SyntheticShapes"
-    kind: str = "synthetic"
+    _target_: str = MISSING
+    kind: str = MISSING
     root: str = MISSING
     num_classes: int = MISSING
-    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
     min_size: Any = MISSING              # an int, or a list (one drawn per training image)
     max_size: int = MISSING
     flip_prob: float = MISSING
     aspect_grouping: bool = MISSING
+    # Typed on every data node so that a preset's generator options (experiment=smoke) are
+    # still checked when the data is not synthetic (CocoFolder does not use them).
+    generator: Optional[SyntheticGeneratorConfig] = None
 
 
 @dataclass
-class CocoDataConfig:
+class SyntheticDataConfig(DataConfig):
+    """configs/data/synthetic*.yaml: the arguments of `detkit.data.sources.SyntheticShapes`."""
+
+    _target_: str = "detkit.data.sources.SyntheticShapes"
+    kind: str = "synthetic"
+    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
     """configs/data/coco.yaml: the arguments of `detkit.data.sources.CocoFolder`."""
 
     _target_: str = "detkit.data.sources.CocoFolder"
     kind: str = "coco"
-    root: str = MISSING
     train_split: str = MISSING
     val_split: str = MISSING
-    num_classes: int = MISSING
-    min_size: Any = MISSING
-    max_size: int = MISSING
-    flip_prob: float = MISSING
-    aspect_grouping: bool = MISSING
-    # Unused by CocoFolder; typed so that a preset's generator options (experiment=smoke) are
-    # still checked when the data is COCO.
-    generator: Optional[SyntheticGeneratorConfig] = None
 
 
 @dataclass
@@ -199,7 +145,7 @@ class TrainConfig:
 class AblateConfig:
     """configs/ablate.yaml (tools/ablate.py). `table` is a name, `all` or a list of names;
     `rows` null or a list of the tables' experiments; `seeds` an int or a list of ints
-    (detkit.cli.ablate reads them)."""
+    (detkit.study.cli.ablate reads them)."""
 
     table: Any = MISSING
     rows: Any = MISSING

@@ -4,14 +4,14 @@
     python tools/paper_figures.py checkpoint=PATH data=synthetic_geometry image_index=12
     python tools/paper_figures.py checkpoint=PATH images=FOLDER annotations=instances.json
 
-(or `detkit-paper-figures ...`, `python -m detkit.cli.paper_figures ...`). Writes, into
+(or `detkit-paper-figures ...`, `python -m detkit.study.cli.paper_figures ...`). Writes, into
 `output_dir` (default: the run folder, `hydra.run.dir`, default outputs/paper_figures/<time>):
 
 - fig5_sampling.png: three panels, the 9**num_layers sampling points of `num_layers` stacked
   deformable convs (the network's last ones, or those of `stage`) for an activation unit on
   background, at the centre of a small object and at the centre of a large object (COCO's
   area buckets of the ground truth), on the image upscaled to a shorter side of at least
-  `min_canvas` pixels (detkit/vis/figures.py says how the units are chosen);
+  `min_canvas` pixels (detkit/study/figures.py says how the units are chosen);
 - fig7_roi_bins.png: one panel per top_k detection with its deformable RoI pooling bins; when
   the RoI pooler is not deformable (or nothing was detected) it is skipped with a log line;
 - figures.json: the checkpoint, the data, the image (index, id, file), the layers followed,
@@ -46,7 +46,7 @@ def _annotations(dataset, index: int) -> list[dict]:
 def choose_image(dataset, source: str, image_index: int | None, max_images: int | None) -> int:
     """The dataset index of the image to draw: `image_index` (checked), or the first of the first
     `max_images` images whose ground truth holds a small and a large object."""
-    from detkit.vis import ground_truth_boxes, has_small_and_large
+    from detkit.study.figures import ground_truth_boxes, has_small_and_large
 
     if len(dataset) == 0:
         raise ValueError(f"no images in {source}")
@@ -68,11 +68,12 @@ def choose_image(dataset, source: str, image_index: int | None, max_images: int 
 def job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from detkit.cli.analyze_offsets import open_dataset
+    from detkit.study.cli.analyze_offsets import open_dataset
     from detkit.engine.checkpoint import load_model
-    from detkit.engine.distributed import resolve_device
+    from detkit.utils.comm import resolve_device
     from detkit.io import write_json
-    from detkit.vis import check_sampling_request, ground_truth_boxes, paper_figures, save_png
+    from detkit.study.figures import ground_truth_boxes, paper_figures
+    from detkit.vis import check_sampling_request, save_png
 
     if (cfg.images is None) != (cfg.annotations is None):
         raise ValueError("pass both images=FOLDER and annotations=JSON (or neither, to use a data config)")

@@ -10,15 +10,14 @@ It needs a fixed sampling ratio (every detkit config uses 2): the adaptive one,
 ceil(bin size), gives a different number of samples per RoI, which a fixed-shape gather
 cannot do (the export refuses it at opset 22).
 
-`GatherRoIPooler(pooler)` is a `RoIPooler` whose pooling goes through it; the export
-swaps it in for opset 22.
+It sits beside the pooler it stands in for: `RoIPooler.gather_pool` (detkit.modeling.heads.poolers)
+is each pooler kind's pooling in this form, next to its own, and `GatherRoIPooler` is a pooler
+that pools through it, which the ONNX export swaps in for opset 22.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
-
-from detkit.modeling.heads.poolers import RoIPooler, boxes_to_rois
+from torch import Tensor
 
 
 def roi_align_gather(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
@@ -91,37 +90,3 @@ def roi_align_gather(input: Tensor, rois: Tensor, output_size: tuple[int, int], 
     if mask is not None:
         pooled = pooled * mask
     return pooled
-
-
-class GatherRoIPooler(nn.Module):
-    """A RoIPooler's forward ("align", "alignv2", "deform", "mdeform"; fixed sampling ratio)
-    with its pooling done by `roi_align_gather`, sharing the pooler's offset branch."""
-
-    def __init__(self, pooler: RoIPooler) -> None:
-        super().__init__()
-        if pooler.kind == "pool":
-            raise ValueError("the 'pool' kind (quantised max pooling) has no gather form")
-        if pooler.sampling_ratio <= 0:
-            raise ValueError("adaptive sampling (sampling_ratio=0) has no fixed-shape gather form")
-        self.pooler = pooler
-
-    def _pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
-        p = self.pooler
-        size = (p.output_size, p.output_size)
-        rois = rois.to(feature.dtype)
-        if p.kind == "align":
-            return roi_align_gather(feature, rois, size, 1.0 / stride, p.sampling_ratio, aligned=False)
-        if p.kind == "alignv2":
-            return roi_align_gather(feature, rois, size, 1.0 / stride, p.sampling_ratio)
-        deform = p.deform_pool
-        scaled = torch.cat([rois[:, :1], rois[:, 1:] * (1.0 / stride)], dim=1)
-        plain = roi_align_gather(feature, scaled, deform.output_size, 1.0, deform.sampling_ratio)
-        out = deform.offset_branch(plain.flatten(1))
-        bins = deform.output_size[0] * deform.output_size[1]
-        offset = out[:, :2 * bins].reshape(-1, 2, *deform.output_size)
-        mask = torch.sigmoid(out[:, 2 * bins:]).reshape(-1, 1, *deform.output_size) if deform.modulated else None
-        return roi_align_gather(feature, scaled, deform.output_size, 1.0, deform.sampling_ratio, offset=offset,
-                                mask=mask, gamma=deform.gamma)
-
-    def forward(self, features, proposals, image_shapes=None) -> Tensor:
-        return self.pooler.pool_rois(features, boxes_to_rois(proposals), self._pool)

@@ -3,12 +3,12 @@
     python tools/eval_noise.py runs=[BASE_RUN,RUN,...]              # 200 resamples of the val images
     python tools/eval_noise.py runs=[BASE_RUN,RUN] draws=1000 gt=/data/coco/annotations/instances_val2017.json
 
-(or `detkit-eval-noise ...`, `python -m detkit.cli.eval_noise ...`). A Hydra app
+(or `detkit-eval-noise ...`, `python -m detkit.study.cli.eval_noise ...`). A Hydra app
 (configs/eval_noise.yaml) that writes no run folder. `runs` are run folders of
 tools/train.py or tools/eval.py holding detections.json (COCO results on the val split); the
 first is the base. The validation images are resampled with replacement `draws` times, the
 same resample for every run, and COCO box AP recomputed on each (a paired bootstrap,
-`detkit.evaluation.bootstrap`). It prints, per run, the AP on all images, its standard
+`detkit.study.bootstrap`). It prints, per run, the AP on all images, its standard
 deviation over the resamples, and its difference to the base with that difference's standard
 deviation and 95% interval over the resamples: the part of a ΔAP that another draw of
 validation images would change. It says nothing of the seed-to-seed spread of training
@@ -47,7 +47,7 @@ def _ground_truth_path(cfg, first_run: Path) -> Path:
         return Path(str(cfg.gt)).expanduser()
     from omegaconf import OmegaConf
 
-    from detkit.data.build import build_data_source
+    from detkit.config.build import build_data_source
 
     config_file = first_run / "config.yaml"
     if not config_file.is_file():
@@ -74,7 +74,7 @@ def _recorded_ap(run: Path) -> float | None:
 def job(cfg) -> None:
     from pycocotools.coco import COCO
 
-    from detkit.evaluation.bootstrap import bootstrap_ap, evaluate_images, load_detections, summarize_bootstrap
+    from detkit.study.bootstrap import bootstrap_ap, evaluate_images, load_detections, summarize_bootstrap
 
     runs = _paths(cfg.runs, "runs")
     draws, seed = int(cfg.draws), int(cfg.seed)

@@ -22,30 +22,20 @@ by the update of iteration i (0-based) is `lr_i = group_lr * factor(i)` with
 
 (linear warm-up from `warmup_factor` of the learning rate, as in Goyal et al.).
 
-`build_from_config(schedule_cfg, model)`: both from a schedule config node
-(configs/schedule/*.yaml), whose `optimizer` and `scheduler` nodes name their builders:
-
-    optimizer: {_target_: detkit.engine.optim.build_optimizer, _partial_: true,
-                base_lr: ${..base_lr}, momentum: ${..momentum}, ...}
-    scheduler: {_target_: detkit.engine.optim.build_scheduler, _partial_: true,
-                warmup_iters: ${..warmup_iters}, ..., max_iters: ${..max_iters}}
-
-built as `hydra.utils.instantiate(node)(model)` and `(optimizer)` would, through detkit's
-registry of config targets (`detkit.engine.stored_config.build_partial`).
+The schedule config node (configs/schedule/*.yaml) names both builders as `_partial_`
+nodes; `detkit.config.build.build_from_config` builds them with the model.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detkit.ops import offset_branch_parameters
 
-__all__ = ["build_optimizer", "build_scheduler", "build_from_config", "lr_factor", "OFFSET_KINDS", "NORM_TYPES"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "OFFSET_KINDS", "NORM_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,18 +126,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_iters: int, warmup_
     if late:
         logger.info("lr steps %s are at or after max_iters %d: they do not take effect in this run", late, max_iters)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupMultiStep(warmup_iters, warmup_factor, steps, gamma))
-
-
-def build_from_config(schedule_cfg: DictConfig | Mapping[str, Any], model: nn.Module,
-                      source: str = "the schedule config", root: str = "schedule"
-                      ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """(optimizer, scheduler) of a schedule config node: its `optimizer` node called with
-    `model`, its `scheduler` node with that optimizer (both `_partial_: true`, `_target_` in
-    detkit's registry; module docstring). Errors are one-line ValueErrors naming the node."""
-    from detkit.engine.stored_config import build_partial
-
-    if isinstance(schedule_cfg, DictConfig):
-        schedule_cfg = OmegaConf.to_container(schedule_cfg, resolve=True, throw_on_missing=True)
-    optimizer = build_partial(schedule_cfg.get("optimizer"), source, model, root=f"{root}.optimizer")
-    scheduler = build_partial(schedule_cfg.get("scheduler"), source, optimizer, root=f"{root}.scheduler")
-    return optimizer, scheduler

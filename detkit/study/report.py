@@ -4,7 +4,7 @@
 A run is a tools/train.py run folder with `metrics.json` (final COCO box metrics, percent),
 `train_stats.json` (parameters, median seconds per iteration; `detkit.engine.trainer`),
 `config.yaml` (seed) and `.hydra/hydra.yaml` (the chosen experiment and data configs), or
-a record of one in a records file of tools/ablate.py (`detkit.ablation.records`: the same
+a record of one in a records file of tools/ablate.py (`detkit.study.records`: the same
 two JSON files' content with its experiment, seed and data).
 Rows are a table's experiments; a row's numbers are the mean and the sample standard
 deviation over its runs (seeds). The difference to the baseline row is given with twice
@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from detkit.ablation.records import load_records
-from detkit.ablation.tables import AblationTable
+from detkit.config.stored import check_stored_config
+from detkit.study.records import load_records
+from detkit.study.tables import AblationTable
 
 __all__ = ["RunResult", "RowSummary", "collect_runs", "runs_from_records", "summarize", "render_markdown",
            "chart_figure", "render_chart", "write_report", "difference", "METRICS"]
@@ -93,8 +94,6 @@ def _select(node: Any, *keys: str) -> Any:
 
 
 def _read_run(run_dir: Path) -> RunResult:
-    from detkit.engine.stored_config import check_stored_config
-
     metrics = _load_json(run_dir / "metrics.json")
     stats_path = run_dir / "train_stats.json"
     stats = _load_json(stats_path) if stats_path.is_file() else {}
@@ -127,7 +126,7 @@ def _run_result(source: Path, experiment: str | None, data: str | None, seed: in
 
 
 def runs_from_records(path: str | Path, records: Iterable[dict[str, Any]]) -> list[RunResult]:
-    """RunResults of run records (`detkit.ablation.records`) read from records file `path`
+    """RunResults of run records (`detkit.study.records`) read from records file `path`
     (their run_dir)."""
     path = Path(path).resolve()
     return [replace(_run_result(path, r["experiment"], r["data"], r["seed"], r["metrics"], r["train_stats"]),
@@ -145,7 +144,7 @@ def _is_records_file(path: Path) -> bool:
 
 def collect_runs(paths: Iterable[str | Path]) -> list[RunResult]:
     """Every finished run under `paths`: run folders, folders holding run folders at any
-    depth, and records files of tools/ablate.py (`detkit.ablation.records`, a .json file).
+    depth, and records files of tools/ablate.py (`detkit.study.records`, a .json file).
     A run recorded in a records file and also found as a run folder (the same experiment,
     seed and data) is taken once, from the folder. A path that does not exist is a
     ValueError; so is a path holding no run, and a records file holding one run twice with

@@ -6,7 +6,7 @@
         data.root=/data/coco model.backbone.weights=/w/resnet50.pth   # the paper's schedule
     python tools/ablate.py table=fpn_mmdet -- schedule.max_iters=1     # overrides for every run
 
-(or `detkit-ablate ...`, `python -m detkit.cli.ablate ...`). Options are in
+(or `detkit-ablate ...`, `python -m detkit.study.cli.ablate ...`). Options are in
 configs/ablate.yaml, as key=value arguments like every tool's; everything after `--` is
 passed verbatim to every training run (tools/train.py's overrides): the one exception to
 the tools' single command-line style, since those overrides belong to another app's config.
@@ -15,7 +15,7 @@ Runs go to OUT/<experiment>/seed<N>/ (tools/train.py run folders, each started a
 the command is run again. Reports: OUT/<table>.md, OUT/<table>.png and OUT/<table>.svg (tools/report.py
 renders them again from the run folders at any time).
 
-With record=PATH the sweep also keeps a records file (detkit.ablation.records: each finished
+With record=PATH the sweep also keeps a records file (detkit.study.records: each finished
 run's results as JSON, small enough to commit), written as soon as a run finishes, and skips
 the runs recorded there: a sweep too long for one machine goes on on a fresh one from that
 file, and its reports include the recorded runs (tools/report.py runs=[PATH] too). The file
@@ -48,9 +48,20 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from detkit.cli import check_config, one_line_errors
+import yaml
+from omegaconf import OmegaConf
+
+from detkit.cli import one_line_errors
+from detkit.config.compose import check_config
+from detkit.study.records import (SweepRecords, check_configs, config_differences, file_sha256, load_records,
+                                  portable_config, pretrain_entry)
+from detkit.study.report import collect_runs, runs_from_records, write_report
+from detkit.study.sweep import (check_run_folders, plan_pretrain, plan_runs, pretrained_backbone, run_overrides,
+                                run_sweep, weights_override)
+from detkit.study.tables import load_table, paper_table_names
 
 
 def _int_list(value, key: str) -> list[int]:
@@ -98,10 +109,6 @@ def _rows(value, tables) -> list[str] | None:
 def read_options(argv: list[str]) -> dict:
     """configs/ablate.yaml with `argv`, checked: {table(s), rows, seeds, jobs, threads_per_job, data, out,
     pretrain, record}."""
-    from omegaconf import OmegaConf
-
-    from detkit.ablation.tables import load_table, paper_table_names
-
     # `data` is a plain key of configs/ablate.yaml, but configs/ also holds the training tool's
     # `data` group, so Hydra would read data=NAME as a group override ("No match in the
     # defaults list"): it is set after composition instead (`out` interpolates it lazily).
@@ -143,8 +150,6 @@ def read_options(argv: list[str]) -> dict:
 def plan(options: dict, train: list[str]):
     """(the runs of every row, the pre-training run or None), checked before anything starts: the run
     folders, and every experiment's training config composed once (the seeds only change seed=)."""
-    from detkit.ablation.sweep import check_run_folders, plan_pretrain, plan_runs, pretrained_backbone, weights_override
-
     pretrain, out = options["pretrain"], options["out"]
     pretrain_spec = plan_pretrain(str(pretrain), out, train) if pretrain else None
     if pretrain_spec is not None:
@@ -165,8 +170,6 @@ def train_configs(specs, seeds: list[int]) -> dict:
     """Every experiment's training config composed and checked, once, for its run of the first
     seed with the overrides that run starts with (`run_overrides`): {experiment: config,
     `hydra` node included}, in the order of `specs`."""
-    from detkit.ablation.sweep import run_overrides
-
     configs = {}
     for spec in specs[:len(specs) // len(seeds)]:
         try:
@@ -177,21 +180,14 @@ def train_configs(specs, seeds: list[int]) -> dict:
 
 
 def _body(composed):
-    from omegaconf import OmegaConf
-
     return OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
 
 
 def portable_train_config(composed) -> dict:
-    """The portable form (`detkit.ablation.records.portable_config`) of the config.yaml that a
+    """The portable form (`detkit.study.records.portable_config`) of the config.yaml that a
     run of the composed config `composed` (`check_config`'s, `hydra` node included) writes:
     the trainer writes OmegaConf.to_yaml(cfg, resolve=True) of the job config Hydra gives it,
     which is `composed` without its `hydra` node; read back with yaml.safe_load as the record's is."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    from detkit.ablation.records import portable_config
-
     return portable_config(yaml.safe_load(OmegaConf.to_yaml(_body(composed), resolve=True)))
 
 
@@ -201,8 +197,6 @@ _SEED_REFERENCE = re.compile(r"\$\{[^}]*\bseed\b")   # ${seed}, ${oc.select:seed
 def _interpolates_seed(composed) -> bool:
     """Whether a value of `composed` (before resolution) is an interpolation naming a `seed`
     key, so that it may change with the run's seed (over-cautious: data.generator.seed counts)."""
-    from omegaconf import OmegaConf
-
     def strings(node):
         if isinstance(node, dict):
             for value in node.values():
@@ -219,13 +213,10 @@ def _interpolates_seed(composed) -> bool:
 def check_record_configs(options: dict, specs, pretrain_spec, configs: dict) -> None:
     """With record=: read the records file (a bad one fails now, not after the pre-training)
     and refuse its records of this sweep's runs that hold another config than the run would
-    use now (`detkit.ablation.records.check_configs`). A run's config is its experiment's of
+    use now (`detkit.study.records.check_configs`). A run's config is its experiment's of
     `configs` (`train_configs`, composed for the first seed) with its own top-level `seed`:
     the seed is nowhere else in the composed configs (an interpolation naming it would be;
     then the run's config is composed on its own)."""
-    from detkit.ablation.records import check_configs, load_records
-    from detkit.ablation.sweep import run_overrides
-
     path = options["record"]
     if path is None:
         return
@@ -250,15 +241,13 @@ def check_record_configs(options: dict, specs, pretrain_spec, configs: dict) -> 
 
 def pretrain_backbone(pretrain_spec, threads: int | None) -> None:
     """Train the pre-training run unless its backbone file exists, then write that file."""
-    from detkit.ablation.sweep import pretrained_backbone, run_sweep
-
     backbone = pretrained_backbone(pretrain_spec)
     if not backbone.is_file():
         result = run_sweep([pretrain_spec], jobs=1, threads_per_job=threads)
         if not pretrain_spec.finished:
             raise RuntimeError(f"pre-training {pretrain_spec.experiment} {result[pretrain_spec]}: see "
                                f"{pretrain_spec.run_dir / 'stdout.log'}")
-        from detkit.engine.checkpoint import export_backbone
+        from detkit.engine.checkpoint import export_backbone  # torch: only when a backbone is exported
 
         export_backbone(pretrain_spec.run_dir / "checkpoints" / "last.pth", backbone)
     print(f"backbone of every run: {backbone}")
@@ -267,9 +256,6 @@ def pretrain_backbone(pretrain_spec, threads: int | None) -> None:
 def open_records(options: dict, specs, pretrain_spec):
     """The sweep's records file (record=), checked against this sweep and this machine's
     pre-training backbone, with the pre-training entry stored; None without record=."""
-    from detkit.ablation.records import SweepRecords, file_sha256, load_records, pretrain_entry
-    from detkit.ablation.sweep import pretrained_backbone
-
     path = options["record"]
     if path is None:
         return None
@@ -283,10 +269,6 @@ def write_reports(tables, specs, out: Path, records=None, recorded=(), same: dic
     """Every table's report from the finished run folders of `specs` and the records (in the
     sweep's `records`) of the runs `recorded`, skipped as recorded there; each run spec of
     `same` ({spec: the spec whose run it is}, `same_run_sources`) reported as that run."""
-    from dataclasses import replace
-
-    from detkit.ablation.report import collect_runs, runs_from_records, write_report
-
     finished = [s.run_dir for s in specs if s.finished]
     runs = collect_runs(finished) if finished else []
     if recorded:
@@ -306,8 +288,6 @@ def same_runs(configs: dict) -> list[list[str]]:
     configs are identical, each in the order of `configs`: such rows are the same model
     trained the same way (on data=synthetic_geometry `dcnv2/regular` is `dcnv1/baseline`), so
     the sweep trains one run per seed for the whole group."""
-    from detkit.ablation.records import config_differences
-
     groups: list[tuple[dict, list[str]]] = []
     for experiment, composed in configs.items():
         config = portable_train_config(composed)
@@ -354,10 +334,9 @@ def ablate(argv: list[str]) -> int:
     for group in groups:
         print(f"same run: {', '.join(group)} have identical training configs: one run per seed for all of them")
 
-    from detkit.ablation.sweep import run_sweep
-    from detkit.data.build import prepare_data
+    from detkit.config.build import build_data_source  # torch: only once the sweep starts
 
-    prepare_data(next(iter(configs.values())).data)   # once, before parallel runs would race to generate it
+    build_data_source(next(iter(configs.values())).data).prepare()   # once, before parallel runs would race to generate it
     jobs, threads = options["jobs"], options["threads_per_job"]
     if pretrain_spec is not None:
         pretrain_backbone(pretrain_spec, threads and threads * jobs)
