@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+import onnxruntime  # noqa: F401  (a test dependency, pyproject.toml [test]: never skipped)
 import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
 
-pytest.importorskip("onnxruntime")
-
-import onnx  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from torch import nn  # noqa: E402
-
-from detkit.data.synthetic import SyntheticConfig, render_synthetic_image  # noqa: E402
-from detkit.export import (  # noqa: E402
+from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
+from detkit.export import (
     OnnxDetector,
     OnnxExportError,
     export_onnx,
@@ -28,8 +26,8 @@ from detkit.export import (  # noqa: E402
     iter_nodes,
     read_metadata,
 )
-from detkit.modeling.build import build_faster_rcnn, build_resnet  # noqa: E402
-from detkit.ops import DeformConv2d, DeformRoIPool  # noqa: E402
+from detkit.modeling.build import build_faster_rcnn, build_resnet
+from detkit.ops import DeformConv2d, DeformRoIPool
 
 REPO = Path(__file__).resolve().parents[2]
 BOX_TOL, SCORE_TOL = 0.5, 1e-3   # issue: boxes within 0.5 px, scores within 1e-3
@@ -60,8 +58,8 @@ def val_images():
 def photographs() -> list[torch.Tensor]:
     """Real photographs, [3, H, W] RGB in [0, 1]: the sample photos matplotlib ships (a
     portrait, 600 x 512, and a product box, 128 x 128); none can be downloaded here."""
-    matplotlib = pytest.importorskip("matplotlib")
     import cv2
+    import matplotlib  # a main dependency
 
     folder = Path(matplotlib.get_data_path()) / "sample_data"
     images = []

@@ -6,18 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import onnxruntime  # noqa: F401  (a test dependency, pyproject.toml [test]: never skipped)
 import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-pytest.importorskip("onnxruntime")
-
-import cv2  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from detkit.engine.checkpoint import save_checkpoint  # noqa: E402
-from detkit.evaluation.inference import list_images, predict_files  # noqa: E402
-from tests.export.test_detector_onnx import make_trained_like, synthetic_val_images  # noqa: E402
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.evaluation.inference import list_images, predict_files
+from tests.export.test_detector_onnx import make_trained_like, synthetic_val_images
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {label: 100 + label for label in range(1, 9)}
