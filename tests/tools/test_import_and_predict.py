@@ -72,19 +72,48 @@ def test_predict_tool_matches_torchvision(torchvision_setup, tmp_path):
     with torch.inference_mode():
         expected = [reference([torchvision.io.read_image(str(p)).float() / 255])[0] for p in images]
     for path, exp in zip(images, expected):
-        ours = sorted((p for p in predictions if p["file_name"] == path.name), key=lambda p: -p["score"])
+        ours = [p for p in predictions if p["file_name"] == path.name]
         assert len(ours) == len(exp["scores"]) > 0
-        order = torch.argsort(exp["scores"], descending=True, stable=True)
-        exp_boxes = exp["boxes"][order]
-        exp_xywh = torch.cat([exp_boxes[:, :2], exp_boxes[:, 2:] - exp_boxes[:, :2]], 1)
+        exp_xywh = torch.cat([exp["boxes"][:, :2], exp["boxes"][:, 2:] - exp["boxes"][:, :2]], 1)
         got_xywh = torch.tensor([p["bbox"] for p in ours], dtype=torch.float32)
-        torch.testing.assert_close(torch.tensor([p["score"] for p in ours]), exp["scores"][order],
-                                   atol=1e-3, rtol=0)
-        # Equal scores may be listed in either order: compare boxes as matched sets.
-        distance = torch.cdist(got_xywh, exp_xywh, p=1)
-        assert distance.min(dim=1).values.max() < 0.05
-        assert [p["category_id"] for p in ours] == exp["labels"][order].tolist() or \
-            sorted(p["category_id"] for p in ours) == sorted(exp["labels"].tolist())
+        got_scores = torch.tensor([p["score"] for p in ours])
+        got_labels = torch.tensor([p["category_id"] for p in ours])
+        # Detection i matches expected detection j when its box (to 0.05 px), score (to 1e-3)
+        # and label all agree; equal scores may be listed in either order, so the pairing is
+        # found as a bipartite matching, and every detection must get its own partner.
+        compatible = (((got_xywh[:, None] - exp_xywh[None]).abs().amax(-1) < 0.05)
+                      & ((got_scores[:, None] - exp["scores"][None]).abs() < 1e-3)
+                      & (got_labels[:, None] == exp["labels"][None]))
+        pairs = one_to_one(compatible)
+        assert len(pairs) == len(ours), (
+            f"{path.name}: only {len(pairs)} of {len(ours)} detections have their own torchvision partner")
+        assert sorted(j for _, j in pairs) == list(range(len(ours)))
+
+
+def one_to_one(compatible: torch.Tensor) -> list[tuple[int, int]]:
+    """A maximum matching of the bipartite graph compatible[i, j] (Kuhn's augmenting paths):
+    (i, j) pairs, no i and no j twice."""
+    partner: dict[int, int] = {}  # j -> i
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in torch.nonzero(compatible[i]).flatten().tolist():
+            if j not in seen:
+                seen.add(j)
+                if j not in partner or augment(partner[j], seen):
+                    partner[j] = i
+                    return True
+        return False
+
+    for i in range(compatible.shape[0]):
+        augment(i, set())
+    return sorted((i, j) for j, i in partner.items())
+
+
+def test_one_to_one_matching_refuses_many_to_one():
+    # Two detections compatible only with the same expected one: one of them has no partner.
+    assert len(one_to_one(torch.tensor([[True, False], [True, False]]))) == 1
+    # A matching that needs re-pairing (0 first takes 0, then moves to 1 for 1's sake).
+    assert one_to_one(torch.tensor([[True, True], [True, False]])) == [(0, 1), (1, 0)]
 
 
 def test_imported_checkpoint_rebuilds_the_torchvision_model(torchvision_setup):
