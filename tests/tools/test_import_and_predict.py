@@ -18,6 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detkit.engine.checkpoint import load_model
 from detkit.evaluation.inference import read_image
+from tests.helpers import one_to_one
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,25 +91,6 @@ def test_predict_tool_matches_torchvision(torchvision_setup, tmp_path):
         assert sorted(j for _, j in pairs) == list(range(len(ours)))
 
 
-def one_to_one(compatible: torch.Tensor) -> list[tuple[int, int]]:
-    """A maximum matching of the bipartite graph compatible[i, j] (Kuhn's augmenting paths):
-    (i, j) pairs, no i and no j twice."""
-    partner: dict[int, int] = {}  # j -> i
-
-    def augment(i: int, seen: set[int]) -> bool:
-        for j in torch.nonzero(compatible[i]).flatten().tolist():
-            if j not in seen:
-                seen.add(j)
-                if j not in partner or augment(partner[j], seen):
-                    partner[j] = i
-                    return True
-        return False
-
-    for i in range(compatible.shape[0]):
-        augment(i, set())
-    return sorted((i, j) for j, i in partner.items())
-
-
 def test_one_to_one_matching_refuses_many_to_one():
     # Two detections compatible only with the same expected one: one of them has no partner.
     assert len(one_to_one(torch.tensor([[True, False], [True, False]]))) == 1
@@ -146,22 +128,24 @@ def test_predict_tool_reports_bad_input_in_one_line(torchvision_setup, tmp_path)
     _, checkpoint, _ = torchvision_setup
     missing = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={tmp_path / 'nothing'}",
                        f"hydra.run.dir={tmp_path / 'run1'}")
-    assert missing.returncode != 0 and "neither an image file nor a folder" in missing.stderr
+    assert missing.returncode == 2 and "neither an image file nor a folder" in missing.stderr
     bad_ckpt = tmp_path / "bad.pth"
     bad_ckpt.write_bytes(b"not a checkpoint")
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.full((8, 8, 3), 128, np.uint8))
     broken = run_tool("tools/predict.py", f"checkpoint={bad_ckpt}", f"input={image}",
                       f"hydra.run.dir={tmp_path / 'run2'}")
-    assert broken.returncode != 0 and "cannot read checkpoint" in broken.stderr
+    assert broken.returncode == 2 and "cannot read checkpoint" in broken.stderr
     assert "Traceback" not in broken.stderr
     unknown = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "no_such_key=1",
                        f"hydra.run.dir={tmp_path / 'run3'}")
-    assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+    assert unknown.returncode == 2 and "no_such_key" in unknown.stderr
     bad_device = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "device=tpu",
                           f"hydra.run.dir={tmp_path / 'run4'}")
     assert bad_device.returncode == 2 and "device must be auto, cpu, cuda or cuda:N; got 'tpu'" in bad_device.stderr
     assert "Traceback" not in bad_device.stderr
+    for result in (missing, broken, unknown, bad_device):  # the promised one line on stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_read_image_errors_name_the_file(tmp_path):
