@@ -29,7 +29,8 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except (ValueError, OSError) as exc:  # CheckpointError and DatasetError are ValueErrors
-            message = str(exc).strip() or type(exc).__name__
+            # One line even when the message quotes a multi-line one (torch.load's, for a bad checkpoint).
+            message = " ".join(str(exc).split()) or type(exc).__name__
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
     return wrapper

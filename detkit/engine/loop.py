@@ -114,7 +114,8 @@ class Trainer:
     model: the module to train (possibly DDP-wrapped), returning a loss dict.
     optimizer, scheduler: stepped once per iteration (the scheduler after the optimizer).
     data: an iterable of (images, targets) batches; one iterator is taken per `train` call.
-    scaler: a GradScaler for fp16 (None otherwise); amp_dtype: autocast dtype on CUDA or None.
+    scaler: a GradScaler for fp16 (None otherwise); amp_dtype: the autocast dtype (on `device`'s
+    type, CPU or CUDA) or None.
     grad_clip: max total gradient norm, or None. hooks: `Hook`s, called in list order.
     """
 
@@ -124,8 +125,9 @@ class Trainer:
                  hooks: Sequence[Hook] = ()) -> None:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.device, self.scaler, self.grad_clip, self.hooks = device, scaler, grad_clip, list(hooks)
-        self.autocast = (torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None
-                         else contextlib.nullcontext())
+        # On the device the batches go to: CPU autocast (bfloat16 or float16) is as real as CUDA's.
+        self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+                         if amp_dtype is not None else contextlib.nullcontext())
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world_size = dist.get_world_size()
         self.state = LoopState(0, 0)

@@ -156,7 +156,7 @@ def build_training_parts(cfg: DictConfig, device: torch.device, rank: int, world
     if rank > 0:  # the same initial weights everywhere (DDP also broadcasts them), own sampling streams
         seed_all(seed + rank)
     optimizer, scheduler = build_from_config(plain["schedule"], model)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model: %s, %.2fM parameters (%.2fM trainable); parameter groups: %s", type(model).__name__,
@@ -237,9 +237,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
         logging.getLogger().setLevel(logging.WARNING)
     check_train_config(cfg, world)
     device = resolve_device(cfg.device)
-    amp_dtype = AMP_DTYPES[cfg.amp]
-    if amp_dtype is not None and device.type != "cuda":
-        raise ValueError(f"amp={cfg.amp} needs a CUDA device (device is {device}); use amp=null on CPU")
+    amp_dtype = AMP_DTYPES[cfg.amp]  # autocast on the run's device, CPU or CUDA (torch supports both)
 
     parts = build_training_parts(cfg, device, rank, world)
     start_iter = _resume(cfg, parts, run_dir / "checkpoints" / "last.pth")

@@ -29,7 +29,11 @@ def deform_roi_pool(
     Args:
         input: [B, C, H, W] feature map.
         rois: [K, 5] = (batch_index, x1, y1, x2, y2) in input-image pixels;
-            `spatial_scale` maps them onto the feature map (1 / stride).
+            `spatial_scale` maps them onto the feature map (1 / stride). Any floating dtype,
+            independent of the input's: the kernels read them in the input's accumulation
+            type (float32 for float16 / bfloat16 inputs), so pass float32 rois with a
+            low-precision input; float16 / bfloat16 rois, whose batch indices round above
+            2048 / 256, are refused for a batch with more images than that.
         offset: [K, 2, ph, pw] normalised bin shifts or None. Channel 0 moves bin
             (i, j) along x by gamma * offset * roi_width, channel 1 along y by
             gamma * offset * roi_height (RoI sizes in feature pixels).
@@ -54,7 +58,8 @@ def deform_roi_pool(
     pooled_h, pooled_w = as_pair(output_size, "output_size")
     check_tensor(input, "input", 4, "[B, C, H, W]")
     check_tensor(rois, "rois", 2, "[K, 5] = (batch_index, x1, y1, x2, y2)")
-    check_like(rois, "rois", input)
+    if rois.device != input.device:  # any floating dtype: batch indices stay exact (Args)
+        raise ValueError(f"rois is on {rois.device} but input is on {input.device}")
     num_rois = rois.shape[0]
     if rois.shape[1] != 5:
         raise ValueError(f"rois must have shape [K, 5] = (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")

@@ -10,6 +10,7 @@ import copy
 import datetime
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def _file(runs) -> str:
 def test_invalid_files_are_refused_naming_the_file(tmp_path, text, message):
     path = tmp_path / "records.json"
     path.write_text(text)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
         load_records(path)
     assert str(path) in str(error.value) and message in str(error.value)
 
@@ -301,7 +302,7 @@ def test_ablate_command_goes_on_from_the_records_and_refuses_another_pretraining
     # A machine whose pre-training gave another backbone: refused before any run, both APs named.
     machine(tmp_path / "c", b"other weights", 29.25, train)
     before = path.read_bytes()
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="made from the pre-training backbone") as error:
         ablate(["seeds=[0,1,2]", "out=" + str(tmp_path / "c"), *args])
     message = str(error.value)
     assert "made from the pre-training backbone" in message and "another file (record=...)" in message
@@ -580,7 +581,7 @@ def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, 
     before = path.read_bytes()
     with monkeypatch.context() as patch:
         patch.setattr(detkit.config.compose, "CONFIG_DIR", configs)
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(ValueError, match=r"schedule\.lr_mult\.deform_roi_pool: recorded 0\.01, now 0\.02") as error:
             ablate(["seeds=[0,1,2]", "out=" + str(tmp_path / "c"), *args])
     message = str(error.value)
     assert f"records file {path} holds {experiments[0]} seed 0 (data=synthetic)" in message
@@ -593,7 +594,7 @@ def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, 
     records = load_records(path)
     del records.runs[0]["config"]
     save_records(path, records)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="predates config checking") as error:
         ablate(["seeds=[0]", "out=" + str(tmp_path / "c"), *args])
     first = records.runs[0]
     assert f"its record of {first['experiment']} seed {first['seed']} (data=synthetic) predates config checking" \

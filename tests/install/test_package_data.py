@@ -12,16 +12,17 @@ import importlib
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+else:  # Python 3.10: tomli, a test dependency there (pyproject.toml [test])
+    import tomli as tomllib
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Faster R-CNN assembly: both layouts x every pooler kind, input checks, target clipping, FPN neck."""
 from __future__ import annotations
 
-import importlib.util
 from collections import OrderedDict
 
 import pytest
@@ -334,8 +333,6 @@ def test_builders_reject_inconsistent_arguments():
 
 
 
-@pytest.mark.skipif(importlib.util.find_spec("detkit.modeling.backbone.resnet") is None,
-                    reason="detkit.modeling.backbone.resnet not written yet")
 def test_detector_with_resnet18_deformable_res5_fpn():
     from detkit.modeling.backbone.resnet import ResNet, deformable_layers
 

@@ -1,7 +1,7 @@
 """CUDA kernels against the CPU kernels (which the other test files check against torchvision
 and the reference), low precision, autocast and torch.compile on CUDA.
 
-Skipped unless a CUDA device is present and detkit was built with its CUDA kernels.
+Skipped unless a CUDA device is present; with one, a build without the CUDA kernels fails.
 """
 from __future__ import annotations
 
@@ -33,11 +33,18 @@ from tests.ops.test_deform_roi_pool import PoolCase
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available"),
-    pytest.mark.skipif(not detkit.ops.cuda_kernels_built(),
-                       reason="detkit was built without its CUDA kernels (build with DETKIT_WITH_CUDA=1)"),
+    # Not skipped when the CUDA kernels were not built: test_the_cuda_kernels_were_built fails
+    # then (a visible GPU with a CPU-only build is a broken install, not a reason to skip).
 ]
 
 CUDA = "cuda"
+
+
+def test_the_cuda_kernels_were_built():
+    """On a machine with a GPU, a detkit built without its CUDA kernels is a failure."""
+    assert detkit.ops.cuda_kernels_built(), (
+        "a CUDA device is visible but detkit was built without its CUDA kernels: rebuild with "
+        "DETKIT_WITH_CUDA=1 pip install --no-build-isolation -e .")
 
 
 def _to(tensors: dict, device=None, dtype=None) -> dict:

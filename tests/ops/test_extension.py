@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,7 +35,7 @@ def test_build_hint_names_the_build_command():
 def test_require_ops_raises_the_load_error(monkeypatch):
     message = "detkit's compiled ops are broken in this test. " + _extension.BUILD_HINT
     monkeypatch.setattr(_extension, "_load_error", message)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match=re.escape(message)) as info:
         _extension.require_ops()
     assert str(info.value) == message
 

@@ -76,7 +76,7 @@ def conv_constants() -> dict[str, int]:
         r"row_grain = std::max<int64_t>\(1, (\d+) / \(padded_w \* channels\)\);\s*"
         r"at::parallel_for\(0, batch \* padded_h,", text, "padded_channels_last row_grain")
     (crop_rows_work,) = _find(
-        r"row_grain = std::max<int64_t>\(1, (\d+) / std::max<int64_t>\(1, width \* channels\)\);\s*"
+        r"row_grain = std::max<int64_t>\(1, (\d+) / (?:std::max<int64_t>\(1, )?\(?width \* channels\)\)?;\s*"
         r"at::parallel_for\(0, height,", text, "crop_to_channels_first row_grain")
     return {
         "position_work": position_work, "tile_min": tile_min,

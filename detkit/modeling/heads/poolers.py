@@ -136,10 +136,15 @@ class RoIPooler(nn.Module):
                 self.in_channels, output_size, spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
                 gamma=self.gamma, modulated=kind == "mdeform", hidden_dim=hidden_dim, num_hidden=num_hidden)
 
-    @staticmethod
-    def _cast(feature: Tensor, rois: Tensor) -> Tensor:
-        """rois in the feature's dtype (left as they are under autocast, which picks the op's dtype)."""
-        return rois if torch.is_autocast_enabled(feature.device.type) else rois.to(feature.dtype)
+    def _cast(self, feature: Tensor, rois: Tensor) -> Tensor:
+        """rois in the feature's dtype for torchvision's ops; for detkit's, at least float32, so
+        that batch indices stay exact under a float16 / bfloat16 feature (left as they are under
+        autocast, which picks the op's dtype)."""
+        if torch.is_autocast_enabled(feature.device.type):
+            return rois
+        if self.kind in ("align", "pool"):
+            return rois.to(feature.dtype)
+        return rois.to(torch.promote_types(feature.dtype, torch.float32))
 
     @staticmethod
     def _to_level(rois: Tensor, scale: float) -> Tensor:
