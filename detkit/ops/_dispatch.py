@@ -165,9 +165,9 @@ def _warn_once(name: str, device: torch.device) -> None:
         return
     _warned = True
     warnings.warn(
-        f"detkit: {why_no_kernel(name, device)}, so its ops run on the pure-PyTorch path for "
-        f"{device.type} tensors (several times slower than the compiled kernels, and it needs more "
-        f"memory; docs/benchmarks.md has the figures). To build the kernels:\n{build_hint()}\n"
+        f"detkit's ops run on the pure-PyTorch path for {device.type} tensors, several times slower "
+        f"than its compiled kernels and with more memory (docs/benchmarks.md): "
+        f"{why_no_kernel(name, device)}. To build the kernels:\n{build_hint()}\n"
         f"Set {ENV_VAR}=pure to choose the pure-PyTorch path without this warning.",
         PureOpsWarning, stacklevel=5)
 

@@ -83,18 +83,27 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
         batch, out_channels, out_h, out_w)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return out
+    return out.contiguous()  # the kernels' (and the fake kernel's) layout
 
 
 def _sizes(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+#: dtypes as c10::ScalarType prints them, for the kernels' messages.
+_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                 torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int"}
+
+
+def _dtype(t: Tensor) -> str:
+    return _SCALAR_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
 def _check_same(t: Tensor, input: Tensor, name: str) -> None:
     if t.device != input.device:
         raise RuntimeError(f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
     if t.dtype != input.dtype:
-        raise RuntimeError(f"deform_conv2d: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        raise RuntimeError(f"deform_conv2d: {name} has dtype {_dtype(t)} but input has dtype {_dtype(input)}")
 
 
 def check_op_arguments(input: Tensor, offset: Tensor, weight: Tensor, mask: Tensor | None,

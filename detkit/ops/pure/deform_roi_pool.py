@@ -175,6 +175,15 @@ def _sizes(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+#: dtypes as c10::ScalarType prints them, for the kernels' messages.
+_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                 torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int"}
+
+
+def _dtype(t: Tensor) -> str:
+    return _SCALAR_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
 def check_op_arguments(input: Tensor, rois: Tensor, offset: Tensor | None, mask: Tensor | None,
                        pooled_h: int, pooled_w: int) -> None:
     """The checks of the kernels' `describe` (csrc/cpu/deform_roi_pool_cpu.cpp), with their
@@ -186,7 +195,7 @@ def check_op_arguments(input: Tensor, rois: Tensor, offset: Tensor | None, mask:
 
     def same(t: Tensor, name: str) -> None:
         check(t.device == input.device, f"{name} is on {t.device} but input is on {input.device}")
-        check(t.dtype == input.dtype, f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        check(t.dtype == input.dtype, f"{name} has dtype {_dtype(t)} but input has dtype {_dtype(input)}")
 
     check(input.dim() == 4, f"input must be [B, C, H, W], got {_sizes(input)}")
     same(rois, "rois")
