@@ -88,13 +88,17 @@ def deform_roi_pool(input: Tensor, rois: Tensor, offset: Tensor | None, mask: Te
     """`detkit.ops.deform_roi_pool` for arguments its wrapper accepted: [K, C, ph, pw].
 
     RoIs that are not finite or name no image of the batch raise the kernels' RuntimeError;
-    inside torch.compile (where that check would need the values) they pool to zero instead,
-    as the CUDA kernels do under graph capture."""
+    traced by torch.compile (where that check would need the values) they pool to zero instead,
+    as the CUDA kernels do under graph capture. sampling_ratio 0 reads the sample count back
+    from the device, which a trace with fullgraph=True refuses: use a fixed ratio there (detkit's
+    configs use 2)."""
     batch, channels, height, width = input.shape
     num_rois, bins = rois.shape[0], pooled_h * pooled_w
     device, dtype = input.device, input.dtype
     rois = rois.detach()
-    if not torch.compiler.is_compiling():
+    # Traced (torch.compile, torch.export, AOT autograd: fake or functional tensors, a
+    # subclass), the values are unknown: bad RoIs then pool to zero instead (`valid` below).
+    if not torch.compiler.is_compiling() and type(rois) is torch.Tensor:
         check_roi_values(rois, batch)
     if num_rois == 0 or channels == 0 or height == 0 or width == 0:
         out = input.new_zeros(num_rois, channels, pooled_h, pooled_w)
