@@ -3,7 +3,8 @@
 
 Prints Markdown tables: median times (all variants of a shape timed round-robin in one
 process, so that they see the same machine load) and the peak memory of one forward+backward,
-each variant measured in a fresh child process (the growth of its peak resident set on CPU,
+each variant measured in a fresh child process (on CPU the growth of its resident set's high-water
+mark, VmHWM, reset just before the call through /proc/self/clear_refs, Linux only;
 `torch.cuda.max_memory_allocated` on a GPU):
 
     python benchmarks/bench_pure.py                 # CPU, float32
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 
@@ -64,6 +64,14 @@ def pool_call(variant, feature, rois, offset, mask, sampling_ratio):
         return deform_roi_pool(feature, rois, offset, mask, 7, 1 / 16, sampling_ratio)
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_child(args) -> None:
     """In a child process: one forward+backward of one variant; prints the peak memory it added."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -84,9 +92,11 @@ def peak_child(args) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the high-water mark VmHWM to the current resident set
+        base = _status_bytes("VmRSS")
         run()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _status_bytes("VmHWM") - base
     print(json.dumps({"peak": peak}))
 
 
