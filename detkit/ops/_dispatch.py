@@ -165,8 +165,8 @@ def _warn_once(name: str, device: torch.device) -> None:
         return
     _warned = True
     warnings.warn(
-        f"detkit's ops run on the pure-PyTorch path for {device.type} tensors, several times slower "
-        f"than its compiled kernels and with more memory (docs/benchmarks.md): "
+        f"detkit's ops run on the pure-PyTorch path for {device.type} tensors, slower than its "
+        f"compiled kernels and with several times their memory (docs/benchmarks.md): "
         f"{why_no_kernel(name, device)}. To build the kernels:\n{build_hint()}\n"
         f"Set {ENV_VAR}=pure to choose the pure-PyTorch path without this warning.",
         PureOpsWarning, stacklevel=5)
@@ -262,13 +262,15 @@ def _pure_autograd(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def define_pure_op(name: str, fake: Callable[..., Any]) -> None:
-    """Without the extension: define `torch.ops.detkit.<name>` from its schema in `OPS`, with
+    """Called once by each op's module at import. Imports the op's pure function; and, without
+    the extension, defines `torch.ops.detkit.<name>` from its schema in `OPS`, with
     the pure function as its kernel on every device, `fake` as its fake kernel (torch.compile,
     torch.export) and autograd through the pure function; so that calls of the op itself (ONNX
     export, torch.export, code that calls torch.ops.detkit directly) work as with the
     extension. Does nothing when the extension is loaded (it defines the op) or when `name`
     is defined already."""
     global _library
+    pure_function(name)  # imported now, not first inside a torch.compile trace
     if _extension.LOADED or name in _defined:
         return
     if _library is None:
