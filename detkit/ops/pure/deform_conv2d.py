@@ -48,7 +48,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
     y = base_y.view(1, out_h, 1, taps, 1) + pairs[..., 0]                    # [B, Ho, Wo, K, G]
     x = base_x.view(1, 1, out_w, taps, 1) + pairs[..., 1]
 
-    # Negated-free form of the kernel's test: NaN compares false, so it lands outside.
+    # The kernel's test: any comparison with NaN is false, so a NaN position lands outside.
     inside = (y > -1) & (y < height) & (x > -1) & (x < width)
     y = torch.where(inside, y, 0.0)
     x = torch.where(inside, x, 0.0)
