@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations of detkit's ops: the path without the compiled kernels."""
