@@ -269,9 +269,9 @@ def runs(b, hw, c, g, dtype):
     args = (*GEOMETRY, g, d, 1.0)
     out = {}
 
-    def autograd_pair(f, leaves):
+    def autograd_pair(f, leaves, grad_output=grad):
         leaves = [t.clone().requires_grad_(True) for t in leaves]
-        return (lambda: f(*leaves)), (lambda: torch.autograd.grad(f(*leaves), leaves, grad))
+        return (lambda: f(*leaves)), (lambda: torch.autograd.grad(f(*leaves), leaves, grad_output))
 
     def v3_grads():
         leaves = [t.clone().requires_grad_(True) for t in (x, offset, mask)]
@@ -284,22 +284,26 @@ def runs(b, hw, c, g, dtype):
         return y.detach(), torch.autograd.grad(y, leaves, grad)
 
     w = torch.randn(c, 1, 3, 3, generator=gen).to(cuda, dtype)
-    x_nchw = x.permute(0, 3, 1, 2)  # channels-last memory, as cuDNN's NHWC kernels want it
-    out["depthwise conv"] = (*autograd_pair(lambda t, wt: F.conv2d(t, wt, padding=1, groups=c), [x_nchw, w]),
-                             None)
+    # NCHW views of the channels-last tensors (channels_last memory format, cuDNN's NHWC kernels)
+    x_nchw, grad_nchw = x.permute(0, 3, 1, 2), grad.permute(0, 3, 1, 2)
+    out["depthwise conv"] = (*autograd_pair(lambda t, wt: F.conv2d(t, wt, padding=1, groups=c), [x_nchw, w],
+                                            grad_nchw), None)
     out["detkit dcnv3"] = (*autograd_pair(lambda *t: detkit.ops.dcnv3_core(*t, *args), [x, offset, mask]),
                            v3_grads)
     out["detkit dcnv4"] = (*autograd_pair(lambda *t: detkit.ops.dcnv4_core(*t, *args), [x, om]), v4_grads)
+    def official(fwd, bwd):  # forward, forward then backward, (output, grads)
+        return fwd, (lambda: (fwd(), bwd())), (lambda: (fwd(), bwd()))
+
     if dcnv3_ext is not None:
-        fwd = lambda: call_dcnv3_official(dcnv3_ext.dcnv3_forward, x, offset, mask, *args, 256)  # noqa: E731
-        bwd = lambda: call_dcnv3_official(dcnv3_ext.dcnv3_backward, x, offset, mask, *args, grad, 256)  # noqa: E731
-        out["official DCNv3"] = (fwd, lambda: (fwd(), bwd()), lambda: (fwd(), bwd()))
+        out["official DCNv3"] = official(
+            lambda: call_dcnv3_official(dcnv3_ext.dcnv3_forward, x, offset, mask, *args, 256),
+            lambda: call_dcnv3_official(dcnv3_ext.dcnv3_backward, x, offset, mask, *args, grad, 256))
     if dcnv4_ext is not None:
         fs, ft = dcnv4_spec(b, hw, hw, g, d, False)
         bs, bt = dcnv4_spec(b, hw, hw, g, d, True)
-        fwd = lambda: dcnv4_ext.dcnv4_forward(x, om, *args, 256, 0, fs, ft, False)  # noqa: E731
-        bwd = lambda: dcnv4_ext.dcnv4_backward(x, om, *args, 256, grad, 0, bs, bt, False)  # noqa: E731
-        out["official DCNv4"] = (fwd, lambda: (fwd(), bwd()), lambda: (fwd(), bwd()))
+        out["official DCNv4"] = official(
+            lambda: dcnv4_ext.dcnv4_forward(x, om, *args, 256, 0, fs, ft, False),
+            lambda: dcnv4_ext.dcnv4_backward(x, om, *args, 256, grad, 0, bs, bt, False))
     return out
 
 
@@ -346,12 +350,13 @@ for dtype in (torch.float32, torch.bfloat16):
             try:
                 y, grads = fns[mine][2]()
                 y_off, grads_off = fns[theirs][2]()
-                grads_off = [t for t in grads_off]
-                cells = [rel_diff(y, y_off)] + [rel_diff(a, z) for a, z in zip(grads, grads_off)]
+                cells = [f"{rel_diff(y, y_off):.1e}"] + [f"{rel_diff(a, z):.1e}" for a, z in zip(grads, grads_off)]
+                cells += ["-"] * (4 - len(cells))
                 print(f"| {str(dtype).replace('torch.', '')} | 2, {hw}x{hw}, {c}, {g} | {mine} | "
-                      + " | ".join(f"{v:.1e}" for v in cells) + " |")
+                      + " | ".join(cells) + " |")
             except Exception as exc:  # noqa: BLE001
-                problems.setdefault((theirs, str(dtype) + " agreement"), str(exc).splitlines()[0][:200])
+                problems.setdefault((f"{mine} vs {theirs}", str(dtype) + " agreement"),
+                                    str(exc).splitlines()[0][:200])
 if problems:
     print("\n## Not measured\n")
     for (name, what), why in problems.items():
