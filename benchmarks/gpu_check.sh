@@ -371,8 +371,12 @@ official_pid=""
 official_start=$(date +%s)
 if [ "$have_gpu" = 1 ] && selected bench_dcn; then
   (
+    # timeout runs the build in its own process group and passes a TERM on to all of it.
     timeout --kill-after=10 480 bash -c "$(declare -f official_build); official_build" \
-      > "$out/official_build.log" 2>&1
+      > "$out/official_build.log" 2>&1 &
+    build_pid=$!
+    trap 'kill "$build_pid" 2> /dev/null' TERM
+    wait "$build_pid"
     echo $? > "$out/official_build.rc"
   ) &
   official_pid=$!
