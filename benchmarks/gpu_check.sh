@@ -149,6 +149,9 @@ official_build() {
          "benchmarks/fetch_gpu_wheels.sh with DCNV3_SRC naming InternImage's ops_dcnv3 folder)"
   else
     mkdir -p "$OFFICIAL_DIR/ops_dcnv3" && tar xzf .whl/official/ops_dcnv3.tar.gz -C "$OFFICIAL_DIR/ops_dcnv3"
+    # Recent torch no longer dispatches on Tensor::type() (its AT_DISPATCH calls fail to
+    # compile): the one change to the official sources, to the dtype argument of those calls.
+    sed -i 's/\([A-Za-z_]*\)\.type(), "/\1.scalar_type(), "/' "$OFFICIAL_DIR"/ops_dcnv3/src/cuda/*.cu
     if (cd "$OFFICIAL_DIR/ops_dcnv3" && MAX_JOBS=6 nice -n 10 "$python" setup.py build_ext --inplace); then
       echo "official: DCNv3 built"
     else
