@@ -156,45 +156,70 @@ struct Plan {
   explicit Plan(int64_t size) : kind(size), y0(size), x0(size), index(size), ly(size), lx(size), m(size) {}
 };
 
+// Samples [i0, i0 + count) of a pixel, whose (x, y) offsets are off[2j], off[2j + 1] and
+// weights m[j] for j < count. Contiguous reads, raw pointers and scalars only, and not
+// inlined: that is what GCC vectorises (inlined into the kernel, or reading through an
+// index table, the loop stayed scalar).
+}  // namespace
+
+#define DETKIT_DCN_PLAN_RUN(T)                                                                          \
+  DETKIT_DCN_CLONES __attribute__((noinline)) void plan_run_raw(                                      \
+      const T* __restrict__ dx, const T* __restrict__ dy, const int32_t* __restrict__ chan,             \
+      const T* __restrict__ off, const T* __restrict__ msk, T ox, T oy, T scale, T height, T width,     \
+      int32_t h, int32_t w, int32_t c, int64_t count, int32_t* __restrict__ kind,                       \
+      int32_t* __restrict__ py0, int32_t* __restrict__ px0, int32_t* __restrict__ pindex,               \
+      T* __restrict__ ply, T* __restrict__ plx, T* __restrict__ pm) {                                   \
+    _Pragma("omp simd") for (int64_t j = 0; j < count; ++j) {                                           \
+      const T x = ox + (dx[j] + off[2 * j]) * scale;                                                    \
+      const T y = oy + (dy[j] + off[2 * j + 1]) * scale;                                                \
+      /* Comparisons are false for NaN, so NaN lands outside and clamps to -1: the clamped */          \
+      /* positions (used only inside) stay finite. */                                                   \
+      const int32_t inside = (y > T(-1)) & (y < height) & (x > T(-1)) & (x < width);                    \
+      const T yc = y > T(-1) ? y : T(-1), xc = x > T(-1) ? x : T(-1);                                   \
+      const T ys = yc < height ? yc : height, xs = xc < width ? xc : width;                             \
+      /* floor without a library call (ys, xs are in [-1, H] x [-1, W]) */                             \
+      const int32_t ty = static_cast<int32_t>(ys), tx = static_cast<int32_t>(xs);                       \
+      const int32_t y0 = ty - (static_cast<T>(ty) > ys), x0 = tx - (static_cast<T>(tx) > xs);           \
+      const int32_t interior = (y0 >= 0) & (y0 < h - 1) & (x0 >= 0) & (x0 < w - 1);                     \
+      kind[j] = inside * (2 - interior); /* branch-free, so the loop vectorises */                      \
+      py0[j] = y0;                                                                                      \
+      px0[j] = x0;                                                                                      \
+      pindex[j] = (y0 * w + x0) * c + chan[j];                                                          \
+      ply[j] = ys - static_cast<T>(y0);                                                                 \
+      plx[j] = xs - static_cast<T>(x0);                                                                 \
+      pm[j] = msk[j];                                                                                   \
+    }                                                                                                   \
+  }
+
+DETKIT_DCN_PLAN_RUN(float)
+DETKIT_DCN_PLAN_RUN(double)
+#undef DETKIT_DCN_PLAN_RUN
+
+namespace {
+
 template <typename T>
-DETKIT_INLINE void plan_samples(const DcnGeometry& s, const SampleTable<T>& tab, const T* off_row,
-                                const T* mask_row, PixelOrigin<T> o, T scale, int64_t i0, int64_t i1,
-                                Plan<T>& plan) {
-  const T* __restrict__ dx = tab.dx.data();
-  const T* __restrict__ dy = tab.dy.data();
-  const int32_t* __restrict__ toff = tab.offset.data();
-  const int32_t* __restrict__ tmask = tab.mask.data();
-  const int32_t* __restrict__ tchan = tab.channel.data();
-  int32_t* __restrict__ kind = plan.kind.data();
-  int32_t* __restrict__ py0 = plan.y0.data();
-  int32_t* __restrict__ px0 = plan.x0.data();
-  int32_t* __restrict__ pindex = plan.index.data();
-  T* __restrict__ ply = plan.ly.data();
-  T* __restrict__ plx = plan.lx.data();
-  T* __restrict__ pm = plan.m.data();
-  const T height = static_cast<T>(s.height), width = static_cast<T>(s.width);
-  const int32_t h = static_cast<int32_t>(s.height), w = static_cast<int32_t>(s.width);
-  const int32_t c = static_cast<int32_t>(s.channels);
-#pragma omp simd
-  for (int64_t i = i0; i < i1; ++i) {
-    const T x = o.x + (dx[i] + off_row[toff[i]]) * scale;
-    const T y = o.y + (dy[i] + off_row[toff[i] + 1]) * scale;
-    // Comparisons are false for NaN, so NaN lands outside; fmax/fmin return the
-    // non-NaN operand, so the clamped positions (used only inside) stay finite.
-    const int32_t inside = (y > T(-1)) & (y < height) & (x > T(-1)) & (x < width);
-    const T ys = std::fmin(std::fmax(y, T(-1)), height), xs = std::fmin(std::fmax(x, T(-1)), width);
-    // floor without a library call (ys, xs are in [-1, H] x [-1, W]).
-    const int32_t ty = static_cast<int32_t>(ys), tx = static_cast<int32_t>(xs);
-    const int32_t y0 = ty - (static_cast<T>(ty) > ys), x0 = tx - (static_cast<T>(tx) > xs);
-    const T y0f = static_cast<T>(y0), x0f = static_cast<T>(x0);
-    const int32_t interior = (y0 >= 0) & (y0 < h - 1) & (x0 >= 0) & (x0 < w - 1);
-    kind[i] = inside * (2 - interior);  // branch-free, so the loop vectorises
-    py0[i] = y0;
-    px0[i] = x0;
-    pindex[i] = (y0 * w + x0) * c + tchan[i];
-    ply[i] = ys - y0f;
-    plx[i] = xs - x0f;
-    pm[i] = mask_row[tmask[i]];
+DETKIT_INLINE void plan_run(const DcnGeometry& s, const SampleTable<T>& tab, const T* off, const T* msk,
+                            PixelOrigin<T> o, T scale, int64_t i0, int64_t count, Plan<T>& plan) {
+  plan_run_raw(tab.dx.data() + i0, tab.dy.data() + i0, tab.channel.data() + i0, off, msk, o.x, o.y, scale,
+               static_cast<T>(s.height), static_cast<T>(s.width), static_cast<int32_t>(s.height),
+               static_cast<int32_t>(s.width), static_cast<int32_t>(s.channels), count, plan.kind.data() + i0,
+               plan.y0.data() + i0, plan.x0.data() + i0, plan.index.data() + i0, plan.ly.data() + i0,
+               plan.lx.data() + i0, plan.m.data() + i0);
+}
+
+// Plans the samples of groups [g0, g1) of a pixel (stage 1).
+template <typename T>
+DETKIT_INLINE void plan_samples(const DcnGeometry& s, const SampleTable<T>& tab, const Sampling<T>& sp,
+                                int64_t p, PixelOrigin<T> o, T scale, int64_t g0, int64_t g1, Plan<T>& plan) {
+  const int64_t K = s.points;
+  const T* off_row = sp.offset + p * sp.offset_pixel;
+  const T* mask_row = sp.mask + p * sp.mask_pixel;
+  if (sp.offset_group == 2 * K && sp.mask_group == K) {  // DCNv3: the groups are contiguous too
+    plan_run(s, tab, off_row + g0 * 2 * K, mask_row + g0 * K, o, scale, g0 * K, (g1 - g0) * K, plan);
+    return;
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    plan_run(s, tab, off_row + g * sp.offset_group, mask_row + g * sp.mask_group, o, scale, g * K, K, plan);
   }
 }
 
@@ -301,8 +326,7 @@ DETKIT_INLINE void forward_impl(const DcnGeometry& s, const SampleTable<T>& tab,
     const int64_t n = p / s.out_plane(), q = p % s.out_plane();
     const PixelOrigin<T> o = origin<T>(s, q / s.out_w, q % s.out_w, scale);
     const T* in_n = input + n * s.height * s.width * s.channels;
-    plan_samples(s, tab, sp.offset + p * sp.offset_pixel, sp.mask + p * sp.mask_pixel, o, scale, 0,
-                 s.group * s.points, plan);
+    plan_samples(s, tab, sp, p, o, scale, 0, s.group, plan);
     for (int64_t g = 0; g < s.group; ++g) {
       forward_group<T, DC>(s, plan, g * s.points, in_n, zeros, output + p * s.channels + g * s.group_channels);
     }
@@ -403,8 +427,7 @@ DETKIT_INLINE void backward_impl(const DcnGeometry& s, const SampleTable<T>& tab
     const int64_t n = p / s.out_plane(), q = p % s.out_plane();
     const PixelOrigin<T> o = origin<T>(s, q / s.out_w, q % s.out_w, scale);
     const int64_t image = n * s.height * s.width * s.channels;
-    plan_samples(s, tab, sp.offset + p * sp.offset_pixel, sp.mask + p * sp.mask_pixel, o, scale, g_begin * K,
-                 g_end * K, plan);
+    plan_samples(s, tab, sp, p, o, scale, g_begin, g_end, plan);
     T* goff = gp.offset + p * sp.offset_pixel;
     T* gmsk = gp.mask + p * sp.mask_pixel;
     for (int64_t g = g_begin; g < g_end; ++g) {
