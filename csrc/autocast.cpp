@@ -1,7 +1,7 @@
 // Autocast rules for the detkit ops, so they run inside torch.autocast.
 //
-// Both ops run in float32 under autocast, on every device (torchvision does
-// the same for deform_conv2d and roi_align). The reason is the sampling
+// Every op runs in float32 under autocast, on every device (torchvision does
+// the same for deform_conv2d and roi_align; dcnv3_core / dcnv4_core follow). The reason is the sampling
 // positions: cast to bfloat16 an offset near 20 px moves in steps of 1/8 px
 // (float16: 1/64 px), and a RoI coordinate near 500 px in steps of 2 px, so a
 // low-precision op would sample visibly off the learned positions
@@ -62,6 +62,41 @@ at::Tensor deform_roi_pool_autocast(const at::Tensor& input, const at::Tensor& r
                  sampling_ratio, gamma);
 }
 
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor dcnv3_core_autocast(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
+                               int64_t group_channels, double offset_scale, bool remove_center) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("detkit::dcnv3_core", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                         at::IntArrayRef, int64_t, int64_t, double, bool)>();
+  const at::ScalarType dtype = at::kFloat;
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, offset, device),
+                 at::autocast::cached_cast(dtype, mask, device), kernel_size, stride, padding,
+                 dilation, group, group_channels, offset_scale, remove_center);
+}
+
+template <c10::DeviceType device, c10::DispatchKey key>
+at::Tensor dcnv4_core_autocast(const at::Tensor& input, const at::Tensor& offset_mask,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
+                               int64_t group_channels, double offset_scale, bool remove_center) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("detkit::dcnv4_core", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                         int64_t, int64_t, double, bool)>();
+  const at::ScalarType dtype = at::kFloat;
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, offset_mask, device), kernel_size, stride,
+                 padding, dilation, group, group_channels, offset_scale, remove_center);
+}
+
 }  // namespace
 }  // namespace detkit
 
@@ -70,6 +105,10 @@ TORCH_LIBRARY_IMPL(detkit, AutocastCUDA, m) {
          &detkit::deform_conv2d_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
   m.impl("deform_roi_pool",
          &detkit::deform_roi_pool_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("dcnv3_core",
+         &detkit::dcnv3_core_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("dcnv4_core",
+         &detkit::dcnv4_core_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }
 
 TORCH_LIBRARY_IMPL(detkit, AutocastCPU, m) {
@@ -77,4 +116,8 @@ TORCH_LIBRARY_IMPL(detkit, AutocastCPU, m) {
          &detkit::deform_conv2d_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
   m.impl("deform_roi_pool",
          &detkit::deform_roi_pool_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("dcnv3_core",
+         &detkit::dcnv3_core_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("dcnv4_core",
+         &detkit::dcnv4_core_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }

@@ -161,3 +161,66 @@ def deform_roi_pool_reference(input: Tensor, rois: Tensor, offset: Tensor | None
     if not pooled:
         return input.new_zeros(0, input.shape[1], pooled_h, pooled_w)
     return torch.stack(pooled)
+
+
+def dcnv3_points(kernel_h: int, kernel_w: int, remove_center: bool = False) -> list[tuple[int, int]]:
+    """The (i, j) = (x index, y index) of DCNv3/DCNv4's kernel points in the official order:
+    i over the kernel width outside, j over its height inside (point k = i*kernel_h + j), the
+    centre point (kernel_w // 2, kernel_h // 2) left out with remove_center."""
+    return [(i, j) for i in range(kernel_w) for j in range(kernel_h)
+            if not (remove_center and i == kernel_w // 2 and j == kernel_h // 2)]
+
+
+def dcnv3_core_reference(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w: int,
+                         stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
+                         dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                         remove_center: bool = False) -> Tensor:
+    """Same arguments and result as `detkit.ops.dcnv3_core`, one (group, point) at a time.
+
+    For output pixel (ho, wo), group g and point k = (i, j) (`dcnv3_points`), with
+    half_w = dilation_w*(kernel_w - 1) // 2 (and half_h alike) and (dx, dy) the point's offset:
+        x = wo*stride_w - pad_w + half_w + (i*dilation_w - half_w + dx) * offset_scale
+        y = ho*stride_h - pad_h + half_h + (j*dilation_h - half_h + dy) * offset_scale
+    in input pixels (integers are pixel centres); the sample is bilinear, zero outside
+    (-1, H) x (-1, W), and out[..., g*D:(g+1)*D] sums mask * sample over the points.
+    """
+    batch, height, width, _ = input.shape
+    points = dcnv3_points(kernel_h, kernel_w, remove_center)
+    out_h = (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) // stride_h + 1
+    out_w = (width + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) // stride_w + 1
+    half_h, half_w = dilation_h * (kernel_h - 1) // 2, dilation_w * (kernel_w - 1) // 2
+    rows = torch.arange(out_h, dtype=input.dtype, device=input.device).view(1, -1, 1) * stride_h
+    cols = torch.arange(out_w, dtype=input.dtype, device=input.device).view(1, 1, -1) * stride_w
+    offset = offset.reshape(batch, out_h, out_w, group, len(points), 2)
+    mask = mask.reshape(batch, out_h, out_w, group, len(points))
+    outputs = []
+    for g in range(group):
+        image = input[..., g * group_channels:(g + 1) * group_channels].permute(0, 3, 1, 2)
+        total = input.new_zeros(batch, group_channels, out_h, out_w)
+        for k, (i, j) in enumerate(points):
+            x = cols - pad_w + half_w + (i * dilation_w - half_w + offset[:, :, :, g, k, 0]) * offset_scale
+            y = rows - pad_h + half_h + (j * dilation_h - half_h + offset[:, :, :, g, k, 1]) * offset_scale
+            total = total + _bilinear_zero_padded(image, y, x) * mask[:, :, :, g, k].unsqueeze(1)
+        outputs.append(total.permute(0, 2, 3, 1))
+    return torch.cat(outputs, dim=-1)
+
+
+def dcnv4_unpack(offset_mask: Tensor, group: int, points: int) -> tuple[Tensor, Tensor]:
+    """DCNv4's packed [N, Ho, Wo, P] -> DCNv3's offset [N, Ho, Wo, group*points*2] and mask
+    [N, Ho, Wo, group*points]: per group 2*points offsets ((x, y) per point), then points
+    weights; the entries past group*points*3 are padding."""
+    used = offset_mask[..., :group * points * 3].unflatten(-1, (group, 3 * points))
+    return used[..., :2 * points].flatten(-2), used[..., 2 * points:].flatten(-2)
+
+
+def dcnv4_core_reference(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int,
+                         stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
+                         dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                         remove_center: bool = False) -> Tensor:
+    """Same arguments and result as `detkit.ops.dcnv4_core`: DCNv3's sampling with the weights
+    used as given, read from the packed tensor (`dcnv4_unpack`)."""
+    points = kernel_h * kernel_w - int(bool(remove_center))
+    offset, mask = dcnv4_unpack(offset_mask, group, points)
+    return dcnv3_core_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                                pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
+                                remove_center)

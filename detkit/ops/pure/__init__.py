@@ -1,1 +1,2 @@
-"""Pure-PyTorch implementations of detkit's ops: the path without the compiled kernels."""
+"""Pure-PyTorch implementations of detkit's ops: the path without the compiled kernels, and the
+benchmarks' baselines."""
