@@ -1,5 +1,9 @@
 """Build of detkit's compiled ops (`detkit._C`) from csrc/.
 
+Without them detkit still works: DETKIT_BUILD_EXT=0 (or, the variable unset, no C++
+compiler found) installs the Python package alone, and the ops run on their pure-PyTorch
+path; one line says so (detkit/_build.py, `decide_extension`).
+
 The C++ CPU kernels are always built. Whether the CUDA kernels are built too is
 decided by detkit/_build.py (`decide(probe())`): when wanted (DETKIT_WITH_CUDA=1,
 or a visible GPU, or TORCH_CUDA_ARCH_LIST set) and possible (a CUDA torch, nvcc
@@ -36,6 +40,13 @@ def _load_build_rules():
 def _extension():
     rules = _load_build_rules()
     try:
+        wanted = rules.decide_extension(rules.probe_extension())
+    except rules.BuildConfigError as exc:
+        raise SystemExit(f"detkit: {exc}") from None
+    if not wanted.build:
+        print(wanted.line(), file=sys.stderr, flush=True)
+        return None
+    try:
         decision = rules.decide(rules.probe())
     except rules.BuildConfigError as exc:
         raise SystemExit(f"detkit: {exc}") from None
@@ -70,8 +81,9 @@ def _packages() -> list[str]:
             *(f"detkit.configs.{group}" for group in groups)]
 
 
+_ext = _extension()
 setup(
     packages=_packages(),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[_ext] if _ext is not None else [],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if _ext is not None else {},
 )

@@ -6,7 +6,7 @@ two tables is measured once), composed with the chosen data config as tools/trai
 
 - parameters: all, and those of the offset/mask branches (as train_stats.json counts them);
 - GFLOPs of one inference forward of one image of --height x --width (FlopCounterMode, with
-  formulas for detkit's deformable ops: detkit/engine/cost.py);
+  formulas for detkit's deformable ops: detkit/study/cost.py);
 - the median seconds of --iters training iterations after --warmup, on the data config's real
   training stream, data loading excluded (the trainer's own step timing).
 
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def select(tables_arg: str, experiments_arg: str | None):
     """(tables with a row to measure, their experiments to measure in table order, each once)."""
-    from detkit.ablation.tables import load_table, table_names
+    from detkit.study.tables import load_table, table_names
 
     names = table_names() if tables_arg == "all" else [n.strip() for n in tables_arg.split(",") if n.strip()]
     if not names:
@@ -85,7 +85,7 @@ def select(tables_arg: str, experiments_arg: str | None):
 
 def default_height(data: str, overrides: list[str]) -> int:
     """The data config's shorter side (data.min_size; of a list of training scales, the largest)."""
-    from detkit.engine.cost import compose_train_config
+    from detkit.study.cost import compose_train_config
 
     min_size = compose_train_config(None, data, overrides).data.min_size
     return int(min_size) if isinstance(min_size, int) else max(int(s) for s in min_size)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from detkit.engine.cost import compose_train_config, measure_experiment
+    from detkit.study.cost import compose_train_config, measure_experiment
     from detkit.io import write_json
 
     torch.set_num_threads(args.threads)

@@ -61,4 +61,19 @@ inline void check_roi_values(const at::Tensor& rois, int64_t batch, const char* 
   }
 }
 
+// rois may have their own floating dtype (the kernels read them in the input's
+// accumulation type: float32 for float16 / bfloat16 inputs), so that batch
+// indices stay exact whatever the input dtype. rois stored in float16 /
+// bfloat16 hold integers exactly only up to 2048 / 256: an index above that
+// was already rounded to another image's, so such rois are refused once the
+// batch has more images than the dtype can tell apart.
+inline void check_roi_dtype(const at::Tensor& rois, int64_t batch, const char* op) {
+  const at::ScalarType dtype = rois.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": rois must be a floating-point tensor, got ", dtype);
+  const int64_t exact = dtype == at::kHalf ? 2048 : dtype == at::kBFloat16 ? 256 : -1;
+  TORCH_CHECK(exact < 0 || batch - 1 <= exact, op, ": rois of dtype ", dtype,
+              " hold batch indices exactly only up to ", exact, ", but the input has ", batch,
+              " images: pass rois as float32 (a larger index rounds to another image's)");
+}
+
 }  // namespace detkit

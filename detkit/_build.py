@@ -1,4 +1,10 @@
-"""Which kernels `setup.py` compiles: CPU only, or CPU and CUDA, and why.
+"""Whether `setup.py` compiles detkit's ops at all, which kernels (CPU only, or CPU and
+CUDA), and why.
+
+The extension is built unless DETKIT_BUILD_EXT=0, or (the variable unset) no C++ compiler
+is found ($CXX, else c++, g++ or clang++; cl on Windows): detkit then installs without it
+and its ops take the pure-PyTorch path (detkit/ops/_dispatch.py), and one line says so.
+DETKIT_BUILD_EXT=1 insists, stopping the install when there is no compiler.
 
 Stdlib only, so setup.py loads it by path before detkit is installed and
 tools/setup_env.sh runs it as a script (`python detkit/_build.py`) to print the
@@ -40,6 +46,69 @@ TOOLCHAIN_HINT = ("`bash tools/setup_env.sh --cuda-compiler` (or `source .ci/cud
 
 class BuildConfigError(RuntimeError):
     """The requested build cannot work; the message says what is missing and how to get it."""
+
+
+# ---------------------------------------------------------------------------- the extension at all
+
+@dataclass(frozen=True)
+class ExtensionFacts:
+    """What building the extension at all depends on (see `probe_extension`)."""
+
+    switch: str                    # DETKIT_BUILD_EXT, "" when unset
+    compiler: str | None           # path of the C++ compiler found, None when none is
+
+
+@dataclass(frozen=True)
+class ExtensionDecision:
+    build: bool
+    reason: str                    # one line for the user
+
+    def line(self) -> str:
+        if self.build:
+            return f"detkit: building the compiled ops: {self.reason}"
+        return (f"detkit: installing without the compiled ops ({self.reason}): they run on the "
+                f"pure-PyTorch path, slower (docs/benchmarks.md); install a C++ compiler and "
+                f"reinstall to build them")
+
+
+def decide_extension(facts: ExtensionFacts) -> ExtensionDecision:
+    """Build the extension or not; raises BuildConfigError when DETKIT_BUILD_EXT is invalid,
+    or is 1 without a compiler."""
+    if facts.switch not in ("", "0", "1"):
+        raise BuildConfigError(f"DETKIT_BUILD_EXT must be 0, 1 or unset, got {facts.switch!r}")
+    if facts.switch == "0":
+        return ExtensionDecision(False, "DETKIT_BUILD_EXT=0")
+    if facts.compiler is None:
+        if facts.switch == "1":
+            raise BuildConfigError("DETKIT_BUILD_EXT=1, but no C++ compiler was found ($CXX, c++, g++, "
+                                   "clang++): install one (e.g. `apt-get install g++`, Xcode's command "
+                                   "line tools, MSVC Build Tools), or unset DETKIT_BUILD_EXT to install "
+                                   "without the compiled ops")
+        return ExtensionDecision(False, "no C++ compiler found: $CXX, c++, g++, clang++")
+    return ExtensionDecision(True, f"C++ compiler {facts.compiler}")
+
+
+def find_cxx_compiler(environ: dict | None = None) -> str | None:
+    """The C++ compiler a build would use: $CXX when set (its first word), else the first of
+    c++, g++, clang++ (cl on Windows) on PATH; None when there is none."""
+    import shlex
+    import shutil
+
+    environ = os.environ if environ is None else environ
+    path = environ.get("PATH")
+    cxx = environ.get("CXX", "").strip()
+    if cxx:
+        return shutil.which(shlex.split(cxx)[0], path=path)
+    names = ("cl",) if sys.platform == "win32" else ("c++", "g++", "clang++")
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    return None
+
+
+def probe_extension() -> ExtensionFacts:
+    return ExtensionFacts(switch=os.environ.get("DETKIT_BUILD_EXT", "").strip(), compiler=find_cxx_compiler())
 
 
 @dataclass(frozen=True)
@@ -205,6 +274,10 @@ def probe() -> BuildFacts:
 def main() -> int:
     """Print the decision line; exit 2 with the reason when the requested build cannot work."""
     try:
+        extension = decide_extension(probe_extension())
+        if not extension.build:
+            print(extension.line(), flush=True)
+            return 0
         print(decide(probe()).line(), flush=True)
     except BuildConfigError as exc:
         print(f"detkit: {exc}", file=sys.stderr)

@@ -90,3 +90,22 @@ class FakeTerminal:
 
     def flush(self) -> None:
         pass
+
+
+def one_to_one(compatible: torch.Tensor) -> list[tuple[int, int]]:
+    """A maximum matching of the bipartite graph compatible[i, j] (Kuhn's augmenting paths):
+    (i, j) pairs, no i and no j twice."""
+    partner: dict[int, int] = {}  # j -> i
+
+    def augment(i: int, seen: set[int]) -> bool:
+        for j in torch.nonzero(compatible[i]).flatten().tolist():
+            if j not in seen:
+                seen.add(j)
+                if j not in partner or augment(partner[j], seen):
+                    partner[j] = i
+                    return True
+        return False
+
+    for i in range(compatible.shape[0]):
+        augment(i, set())
+    return sorted((i, j) for j, i in partner.items())

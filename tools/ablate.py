@@ -6,12 +6,12 @@
         data.root=/data/coco model.backbone.weights=/w/resnet50.pth   # the paper's schedule
     python tools/ablate.py table=fpn_mmdet -- schedule.max_iters=1     # overrides for every run
 
-The tool is detkit.cli.ablate (its documentation, options and exit statuses are there);
+The tool is detkit.study.cli.ablate (its documentation, options and exit statuses are there);
 installed, it is also the console script `detkit-ablate`.
 """
 import sys
 
-from detkit.cli.ablate import main
+from detkit.study.cli.ablate import main
 
 if __name__ == "__main__":
     sys.exit(main())

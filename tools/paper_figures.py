@@ -4,12 +4,12 @@
     python tools/paper_figures.py checkpoint=PATH data=synthetic_geometry image_index=12
     python tools/paper_figures.py checkpoint=PATH images=FOLDER annotations=instances.json
 
-The tool is detkit.cli.paper_figures (its documentation, options and exit statuses are there);
+The tool is detkit.study.cli.paper_figures (its documentation, options and exit statuses are there);
 installed, it is also the console script `detkit-paper-figures`.
 """
 import sys
 
-from detkit.cli.paper_figures import main
+from detkit.study.cli.paper_figures import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,8 @@
 #
 #   bash tools/setup_env.sh                  # CPU kernels (+ CUDA ones when wanted and possible)
 #   bash tools/setup_env.sh --cuda-compiler  # also install nvcc from PyPI and build the CUDA kernels
+#   DETKIT_BUILD_EXT=0 bash tools/setup_env.sh  # no compiled ops: the pure-PyTorch path (also
+#                                            # chosen by itself when no C++ compiler is found)
 #
 # Which kernels are built, and why, is decided by detkit/_build.py and printed
 # before the build. The extras installed are [test,export] (pytest, ninja,
@@ -50,10 +52,20 @@ fi
 python detkit/_build.py | sed 's/^detkit: /[setup] /'
 echo "[setup] building detkit's ops and installing its dependencies"
 MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation -e ".[test,export]"
+# The last line says which path detkit's ops take: the compiled kernels, or (installed with
+# DETKIT_BUILD_EXT=0, or without a C++ compiler) the slower pure-PyTorch path. A build that
+# was meant to produce the kernels and did not load fails here.
 python - <<'PY'
 import torch
 import detkit.ops as ops
-ops.require_ops()
-print(f"[setup] ready: torch {torch.__version__}, detkit ops loaded "
-      f"(CUDA kernels {'built' if ops.cuda_kernels_built() else 'not built'})")
+from detkit import _build
+from detkit.ops import _extension
+if _build.decide_extension(_build.probe_extension()).build:
+    ops.require_ops()
+if _extension.LOADED:
+    cuda = "CPU and CUDA" if ops.cuda_kernels_built() else "CPU (CUDA kernels not built)"
+    print(f"[setup] ready: torch {torch.__version__}, detkit ops on the compiled kernels: {cuda}")
+else:
+    print(f"[setup] ready: torch {torch.__version__}, detkit ops on the pure-PyTorch path (slower, "
+          f"docs/benchmarks.md): {_extension.load_problem()}")
 PY

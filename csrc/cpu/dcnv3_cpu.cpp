@@ -15,8 +15,12 @@
 //  * No padded copy of the input: a corner outside the image points at a
 //    vector of zeros (forward, and the backward's reads) or at a per-thread
 //    scratch vector (the backward's writes), so the inner loops never branch.
-//  * The hot loops are compiled as AVX-512, AVX2 and baseline clones
-//    (GCC target_clones, like channel_loops.cpp); the loader picks one.
+//  * The scalar work of a pixel's samples (positions, floors, corner indices,
+//    weights) is done first for all of them at once, a loop the compiler
+//    vectorises (stage 1); the channel loops then only load and add (stage 2).
+//    For D = 8, 16, 32, 64 the group's accumulator is a register vector.
+//  * The hot loops are compiled as x86-64-v4 (AVX-512), v3 (AVX2) and baseline
+//    clones (GCC target_clones); the loader picks one by the CPU's features.
 //
 // Threads never write the same element. Forward: split over output pixels.
 // Backward: over (image, group) pairs, whose input-gradient writes are
@@ -30,11 +34,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The vector helpers below are always inlined, so the ABI note about returning
+// wide vectors from the baseline clone does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Clones by ISA level, not by CPU model: GCC's resolver for "arch=skylake-avx512"
+// / "arch=haswell" tests the processor model and picks the baseline on AMD CPUs
+// with AVX-512 (measured on the project's EPYC); "arch=x86-64-v4" / "-v3" test
+// the features. GCC < 12 cannot dispatch on ISA levels: there, feature clones.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define DETKIT_DCN_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DETKIT_DCN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DETKIT_DCN_CLONES
 #endif
@@ -92,36 +107,27 @@ PointTable<T> point_table(const DcnGeometry& s) {
   return table;
 }
 
-namespace {
-
-// One bilinear sample: corner vectors (or the zero / scratch vector where a
-// corner is outside the image) and the weights (hy*hx, hy*lx, ly*hx, ly*lx).
+// Per-call tables over the S = G*K samples of one pixel, sample i = g*K + k.
 template <typename T>
-struct Corners {
-  int64_t i00, i01, i10, i11;  // element index of the corner's group vector, or -1
-  T ly, lx;
+struct SampleTable {
+  std::vector<T> dx, dy;                       // undeformed point, i*dil_w and j*dil_h
+  std::vector<int32_t> offset, mask, channel;  // x offset and weight in the pixel's rows; g*D
+  SampleTable(const DcnGeometry& s, const PointTable<T>& points, const Sampling<T>& sp) {
+    for (int64_t g = 0; g < s.group; ++g) {
+      for (int64_t k = 0; k < s.points; ++k) {
+        dx.push_back(points.dx[k]);
+        dy.push_back(points.dy[k]);
+        offset.push_back(static_cast<int32_t>(g * sp.offset_group + 2 * k));
+        mask.push_back(static_cast<int32_t>(g * sp.mask_group + k));
+        channel.push_back(static_cast<int32_t>(g * s.group_channels));
+      }
+    }
+  }
 };
 
-// Locates (y, x); false when the sample reads zero: outside (-1, H) x (-1, W)
-// or not finite (written as a negated conjunction so NaN lands outside).
-template <typename T>
-inline __attribute__((always_inline)) bool locate(const DcnGeometry& s, T y, T x, int64_t group_offset,
-                                                  Corners<T>& c) {
-  if (!(y > T(-1) && y < static_cast<T>(s.height) && x > T(-1) && x < static_cast<T>(s.width)))
-    return false;
-  const T y0f = std::floor(y), x0f = std::floor(x);
-  const int64_t y0 = static_cast<int64_t>(y0f), x0 = static_cast<int64_t>(x0f);
-  const bool top = y0 >= 0, bottom = y0 + 1 < s.height, left = x0 >= 0, right = x0 + 1 < s.width;
-  const int64_t row = s.width * s.channels;
-  const int64_t i00 = y0 * row + x0 * s.channels + group_offset;
-  c.i00 = top && left ? i00 : -1;
-  c.i01 = top && right ? i00 + s.channels : -1;
-  c.i10 = bottom && left ? i00 + row : -1;
-  c.i11 = bottom && right ? i00 + row + s.channels : -1;
-  c.ly = y - y0f;
-  c.lx = x - x0f;
-  return true;
-}
+namespace {
+
+#define DETKIT_INLINE inline __attribute__((always_inline))
 
 // Sample positions of output pixel (ho, wo), as the official kernels compute
 // them: p0 = (dil*(k-1))/2 - pad + o*stride, then
@@ -132,7 +138,7 @@ struct PixelOrigin {
 };
 
 template <typename T>
-inline PixelOrigin<T> origin(const DcnGeometry& s, int64_t ho, int64_t wo, T scale) {
+DETKIT_INLINE PixelOrigin<T> origin(const DcnGeometry& s, int64_t ho, int64_t wo, T scale) {
   const int64_t half_w = (s.dil_w * (s.kernel_w - 1)) / 2, half_h = (s.dil_h * (s.kernel_h - 1)) / 2;
   const int64_t p0_w = half_w - s.pad_w + wo * s.stride_w;
   const int64_t p0_h = half_h - s.pad_h + ho * s.stride_h;
@@ -140,110 +146,296 @@ inline PixelOrigin<T> origin(const DcnGeometry& s, int64_t ho, int64_t wo, T sca
           static_cast<T>(p0_h) - static_cast<T>(half_h) * scale};
 }
 
+// Where the samples of one pixel land (stage 1, vectorised over samples);
+// arrays of S entries. kind: 0 reads zero (outside (-1, H) x (-1, W) or not
+// finite), 1 all four corners inside, 2 some corners outside.
 template <typename T>
-inline __attribute__((always_inline)) void forward_impl(const DcnGeometry& s, const T* dx, const T* dy,
-                                                        const T* input, Sampling<T> sp, const T* zeros,
-                                                        T* output, int64_t p_begin, int64_t p_end) {
-  const int64_t D = s.group_channels, K = s.points;
+struct Plan {
+  std::vector<int32_t> kind, y0, x0, index;  // index: element of corner (y0, x0) + g*D in the image
+  std::vector<T> ly, lx, m;
+  explicit Plan(int64_t size) : kind(size), y0(size), x0(size), index(size), ly(size), lx(size), m(size) {}
+};
+
+// Samples [i0, i0 + count) of a pixel, whose (x, y) offsets are off[2j], off[2j + 1] and
+// weights m[j] for j < count. Contiguous reads, raw pointers and scalars only, and not
+// inlined: that is what GCC vectorises (inlined into the kernel, or reading through an
+// index table, the loop stayed scalar).
+}  // namespace
+
+#define DETKIT_DCN_PLAN_RUN(T)                                                                          \
+  DETKIT_DCN_CLONES __attribute__((noinline)) void plan_run_raw(                                      \
+      const T* __restrict__ dx, const T* __restrict__ dy, const int32_t* __restrict__ chan,             \
+      const T* __restrict__ off, const T* __restrict__ msk, T ox, T oy, T scale, T height, T width,     \
+      int32_t h, int32_t w, int32_t c, int64_t count, int32_t* __restrict__ kind,                       \
+      int32_t* __restrict__ py0, int32_t* __restrict__ px0, int32_t* __restrict__ pindex,               \
+      T* __restrict__ ply, T* __restrict__ plx, T* __restrict__ pm) {                                   \
+    _Pragma("omp simd") for (int64_t j = 0; j < count; ++j) {                                           \
+      const T x = ox + (dx[j] + off[2 * j]) * scale;                                                    \
+      const T y = oy + (dy[j] + off[2 * j + 1]) * scale;                                                \
+      /* Comparisons are false for NaN, so NaN lands outside and clamps to -1: the clamped */          \
+      /* positions (used only inside) stay finite. */                                                   \
+      const int32_t inside = (y > T(-1)) & (y < height) & (x > T(-1)) & (x < width);                    \
+      const T yc = y > T(-1) ? y : T(-1), xc = x > T(-1) ? x : T(-1);                                   \
+      const T ys = yc < height ? yc : height, xs = xc < width ? xc : width;                             \
+      /* floor without a library call (ys, xs are in [-1, H] x [-1, W]) */                             \
+      const int32_t ty = static_cast<int32_t>(ys), tx = static_cast<int32_t>(xs);                       \
+      const int32_t y0 = ty - (static_cast<T>(ty) > ys), x0 = tx - (static_cast<T>(tx) > xs);           \
+      const int32_t interior = (y0 >= 0) & (y0 < h - 1) & (x0 >= 0) & (x0 < w - 1);                     \
+      kind[j] = inside * (2 - interior); /* branch-free, so the loop vectorises */                      \
+      py0[j] = y0;                                                                                      \
+      px0[j] = x0;                                                                                      \
+      pindex[j] = (y0 * w + x0) * c + chan[j];                                                          \
+      ply[j] = ys - static_cast<T>(y0);                                                                 \
+      plx[j] = xs - static_cast<T>(x0);                                                                 \
+      pm[j] = msk[j];                                                                                   \
+    }                                                                                                   \
+  }
+
+DETKIT_DCN_PLAN_RUN(float)
+DETKIT_DCN_PLAN_RUN(double)
+#undef DETKIT_DCN_PLAN_RUN
+
+namespace {
+
+template <typename T>
+DETKIT_INLINE void plan_run(const DcnGeometry& s, const SampleTable<T>& tab, const T* off, const T* msk,
+                            PixelOrigin<T> o, T scale, int64_t i0, int64_t count, Plan<T>& plan) {
+  plan_run_raw(tab.dx.data() + i0, tab.dy.data() + i0, tab.channel.data() + i0, off, msk, o.x, o.y, scale,
+               static_cast<T>(s.height), static_cast<T>(s.width), static_cast<int32_t>(s.height),
+               static_cast<int32_t>(s.width), static_cast<int32_t>(s.channels), count, plan.kind.data() + i0,
+               plan.y0.data() + i0, plan.x0.data() + i0, plan.index.data() + i0, plan.ly.data() + i0,
+               plan.lx.data() + i0, plan.m.data() + i0);
+}
+
+// Plans the samples of groups [g0, g1) of a pixel (stage 1).
+template <typename T>
+DETKIT_INLINE void plan_samples(const DcnGeometry& s, const SampleTable<T>& tab, const Sampling<T>& sp,
+                                int64_t p, PixelOrigin<T> o, T scale, int64_t g0, int64_t g1, Plan<T>& plan) {
+  const int64_t K = s.points;
+  const T* off_row = sp.offset + p * sp.offset_pixel;
+  const T* mask_row = sp.mask + p * sp.mask_pixel;
+  if (sp.offset_group == 2 * K && sp.mask_group == K) {  // DCNv3: the groups are contiguous too
+    plan_run(s, tab, off_row + g0 * 2 * K, mask_row + g0 * K, o, scale, g0 * K, (g1 - g0) * K, plan);
+    return;
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    plan_run(s, tab, off_row + g * sp.offset_group, mask_row + g * sp.mask_group, o, scale, g * K, K, plan);
+  }
+}
+
+// Corner element indices of a border sample (kind 2), -1 where outside.
+struct BorderCorners {
+  int64_t i00, i01, i10, i11;
+};
+
+DETKIT_INLINE BorderCorners border_corners(const DcnGeometry& s, int32_t y0, int32_t x0, int64_t index) {
+  const bool top = y0 >= 0, bottom = y0 + 1 < s.height, left = x0 >= 0, right = x0 + 1 < s.width;
+  const int64_t row = s.width * s.channels;
+  return {top && left ? index : -1, top && right ? index + s.channels : -1,
+          bottom && left ? index + row : -1, bottom && right ? index + row + s.channels : -1};
+}
+
+// GCC vector of N elements of T (lowered to the clone's widest registers).
+template <typename T, int N>
+struct VecOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * N)));
+};
+
+template <typename V, typename T>
+DETKIT_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+DETKIT_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename T, int N>
+DETKIT_INLINE T hsum(typename VecOf<T, N>::type v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    using Half = typename VecOf<T, N / 2>::type;
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    return hsum<T, N / 2>(lo + hi);
+  }
+}
+
+// Stage 2 of the forward for samples [g*K, (g+1)*K) of one pixel: out[0, D).
+// DC > 0: D == DC, the accumulator is one vector register set; DC == 0: any D.
+template <typename T, int DC>
+DETKIT_INLINE void forward_group(const DcnGeometry& s, const Plan<T>& plan, int64_t i0, const T* in_n,
+                                 const T* zeros, T* __restrict__ out) {
+  const int64_t D = DC > 0 ? DC : s.group_channels, K = s.points;
+  const int64_t C = s.channels, row = s.width * s.channels;
+  if constexpr (DC > 0) {
+    using V = typename VecOf<T, DC>::type;
+    V acc = {};
+    for (int64_t i = i0; i < i0 + K; ++i) {
+      const int32_t kind = plan.kind[i];
+      if (kind == 0) continue;
+      const T ly = plan.ly[i], lx = plan.lx[i], hy = 1 - ly, hx = 1 - lx, m = plan.m[i];
+      const T w00 = m * hy * hx, w01 = m * hy * lx, w10 = m * ly * hx, w11 = m * ly * lx;
+      if (kind == 1) {
+        const T* p = in_n + plan.index[i];
+        acc += w00 * load<V>(p) + w01 * load<V>(p + C) + w10 * load<V>(p + row) + w11 * load<V>(p + row + C);
+      } else {
+        const BorderCorners b = border_corners(s, plan.y0[i], plan.x0[i], plan.index[i]);
+        acc += w00 * load<V>(b.i00 >= 0 ? in_n + b.i00 : zeros) + w01 * load<V>(b.i01 >= 0 ? in_n + b.i01 : zeros) +
+               w10 * load<V>(b.i10 >= 0 ? in_n + b.i10 : zeros) + w11 * load<V>(b.i11 >= 0 ? in_n + b.i11 : zeros);
+      }
+    }
+    store(out, acc);
+  } else {
+    std::fill(out, out + D, T(0));
+    for (int64_t i = i0; i < i0 + K; ++i) {
+      const int32_t kind = plan.kind[i];
+      if (kind == 0) continue;
+      const T ly = plan.ly[i], lx = plan.lx[i], hy = 1 - ly, hx = 1 - lx, m = plan.m[i];
+      const T w00 = m * hy * hx, w01 = m * hy * lx, w10 = m * ly * hx, w11 = m * ly * lx;
+      const T *v00, *v01, *v10, *v11;
+      if (kind == 1) {
+        v00 = in_n + plan.index[i];
+        v01 = v00 + C;
+        v10 = v00 + row;
+        v11 = v10 + C;
+      } else {
+        const BorderCorners b = border_corners(s, plan.y0[i], plan.x0[i], plan.index[i]);
+        v00 = b.i00 >= 0 ? in_n + b.i00 : zeros;
+        v01 = b.i01 >= 0 ? in_n + b.i01 : zeros;
+        v10 = b.i10 >= 0 ? in_n + b.i10 : zeros;
+        v11 = b.i11 >= 0 ? in_n + b.i11 : zeros;
+      }
+#pragma omp simd
+      for (int64_t t = 0; t < D; ++t) out[t] += w00 * v00[t] + w01 * v01[t] + w10 * v10[t] + w11 * v11[t];
+    }
+  }
+}
+
+template <typename T, int DC>
+DETKIT_INLINE void forward_impl(const DcnGeometry& s, const SampleTable<T>& tab, const T* input,
+                                Sampling<T> sp, const T* zeros, T* output, int64_t p_begin, int64_t p_end) {
   const T scale = static_cast<T>(s.offset_scale);
+  Plan<T> plan(s.group * s.points);
   for (int64_t p = p_begin; p < p_end; ++p) {
     const int64_t n = p / s.out_plane(), q = p % s.out_plane();
     const PixelOrigin<T> o = origin<T>(s, q / s.out_w, q % s.out_w, scale);
     const T* in_n = input + n * s.height * s.width * s.channels;
+    plan_samples(s, tab, sp, p, o, scale, 0, s.group, plan);
     for (int64_t g = 0; g < s.group; ++g) {
-      T* out = output + p * s.channels + g * D;
-      const T* off = sp.offset + p * sp.offset_pixel + g * sp.offset_group;
-      const T* msk = sp.mask + p * sp.mask_pixel + g * sp.mask_group;
-      bool written = false;
-      for (int64_t k = 0; k < K; ++k) {
-        const T x = o.x + (dx[k] + off[2 * k]) * scale;
-        const T y = o.y + (dy[k] + off[2 * k + 1]) * scale;
-        Corners<T> c;
-        if (!locate(s, y, x, g * D, c)) continue;
-        const T m = msk[k], hy = 1 - c.ly, hx = 1 - c.lx;
-        const T w00 = m * hy * hx, w01 = m * hy * c.lx, w10 = m * c.ly * hx, w11 = m * c.ly * c.lx;
-        const T* __restrict__ v00 = c.i00 >= 0 ? in_n + c.i00 : zeros;
-        const T* __restrict__ v01 = c.i01 >= 0 ? in_n + c.i01 : zeros;
-        const T* __restrict__ v10 = c.i10 >= 0 ? in_n + c.i10 : zeros;
-        const T* __restrict__ v11 = c.i11 >= 0 ? in_n + c.i11 : zeros;
-        T* __restrict__ dst = out;
-        if (written) {
-#pragma omp simd
-          for (int64_t t = 0; t < D; ++t) dst[t] += w00 * v00[t] + w01 * v01[t] + w10 * v10[t] + w11 * v11[t];
-        } else {
-#pragma omp simd
-          for (int64_t t = 0; t < D; ++t) dst[t] = w00 * v00[t] + w01 * v01[t] + w10 * v10[t] + w11 * v11[t];
-          written = true;
-        }
-      }
-      if (!written) std::fill(out, out + D, T(0));
+      forward_group<T, DC>(s, plan, g * s.points, in_n, zeros, output + p * s.channels + g * s.group_channels);
     }
   }
+}
+
+// Stage 2 of the backward for sample i of a pixel: adds the input gradient
+// (scratch takes the writes of corners outside the image), returns the
+// weight gradient and writes the offset gradient.
+template <typename T, int DC>
+DETKIT_INLINE void backward_sample(const DcnGeometry& s, const Plan<T>& plan, int64_t i, const T* gout,
+                                   const T* in_n, T* gin_n, const T* zeros, T* scratch, T scale,
+                                   T* goff_xy, T* gmask) {
+  const int64_t D = DC > 0 ? DC : s.group_channels;
+  const int64_t C = s.channels, row = s.width * s.channels;
+  const int32_t kind = plan.kind[i];
+  if (kind == 0) {
+    goff_xy[0] = T(0);
+    goff_xy[1] = T(0);
+    *gmask = T(0);
+    return;
+  }
+  const T ly = plan.ly[i], lx = plan.lx[i], hy = 1 - ly, hx = 1 - lx, m = plan.m[i];
+  const T w00 = hy * hx, w01 = hy * lx, w10 = ly * hx, w11 = ly * lx;
+  const T *v00, *v01, *v10, *v11;
+  T *d00, *d01, *d10, *d11;
+  if (kind == 1) {
+    const int64_t index = plan.index[i];
+    v00 = in_n + index;
+    d00 = gin_n + index;
+    v01 = v00 + C;
+    d01 = d00 + C;
+    v10 = v00 + row;
+    d10 = d00 + row;
+    v11 = v10 + C;
+    d11 = d10 + C;
+  } else {
+    const BorderCorners b = border_corners(s, plan.y0[i], plan.x0[i], plan.index[i]);
+    v00 = b.i00 >= 0 ? in_n + b.i00 : zeros;
+    v01 = b.i01 >= 0 ? in_n + b.i01 : zeros;
+    v10 = b.i10 >= 0 ? in_n + b.i10 : zeros;
+    v11 = b.i11 >= 0 ? in_n + b.i11 : zeros;
+    d00 = b.i00 >= 0 ? gin_n + b.i00 : scratch;
+    d01 = b.i01 >= 0 ? gin_n + b.i01 : scratch;
+    d10 = b.i10 >= 0 ? gin_n + b.i10 : scratch;
+    d11 = b.i11 >= 0 ? gin_n + b.i11 : scratch;
+  }
+  T value, d_y, d_x;
+  if constexpr (DC > 0) {
+    using V = typename VecOf<T, DC>::type;
+    const V gv = load<V>(gout);
+    const V a = load<V>(v00), b = load<V>(v01), c = load<V>(v10), d = load<V>(v11);
+    value = hsum<T, DC>(gv * (w00 * a + w01 * b + w10 * c + w11 * d));
+    d_y = hsum<T, DC>(gv * (hx * (c - a) + lx * (d - b)));
+    d_x = hsum<T, DC>(gv * (hy * (b - a) + ly * (d - c)));
+    // In order: with several corners outside, d00..d11 may all be the scratch vector.
+    store(d00, load<V>(d00) + (m * w00) * gv);
+    store(d01, load<V>(d01) + (m * w01) * gv);
+    store(d10, load<V>(d10) + (m * w10) * gv);
+    store(d11, load<V>(d11) + (m * w11) * gv);
+  } else {
+    value = 0;
+    d_y = 0;
+    d_x = 0;
+    const T mw00 = m * w00, mw01 = m * w01, mw10 = m * w10, mw11 = m * w11;
+    // Invalid corners' writes all go to the scratch vector (aliasing each
+    // other only there, whose contents are never read).
+#pragma omp simd reduction(+ : value, d_y, d_x)
+    for (int64_t t = 0; t < D; ++t) {
+      const T gt = gout[t];
+      const T a = v00[t], b = v01[t], c = v10[t], d = v11[t];
+      value += gt * (w00 * a + w01 * b + w10 * c + w11 * d);
+      d_y += gt * (hx * (c - a) + lx * (d - b));
+      d_x += gt * (hy * (b - a) + ly * (d - c));
+      d00[t] += mw00 * gt;
+      d01[t] += mw01 * gt;
+      d10[t] += mw10 * gt;
+      d11[t] += mw11 * gt;
+    }
+  }
+  goff_xy[0] = m * scale * d_x;
+  goff_xy[1] = m * scale * d_y;
+  *gmask = value;
 }
 
 // Backward of pixels [p_begin, p_end) and groups [g_begin, g_end): adds the
 // input gradient into grad_input (an [N, H, W, C] buffer), writes the offset
 // and weight gradients.
-template <typename T>
-inline __attribute__((always_inline)) void backward_impl(const DcnGeometry& s, const T* dx, const T* dy,
-                                                         const T* grad_output, const T* input,
-                                                         Sampling<T> sp, const T* zeros, T* scratch,
-                                                         T* grad_input, SamplingGrad<T> gp,
-                                                         int64_t p_begin, int64_t p_end,
-                                                         int64_t g_begin, int64_t g_end) {
+template <typename T, int DC>
+DETKIT_INLINE void backward_impl(const DcnGeometry& s, const SampleTable<T>& tab, const T* grad_output,
+                                 const T* input, Sampling<T> sp, const T* zeros, T* scratch, T* grad_input,
+                                 SamplingGrad<T> gp, int64_t p_begin, int64_t p_end, int64_t g_begin,
+                                 int64_t g_end) {
   const int64_t D = s.group_channels, K = s.points;
   const T scale = static_cast<T>(s.offset_scale);
+  Plan<T> plan(s.group * s.points);
   for (int64_t p = p_begin; p < p_end; ++p) {
     const int64_t n = p / s.out_plane(), q = p % s.out_plane();
     const PixelOrigin<T> o = origin<T>(s, q / s.out_w, q % s.out_w, scale);
     const int64_t image = n * s.height * s.width * s.channels;
-    const T* in_n = input + image;
-    T* gin_n = grad_input + image;
+    plan_samples(s, tab, sp, p, o, scale, g_begin, g_end, plan);
+    T* goff = gp.offset + p * sp.offset_pixel;
+    T* gmsk = gp.mask + p * sp.mask_pixel;
     for (int64_t g = g_begin; g < g_end; ++g) {
-      const T* __restrict__ gout = grad_output + p * s.channels + g * D;
-      const T* off = sp.offset + p * sp.offset_pixel + g * sp.offset_group;
-      const T* msk = sp.mask + p * sp.mask_pixel + g * sp.mask_group;
-      T* goff = gp.offset + p * sp.offset_pixel + g * sp.offset_group;
-      T* gmsk = gp.mask + p * sp.mask_pixel + g * sp.mask_group;
+      const T* gout = grad_output + p * s.channels + g * D;
       for (int64_t k = 0; k < K; ++k) {
-        const T x = o.x + (dx[k] + off[2 * k]) * scale;
-        const T y = o.y + (dy[k] + off[2 * k + 1]) * scale;
-        Corners<T> c;
-        if (!locate(s, y, x, g * D, c)) {
-          goff[2 * k] = T(0);
-          goff[2 * k + 1] = T(0);
-          gmsk[k] = T(0);
-          continue;
-        }
-        const T m = msk[k], ly = c.ly, lx = c.lx, hy = 1 - ly, hx = 1 - lx;
-        const T w00 = hy * hx, w01 = hy * lx, w10 = ly * hx, w11 = ly * lx;
-        const T mw00 = m * w00, mw01 = m * w01, mw10 = m * w10, mw11 = m * w11;
-        const T* __restrict__ v00 = c.i00 >= 0 ? in_n + c.i00 : zeros;
-        const T* __restrict__ v01 = c.i01 >= 0 ? in_n + c.i01 : zeros;
-        const T* __restrict__ v10 = c.i10 >= 0 ? in_n + c.i10 : zeros;
-        const T* __restrict__ v11 = c.i11 >= 0 ? in_n + c.i11 : zeros;
-        T* d00 = c.i00 >= 0 ? gin_n + c.i00 : scratch;
-        T* d01 = c.i01 >= 0 ? gin_n + c.i01 : scratch;
-        T* d10 = c.i10 >= 0 ? gin_n + c.i10 : scratch;
-        T* d11 = c.i11 >= 0 ? gin_n + c.i11 : scratch;
-        T value = 0, d_y = 0, d_x = 0;
-        // Invalid corners' writes all go to the scratch vector (aliasing each
-        // other only there, whose contents are never read).
-#pragma omp simd reduction(+ : value, d_y, d_x)
-        for (int64_t t = 0; t < D; ++t) {
-          const T gt = gout[t];
-          const T a = v00[t], b = v01[t], cc = v10[t], d = v11[t];
-          value += gt * (w00 * a + w01 * b + w10 * cc + w11 * d);
-          d_y += gt * (hx * (cc - a) + lx * (d - b));
-          d_x += gt * (hy * (b - a) + ly * (d - cc));
-          d00[t] += mw00 * gt;
-          d01[t] += mw01 * gt;
-          d10[t] += mw10 * gt;
-          d11[t] += mw11 * gt;
-        }
-        goff[2 * k] = m * scale * d_x;
-        goff[2 * k + 1] = m * scale * d_y;
-        gmsk[k] = value;
+        const int64_t i = g * K + k;
+        backward_sample<T, DC>(s, plan, i, gout, input + image, grad_input + image, zeros, scratch, scale,
+                               goff + tab.offset[i], gmsk + tab.mask[i]);
       }
     }
   }
@@ -252,25 +444,46 @@ inline __attribute__((always_inline)) void backward_impl(const DcnGeometry& s, c
 }  // namespace
 
 // The cloned entry points (non-template, so target_clones applies).
-#define DETKIT_DCN_ENTRY_POINTS(T)                                                                     \
-  DETKIT_DCN_CLONES void dcn_forward_pixels(const DcnGeometry& s, const T* dx, const T* dy,            \
-                                            const T* input, Sampling<T> sp, const T* zeros,            \
-                                            T* output, int64_t p_begin, int64_t p_end) {               \
-    forward_impl<T>(s, dx, dy, input, sp, zeros, output, p_begin, p_end);                              \
-  }                                                                                                    \
-  DETKIT_DCN_CLONES void dcn_backward_pixels(const DcnGeometry& s, const T* dx, const T* dy,           \
-                                             const T* grad_output, const T* input, Sampling<T> sp,     \
-                                             const T* zeros, T* scratch, T* grad_input,                \
-                                             SamplingGrad<T> gp, int64_t p_begin, int64_t p_end,       \
-                                             int64_t g_begin, int64_t g_end) {                         \
-    backward_impl<T>(s, dx, dy, grad_output, input, sp, zeros, scratch, grad_input, gp, p_begin,       \
-                     p_end, g_begin, g_end);                                                           \
+// One switch case per register-resident channel count (DC = D), DC = 0 for any other D.
+#define DETKIT_DCN_SWITCH(D, CALL) \
+  switch (D) {                     \
+    case 8: CALL(8); break;        \
+    case 16: CALL(16); break;      \
+    case 32: CALL(32); break;      \
+    case 64: CALL(64); break;      \
+    default: CALL(0); break;       \
   }
+
+// The cloned entry points: non-template (so target_clones applies), with the
+// hot loops inlined into each clone (no lambdas: they would not be cloned).
+#define DETKIT_DCN_ENTRY_POINTS(T)                                                                   \
+  DETKIT_DCN_CLONES void dcn_forward_pixels(const DcnGeometry& s, const SampleTable<T>& tab,         \
+                                            const T* input, Sampling<T> sp, const T* zeros,          \
+                                            T* output, int64_t p_begin, int64_t p_end) {             \
+    using Scalar = T;                                                                                \
+    DETKIT_DCN_SWITCH(s.group_channels, DETKIT_DCN_FORWARD)                                          \
+  }                                                                                                  \
+  DETKIT_DCN_CLONES void dcn_backward_pixels(const DcnGeometry& s, const SampleTable<T>& tab,        \
+                                             const T* grad_output, const T* input, Sampling<T> sp,   \
+                                             const T* zeros, T* scratch, T* grad_input,              \
+                                             SamplingGrad<T> gp, int64_t p_begin, int64_t p_end,     \
+                                             int64_t g_begin, int64_t g_end) {                       \
+    using Scalar = T;                                                                                \
+    DETKIT_DCN_SWITCH(s.group_channels, DETKIT_DCN_BACKWARD)                                         \
+  }
+
+#define DETKIT_DCN_FORWARD(DC) forward_impl<Scalar, DC>(s, tab, input, sp, zeros, output, p_begin, p_end)
+#define DETKIT_DCN_BACKWARD(DC)                                                                    \
+  backward_impl<Scalar, DC>(s, tab, grad_output, input, sp, zeros, scratch, grad_input, gp, p_begin, p_end, \
+                       g_begin, g_end)
 
 DETKIT_DCN_ENTRY_POINTS(float)
 DETKIT_DCN_ENTRY_POINTS(double)
 
 #undef DETKIT_DCN_ENTRY_POINTS
+#undef DETKIT_DCN_FORWARD
+#undef DETKIT_DCN_BACKWARD
+#undef DETKIT_DCN_SWITCH
 
 namespace {
 
@@ -332,6 +545,8 @@ DcnGeometry describe(Packing packing, const at::Tensor& input, const at::Tensor&
   const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
   TORCH_CHECK(span_h >= 0 && span_w >= 0, name, ": input of size ", s.height, "x", s.width,
               " is smaller than the dilated kernel with padding");
+  TORCH_CHECK(s.height * s.width * s.channels < (int64_t{1} << 31), name,
+              ": an image of the input must have fewer than 2^31 elements");
   s.out_h = span_h / s.stride_h + 1;
   s.out_w = span_w / s.stride_w + 1;
   if (packing == Packing::kSeparate) {
@@ -384,13 +599,13 @@ at::Tensor dcn_forward(Packing packing, const at::Tensor& input_any, const at::T
   at::Tensor output = at::empty({s.batch, s.out_h, s.out_w, s.channels}, input.options());
   if (s.pixels() == 0 || s.channels == 0) return output;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_forward_cpu", [&] {
-    const PointTable<scalar_t> table = point_table<scalar_t>(s);
     const std::vector<scalar_t> zeros(s.group_channels, scalar_t(0));
     const Sampling<scalar_t> sp = sampling_of<scalar_t>(packing, s, offset, mask);
+    const SampleTable<scalar_t> tab(s, point_table<scalar_t>(s), sp);
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
     at::parallel_for(0, s.pixels(), pixel_grain(s), [&](int64_t p0, int64_t p1) {
-      dcn_forward_pixels(s, table.dx.data(), table.dy.data(), in, sp, zeros.data(), out, p0, p1);
+      dcn_forward_pixels(s, tab, in, sp, zeros.data(), out, p0, p1);
     });
   });
   return output;
@@ -427,9 +642,9 @@ std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_out
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dcn_backward_cpu", [&] {
     using T = scalar_t;
-    const PointTable<T> table = point_table<T>(s);
     const std::vector<T> zeros(s.group_channels, T(0));
     const Sampling<T> sp = sampling_of<T>(packing, s, offset, mask);
+    const SampleTable<T> tab(s, point_table<T>(s), sp);
     SamplingGrad<T> gp{grad_offset.data_ptr<T>(), nullptr};
     gp.mask = packing == Packing::kSeparate ? grad_mask.data_ptr<T>() : gp.offset + 2 * s.points;
     const T* in = input.data_ptr<T>();
@@ -444,7 +659,7 @@ std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_out
         std::vector<T> scratch(s.group_channels);
         for (int64_t item = i0; item < i1; ++item) {
           const int64_t n = item / s.group, g = item % s.group;
-          dcn_backward_pixels(s, table.dx.data(), table.dy.data(), gout, in, sp, zeros.data(),
+          dcn_backward_pixels(s, tab, gout, in, sp, zeros.data(),
                               scratch.data(), gin, gp, n * s.out_plane(), (n + 1) * s.out_plane(), g,
                               g + 1);
         }
@@ -463,7 +678,7 @@ std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_out
           const int64_t p0 = c * per_chunk, p1 = std::min(s.pixels(), p0 + per_chunk);
           if (p0 >= p1) continue;
           T* target = c == 0 ? gin : buf + (c - 1) * grad_input.numel();
-          dcn_backward_pixels(s, table.dx.data(), table.dy.data(), gout, in, sp, zeros.data(),
+          dcn_backward_pixels(s, tab, gout, in, sp, zeros.data(),
                               scratch.data(), target, gp, p0, p1, 0, s.group);
         }
       });

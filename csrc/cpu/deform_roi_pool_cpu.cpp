@@ -40,7 +40,8 @@ RoiPoolShape describe(const at::Tensor& input, const at::Tensor& rois,
                       double spatial_scale, int64_t sampling_ratio, double gamma) {
   TORCH_CHECK(input.dim() == 4, "deform_roi_pool: input must be [B, C, H, W], got ", input.sizes());
   TORCH_CHECK(input.is_cpu(), "deform_roi_pool (CPU kernel): input must be a CPU tensor");
-  check_same(rois, input, "rois");
+  TORCH_CHECK(rois.device() == input.device(), "deform_roi_pool: rois is on ", rois.device(),
+              " but input is on ", input.device());
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
               "deform_roi_pool: rois must be [K, 5] = (batch_index, x1, y1, x2, y2), got ",
               rois.sizes());
@@ -61,6 +62,7 @@ RoiPoolShape describe(const at::Tensor& input, const at::Tensor& rois,
                 "deform_roi_pool: mask must be [", s.rois, ", 1, ", pooled_h, ", ", pooled_w,
                 "], got ", mask->sizes());
   }
+  check_roi_dtype(rois, s.batch, "deform_roi_pool");
   check_roi_values(rois, s.batch, "deform_roi_pool");
   return s;
 }
@@ -109,8 +111,9 @@ struct AlignSample {
 template <typename T>
 inline AlignSample<T> locate(T y, T x, int64_t height, int64_t width) {
   AlignSample<T> a{0, 0, 0, 0, T(0), T(0), false, false, false};
-  // Negated so that NaN coordinates count as outside.
-  if (!(y >= -1 && y <= height && x >= -1 && x <= width)) return a;
+  // Negated so that NaN coordinates count as outside. An empty map (H or W = 0)
+  // has no pixel to read: every sample is outside (the corners would be -1).
+  if (!(height > 0 && width > 0 && y >= -1 && y <= height && x >= -1 && x <= width)) return a;
   a.inside = true;
   a.moves_y = y > 0;
   a.moves_x = x > 0;
@@ -179,7 +182,7 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois,
   at::Tensor out_t = at::zeros({s.rois, s.bins(), s.channels}, input.options());
   if (s.rois > 0 && s.channels > 0) {
     const at::Tensor in_t = input.permute({0, 2, 3, 1}).contiguous();
-    const at::Tensor rois_c = rois.contiguous();
+    const at::Tensor rois_c = rois.to(input.scalar_type()).contiguous();  // exact indices (checked)
     const at::Tensor offset_c = offset.has_value() ? offset->contiguous() : at::Tensor();
     const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_cpu", [&] {
@@ -231,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
   if (s.rois > 0 && s.channels > 0) {
     const at::Tensor in_t = input.permute({0, 2, 3, 1}).contiguous();
     const at::Tensor grad_t = grad_output.permute({0, 2, 3, 1}).contiguous();  // [K, ph, pw, C]
-    const at::Tensor rois_c = rois.contiguous();
+    const at::Tensor rois_c = rois.to(input.scalar_type()).contiguous();  // exact indices (checked)
     const at::Tensor offset_c = offset.has_value() ? offset->contiguous() : at::Tensor();
     const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {

@@ -52,7 +52,9 @@ PoolShape check_pool_args(const at::Tensor& input, const at::Tensor& rois,
                           int64_t pooled_w, double spatial_scale, int64_t sampling_ratio,
                           double gamma) {
   TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor");
-  check_like(rois, input, kOp, "rois");
+  TORCH_CHECK(rois.is_cuda() && rois.device() == input.device(), kOp, ": rois is on ",
+              rois.device(), " but input is on ", input.device());
+  check_roi_dtype(rois, input.size(0), kOp);  // any floating dtype: read as the accumulation type
   TORCH_CHECK(input.dim() == 4, kOp, ": input must be [B, C, H, W], got ", input.sizes());
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, kOp,
               ": rois must be [K, 5] = (batch_index, x1, y1, x2, y2), got ", rois.sizes());
@@ -152,7 +154,7 @@ __device__ __forceinline__ void bin_shift(const scalar_t* __restrict__ offset, c
 // (nullptr when absent). One thread per output element.
 template <typename scalar_t>
 __global__ void deform_roi_pool_forward_kernel(const scalar_t* __restrict__ input,
-                                               const scalar_t* __restrict__ rois,
+                                               const at::opmath_type<scalar_t>* __restrict__ rois,
                                                const scalar_t* __restrict__ offset,
                                                const scalar_t* __restrict__ mask, PoolShape s,
                                                scalar_t* __restrict__ output) {
@@ -193,7 +195,7 @@ __global__ void deform_roi_pool_forward_kernel(const scalar_t* __restrict__ inpu
 // One thread per element of grad_output.
 template <typename scalar_t, typename acc_t>
 __global__ void deform_roi_pool_input_grad_kernel(const scalar_t* __restrict__ grad_output,
-                                                  const scalar_t* __restrict__ rois,
+                                                  const acc_t* __restrict__ rois,
                                                   const scalar_t* __restrict__ offset,
                                                   const scalar_t* __restrict__ mask, PoolShape s,
                                                   acc_t* __restrict__ grad_input) {
@@ -238,7 +240,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename scalar_t>
 __global__ void deform_roi_pool_offset_mask_grad_kernel(
     const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
-    const scalar_t* __restrict__ rois, const scalar_t* __restrict__ offset,
+    const at::opmath_type<scalar_t>* __restrict__ rois, const scalar_t* __restrict__ offset,
     const scalar_t* __restrict__ mask, PoolShape s, scalar_t* __restrict__ grad_offset,
     scalar_t* __restrict__ grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -307,7 +309,8 @@ at::Tensor deform_roi_pool_forward_cuda(const at::Tensor& input_, const at::Tens
                                       spatial_scale, sampling_ratio, gamma);
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  // In the accumulation type (float32 for float16 / bfloat16 inputs): batch indices stay exact.
+  const at::Tensor rois = rois_.to(at::toOpMathType(input.scalar_type())).contiguous();
   const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
 
@@ -318,7 +321,7 @@ at::Tensor deform_roi_pool_forward_cuda(const at::Tensor& input_, const at::Tens
                                   "deform_roi_pool_forward_cuda", [&] {
     deform_roi_pool_forward_kernel<scalar_t>
         <<<blocks_for(output.numel()), kThreadsPerBlock, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(),
+            input.const_data_ptr<scalar_t>(), rois.const_data_ptr<at::opmath_type<scalar_t>>(),
             offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr,
             mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr, s,
             output.mutable_data_ptr<scalar_t>());
@@ -342,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
-  const at::Tensor rois = rois_.contiguous();
+  // In the accumulation type (float32 for float16 / bfloat16 inputs): batch indices stay exact.
+  const at::Tensor rois = rois_.to(at::toOpMathType(input.scalar_type())).contiguous();
   const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
 
@@ -360,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
     if (grad_output.numel() > 0) {
       deform_roi_pool_input_grad_kernel<scalar_t, acc_t>
           <<<blocks_for(grad_output.numel()), kThreadsPerBlock, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(), offset_ptr,
+              grad_output.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), offset_ptr,
               mask_ptr, s, grad_input_acc.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -368,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
       deform_roi_pool_offset_mask_grad_kernel<scalar_t>
           <<<blocks_for(s.rois * s.bins() * kWarpSize), kThreadsPerBlock, 0, stream>>>(
               grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-              rois.const_data_ptr<scalar_t>(), offset_ptr, mask_ptr, s,
+              rois.const_data_ptr<at::opmath_type<scalar_t>>(), offset_ptr, mask_ptr, s,
               offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
               mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

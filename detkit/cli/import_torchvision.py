@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detkit.cli import CONFIG_DIR, run_app
+from detkit.cli import run_app
+from detkit.config.compose import CONFIG_DIR
 
 # torchvision module prefix -> detkit module prefix; every other key keeps its name.
 RENAMES = (("backbone.body.", "backbone."), ("backbone.fpn.", "neck.fpn."))
@@ -44,7 +45,8 @@ def convert(src: Path, dst: Path) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from detkit.engine.checkpoint import build_model, load_state_dict_strict, save_checkpoint
+    from detkit.config.build import build_model
+    from detkit.engine.checkpoint import load_state_dict_strict, save_checkpoint
 
     if not src.is_file():
         raise FileNotFoundError(f"no such file: {src}")

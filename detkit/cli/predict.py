@@ -14,7 +14,7 @@ from pathlib import Path
 
 from detkit.cli import run_app
 from detkit.engine.checkpoint import load_model
-from detkit.engine.distributed import resolve_device
+from detkit.utils.comm import resolve_device
 from detkit.evaluation.inference import list_images, predict_files
 from detkit.io import write_predictions
 

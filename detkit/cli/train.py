@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 # torch is imported only once the arguments are checked: a typo fails in a fraction of a second.
-from detkit.cli import check_config, checked_argv, quote_override, run_app
+from detkit.cli import checked_argv, run_app
+from detkit.config.compose import check_config, quote_override
 
 
 def job(cfg) -> None:
@@ -58,7 +59,7 @@ def distributed_argv(argv: list[str]) -> list[str]:
         cfg = check_config("train", argv)
     except ValueError as exc:
         fail(str(exc))
-    from detkit.engine import distributed as dist
+    from detkit.utils import comm as dist
 
     dist.init_distributed()
     run_dir = dist.broadcast_object(os.path.abspath(str(cfg.hydra.run.dir)) if dist.is_main_process() else None)
@@ -78,7 +79,7 @@ def main() -> None:
         run_app(job, "train", argv, check=False)   # checked above
     finally:
         if distributed:
-            from detkit.engine import distributed as dist
+            from detkit.utils import comm as dist
 
             dist.cleanup()
 

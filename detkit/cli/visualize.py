@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig
 
 from detkit.cli import run_app
 from detkit.engine.checkpoint import load_model
-from detkit.engine.distributed import resolve_device
+from detkit.utils.comm import resolve_device
 from detkit.evaluation.inference import read_image
 from detkit.vis import check_sampling_request, has_deformable_pooling, sampling_figure, save_png
 

@@ -39,7 +39,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-__all__ = ["CocoDetection", "DatasetError", "clipped_xyxy", "coco_paths", "load_coco_json"]
+from detkit.data.transforms import image_to_tensor
+
+__all__ = ["CocoDetection", "DatasetError", "clipped_xyxy", "coco_paths", "kept_annotations", "load_coco_json"]
 
 
 class DatasetError(ValueError):
@@ -126,16 +128,24 @@ def clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float,
     return None if x2 <= x1 or y2 <= y1 else (x1, y1, x2, y2)
 
 
-def _xywh_to_clipped_xyxy(anns: Sequence[dict[str, Any]], width: int, height: int,
-                          cat_to_label: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Non-crowd annotations -> (boxes float32 [N, 4] x1y1x2y2 clipped, labels int64 [N]); empty dropped."""
-    boxes, labels = [], []
+def kept_annotations(anns: Iterable[Mapping[str, Any]], width: int, height: int
+                     ) -> Iterator[tuple[Mapping[str, Any], tuple[float, float, float, float]]]:
+    """The annotations of one image of `width` x `height` that detkit keeps, with their boxes
+    clipped to the image (`clipped_xyxy`): crowd annotations and boxes the clipping leaves
+    empty are dropped. (annotation, (x1, y1, x2, y2)) in order."""
     for a in anns:
         if a.get("iscrowd", 0):
             continue
         box = clipped_xyxy(a["bbox"], width, height)
-        if box is None:
-            continue
+        if box is not None:
+            yield a, box
+
+
+def _xywh_to_clipped_xyxy(anns: Sequence[dict[str, Any]], width: int, height: int,
+                          cat_to_label: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Non-crowd annotations -> (boxes float32 [N, 4] x1y1x2y2 clipped, labels int64 [N]); empty dropped."""
+    boxes, labels = [], []
+    for a, box in kept_annotations(anns, width, height):
         boxes.append(box)
         labels.append(cat_to_label[a["category_id"]])
     return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64))
@@ -283,7 +293,6 @@ class CocoDetection(Dataset):
 def _as_tensors(image: Any, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Convert what transforms left as numpy (image HWC uint8, boxes, labels) into tensors."""
     if isinstance(image, np.ndarray):
-        from detkit.data.transforms import image_to_tensor
         image = image_to_tensor(image)
     if not isinstance(target["boxes"], torch.Tensor):
         target["boxes"] = torch.as_tensor(np.asarray(target["boxes"], np.float32).reshape(-1, 4))

@@ -1,7 +1,7 @@
 """Data sources: what a `data` config node (configs/data/*.yaml) builds.
 
 A data node names its class with `_target_` (looked up in detkit's registry of config
-targets, `detkit.engine.config.targets`, never imported by name) and holds the class's
+targets, `detkit.config.registry.targets`, never imported by name) and holds the class's
 arguments:
 
     data:
@@ -27,7 +27,7 @@ max_size)` (flipped with `flip_prob` in training). Problems with the data on dis
 
 `kind` ("synthetic" / "coco") stays a key of the node, as it was before `_target_`: tools
 print it, and a data config stored by an older detkit (no `_target_`) is mapped from it to
-its class (`KIND_TARGETS`, `detkit.data.build.build_data_source`).
+its class (`KIND_TARGETS`, `detkit.config.build.build_data_source`).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from detkit.data.coco import CocoDetection, DatasetError, coco_paths
 from detkit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset, synthetic_paths
 from detkit.data.transforms import build_transforms
+from detkit.utils import comm as dist
 
 __all__ = ["DataSource", "SyntheticShapes", "CocoFolder", "KIND_TARGETS", "SPLITS"]
 
@@ -134,8 +135,6 @@ class SyntheticShapes(DataSource):
 
     def prepare(self) -> None:
         """Rank 0 generates the dataset if needed while the others wait at a barrier."""
-        from detkit.engine import distributed as dist
-
         if dist.is_main_process():
             logger.info("synthetic dataset in %s (generated first if missing or stale)", self.root)
             start = time.perf_counter()
@@ -182,7 +181,7 @@ def synthetic_generator_config(generator: Mapping[str, Any] | SyntheticConfig | 
     """The normalised `SyntheticConfig` of a data node's `generator` (a mapping of its fields,
     plain or OmegaConf; a list image_size becomes a tuple). A field SyntheticConfig does not
     have is a ValueError naming it (composed configs are checked by their schema before, see
-    detkit.engine.config; configs stored in checkpoints only here)."""
+    detkit.config.schemas; configs stored in checkpoints only here)."""
     if isinstance(generator, SyntheticConfig):
         return generator.normalized()
     if isinstance(generator, DictConfig):

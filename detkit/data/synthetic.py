@@ -81,6 +81,8 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
+from detkit.utils import comm
+
 __all__ = [
     "SYNTHETIC_CLASSES",
     "GENERATOR_VERSION",
@@ -639,14 +641,12 @@ def _default_workers() -> int:
 def _write_split(cfg: SyntheticConfig, root: Path, split: str, count: int, workers: int) -> Path:
     """Render and write one split's images and its annotation JSON. Progress: a tqdm bar of the
     images on stderr, on rank 0 only and only when stderr is a terminal (tqdm's disable=None)."""
-    from detkit.engine.distributed import is_main_process
-
     image_dir, ann_file = synthetic_paths(root, split)
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_file.parent.mkdir(parents=True, exist_ok=True)
     tasks = [(cfg, split, i, str(image_dir)) for i in range(count)]
     progress = {"total": count, "desc": f"synthetic {split} images", "unit": "img",
-                "disable": None if is_main_process() else True}
+                "disable": None if comm.is_main_process() else True}
     if workers <= 1 or count < 8:
         results = [_render_and_save(t) for t in tqdm(tasks, **progress)]
     else:

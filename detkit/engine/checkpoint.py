@@ -13,10 +13,10 @@ A detkit checkpoint is a dict saved with `torch.save` (docs/checkpoints.md):
 Everything in it is plain containers, numbers, strings and tensors, so it loads with
 `torch.load(weights_only=True)`. Loading one runs no code from it: `load_checkpoint`
 refuses, before anything is built, configs whose `_target_` is not one of detkit's builders
-(the registry of config targets, `detkit.engine.config.targets()`), Hydra options,
-interpolations and non-plain values (`detkit.engine.stored_config`), and `build_model` (and
-`detkit.data.build.build_data_source` for the data config) looks builders up in that
-registry instead of importing what a config names.
+(the registry of config targets, `detkit.config.registry.targets()`), Hydra options,
+interpolations and non-plain values (`detkit.config.stored`), and `detkit.config.build.build_model` (and
+`build_data_source` for the data config) looks builders up in that registry instead of
+importing what a config names.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from detkit.engine.stored_config import (CheckpointError, build_stored, check_class_names, check_label_map,
-                                         check_stored_config)
+from detkit.config.build import build_model
+from detkit.config.stored import CheckpointError, check_class_names, check_label_map, check_stored_config
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_dict_strict",
-           "build_model", "load_model", "export_backbone"]
+           "load_model", "export_backbone"]
 
 FORMAT = "detkit-checkpoint"
 VERSION = 1
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # Entries of a checkpoint that are configurations (checked and built only through
-# detkit.engine.stored_config). A new config entry is added here, so that every reader of
+# detkit.config.stored). A new config entry is added here, so that every reader of
 # checkpoints (the tools, resuming, export_backbone) gets it checked.
 CONFIG_ENTRIES = ("model_config", "data_config")
 
@@ -120,31 +120,6 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             lines.append(f"  shape of {k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)
-
-
-def build_model(model_config: Mapping[str, Any], source: str = "model config", *, root: str = "",
-                allow_files: bool = True) -> nn.Module:
-    """Build a model from its config node (a mapping with `_target_`), resolved plain data.
-
-    Only detkit's builders run: the tree is checked first (`check_stored_config`: every
-    `_target_` at any depth must be a name of `detkit.engine.config.targets()`, no other Hydra
-    options, no interpolations) and built by looking the targets up in that registry, never
-    by importing a name (`detkit.engine.stored_config.build_stored`). An OmegaConf node (the
-    caller's own config, never something read from a checkpoint) is resolved first.
-    `allow_files=False` also refuses builder arguments naming files (backbone.weights), as
-    for configs read from checkpoints. `source` and `root` (the node's key path) name the
-    config in errors."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(model_config, DictConfig):
-        model_config = OmegaConf.to_container(model_config, resolve=True, throw_on_missing=True)
-    if not isinstance(model_config, Mapping) or "_target_" not in model_config:
-        raise CheckpointError(f"{source}: refused {root or '<root>'}: a model config is a mapping with a "
-                              f"_target_, got {type(model_config).__name__}")
-    model = build_stored(dict(model_config), source, root=root, allow_files=allow_files)
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"{source}: {model_config['_target_']} built a {type(model).__name__}, not a model")
-    return model
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

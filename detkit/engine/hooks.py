@@ -1,4 +1,5 @@
-"""Hooks of the training loop (`detkit.engine.loop.Trainer`): logging, checkpoints, evaluation.
+"""The training run's hooks (`detkit.engine.loop.Hook`, called by `detkit.engine.loop.Trainer`):
+logging, checkpoints, evaluation.
 
 A `Hook` has three methods, each given the loop's `LoopState`; the trainer calls every
 hook's method in list order:
@@ -34,29 +35,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from detkit.engine import distributed as dist
+from detkit.utils import comm as dist
 from detkit.evaluation.evaluate import coco_stats_table, per_class_table
 from detkit.io import write_json
-from detkit.engine.loop import LoopState, diverged
+from detkit.engine.loop import Hook, LoopState, diverged
 from detkit.engine.state import save_training_state
 from detkit.ops import offset_branch_parameters
 
-__all__ = ["Hook", "MetricWriter", "CheckpointHook", "EvalHook", "ResultsHook", "TrainingRun", "train_stats"]
+__all__ = ["MetricWriter", "CheckpointHook", "EvalHook", "ResultsHook", "TrainingRun", "train_stats"]
 
 logger = logging.getLogger("detkit.train")
-
-
-class Hook:
-    """Base class: every method does nothing (see the module docstring for when each runs)."""
-
-    def before_train(self, state: LoopState) -> None:
-        pass
-
-    def after_step(self, state: LoopState) -> None:
-        pass
-
-    def after_train(self, state: LoopState) -> None:
-        pass
 
 
 @dataclass(frozen=True)

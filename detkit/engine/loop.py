@@ -1,4 +1,5 @@
-"""The iteration loop: `Trainer` runs steps and calls hooks (`detkit.engine.hooks`).
+"""The iteration loop: `Trainer` runs steps and calls its hooks (`Hook`, here; the training
+run's own hooks are `detkit.engine.hooks`).
 
 One step (`Trainer.run_step`):
 
@@ -26,18 +27,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from detkit.data import targets_to_device
-from detkit.engine import distributed as dist
+from detkit.utils import comm as dist
 
-if TYPE_CHECKING:
-    from detkit.engine.hooks import Hook
-
-__all__ = ["TrainingDiverged", "LoopState", "Trainer", "diverged"]
+__all__ = ["TrainingDiverged", "Hook", "LoopState", "Trainer", "diverged"]
 
 logger = logging.getLogger("detkit.train")
 
@@ -45,6 +43,26 @@ logger = logging.getLogger("detkit.train")
 class TrainingDiverged(FloatingPointError):
     """The loss, the gradients or the weights became NaN or infinite; training stopped
     without stepping or saving the broken state."""
+
+
+class Hook:
+    """Base class of what `Trainer` calls around its steps, each method given the `LoopState`,
+    every hook's method in list order; every method does nothing here:
+
+        before_train(state)   once, before the first step (state.iteration == start_iter)
+        after_step(state)     after every step; state holds that step's records
+        after_train(state)    once, after the last step; not called when training raised
+
+    The training run's hooks (logging, checkpoints, evaluation) are `detkit.engine.hooks`."""
+
+    def before_train(self, state: LoopState) -> None:
+        pass
+
+    def after_step(self, state: LoopState) -> None:
+        pass
+
+    def after_train(self, state: LoopState) -> None:
+        pass
 
 
 @dataclass
@@ -96,7 +114,8 @@ class Trainer:
     model: the module to train (possibly DDP-wrapped), returning a loss dict.
     optimizer, scheduler: stepped once per iteration (the scheduler after the optimizer).
     data: an iterable of (images, targets) batches; one iterator is taken per `train` call.
-    scaler: a GradScaler for fp16 (None otherwise); amp_dtype: autocast dtype on CUDA or None.
+    scaler: a GradScaler for fp16 (None otherwise); amp_dtype: the autocast dtype (on `device`'s
+    type, CPU or CUDA) or None.
     grad_clip: max total gradient norm, or None. hooks: `Hook`s, called in list order.
     """
 
@@ -106,8 +125,9 @@ class Trainer:
                  hooks: Sequence[Hook] = ()) -> None:
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.device, self.scaler, self.grad_clip, self.hooks = device, scaler, grad_clip, list(hooks)
-        self.autocast = (torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None
-                         else contextlib.nullcontext())
+        # On the device the batches go to: CPU autocast (bfloat16 or float16) is as real as CUDA's.
+        self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+                         if amp_dtype is not None else contextlib.nullcontext())
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world_size = dist.get_world_size()
         self.state = LoopState(0, 0)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from detkit.engine import distributed as dist
+from detkit.utils import comm as dist
 from detkit.engine.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from detkit.engine.distributed import unwrap_model
+from detkit.utils.comm import unwrap_model
 
 __all__ = ["seed_all", "rng_state", "set_rng_state", "save_training_state", "resume_training_state"]
 

@@ -34,8 +34,9 @@ generator), a resumed run on CPU ends bit-for-bit where an uninterrupted one doe
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from detkit.config.build import build_data_source, build_from_config, build_model
+from detkit.config.schemas import check_train_config
+from detkit.config.stored import check_stored_config
 from detkit.data import build_train_loader
-from detkit.engine import distributed as dist
-from detkit.engine.checkpoint import build_model
-from detkit.engine.config import check_train_config
-from detkit.data.build import build_data_source
-from detkit.engine.distributed import resolve_device
-from detkit.evaluation.evaluate import evaluate_detector
-from detkit.engine.hooks import CheckpointHook, EvalHook, Hook, MetricWriter, ResultsHook, TrainingRun, train_stats
-from detkit.engine.loop import LoopState, Trainer, TrainingDiverged
-from detkit.engine.optim import build_from_config
+from detkit.engine.hooks import CheckpointHook, EvalHook, MetricWriter, ResultsHook, TrainingRun, train_stats
+from detkit.engine.loop import Hook, LoopState, Trainer, TrainingDiverged
 from detkit.engine.state import resume_training_state, rng_state, seed_all, set_rng_state
-from detkit.engine.stored_config import check_stored_config
+from detkit.evaluation.evaluate import evaluate_detector
+from detkit.utils import comm as dist
+from detkit.utils.comm import resolve_device
 
 __all__ = ["train", "TrainingDiverged", "TrainingParts", "build_training_parts", "resolve_device",
            "checkpoint_model_config", "rng_state", "set_rng_state", "seed_all", "train_stats"]
@@ -70,13 +69,15 @@ HookFactory = Callable[[DictConfig, TrainingRun], Sequence[Hook]]
 
 # ------------------------------------------------------------------------------------ config
 
-def checkpoint_model_config(model_cfg: DictConfig) -> dict[str, Any]:
-    """The resolved model node as a plain dict, with backbone.weights (an ImageNet file
-    only needed to initialise training) set to None so rebuilding needs no file. Checked as
-    a checkpoint's config is when loaded (`check_stored_config`): a ValueError now, before
-    training, if tools could not rebuild the model from it (a `_target_` that is not one of
-    detkit's builders, a Hydra option such as `_partial_`)."""
-    config = OmegaConf.to_container(model_cfg, resolve=True, throw_on_missing=True)
+def checkpoint_model_config(model_cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved model node (an OmegaConf node, or the plain data of one) as a plain dict,
+    with backbone.weights (an ImageNet file only needed to initialise training) set to None so
+    rebuilding needs no file. Checked as a checkpoint's config is when loaded
+    (`check_stored_config`): a ValueError now, before training, if tools could not rebuild the
+    model from it (a `_target_` that is not one of detkit's builders, a Hydra option such as
+    `_partial_`)."""
+    config = (OmegaConf.to_container(model_cfg, resolve=True, throw_on_missing=True)
+              if isinstance(model_cfg, DictConfig) else copy.deepcopy(dict(model_cfg)))
     backbone = config.get("backbone")
     if isinstance(backbone, dict) and "weights" in backbone:
         backbone["weights"] = None
@@ -113,10 +114,10 @@ class TrainingParts:
                 for label, cat in self.train_set.label_to_category_id.items()}
 
 
-def _build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
-    """The training and validation sets, generated / validated before anything else, so that
-    mistakes fail fast."""
-    source = build_data_source(cfg.data)
+def _build_datasets(cfg: DictConfig, data: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The training and validation sets of the resolved data node `data` (`cfg.data` as plain
+    data), generated / validated before anything else, so that mistakes fail fast."""
+    source = build_data_source(data)
     source.prepare()
     train_set = source.dataset("train", train=True)
     val_set = source.dataset("val", train=False,
@@ -143,17 +144,19 @@ def build_training_parts(cfg: DictConfig, device: torch.device, rank: int, world
     initial weights come from cfg.seed on every rank, then rank r samples with cfg.seed + r)."""
     sched = cfg.schedule
     seed = int(cfg.seed)
-    train_set, val_set = _build_datasets(cfg)
+    # The run's config as plain data, resolved once; every part is built from it.
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    train_set, val_set = _build_datasets(cfg, plain["data"])
 
     seed_all(seed)
-    model_config = checkpoint_model_config(cfg.model)  # what the checkpoints store, checked as tools load it
-    data_config = check_stored_config(OmegaConf.to_container(cfg.data, resolve=True), "the data config", root="data")
+    model_config = checkpoint_model_config(plain["model"])  # what the checkpoints store, checked as tools load it
+    data_config = check_stored_config(plain["data"], "the data config", root="data")
     # The same builder (and checks) as the tools' load_model, with the weights file allowed.
-    model = build_model(cfg.model, "the model config", root="model").to(device)
+    model = build_model(plain["model"], "the model config", root="model").to(device)
     if rank > 0:  # the same initial weights everywhere (DDP also broadcasts them), own sampling streams
         seed_all(seed + rank)
-    optimizer, scheduler = build_from_config(cfg.schedule, model)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    optimizer, scheduler = build_from_config(plain["schedule"], model)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model: %s, %.2fM parameters (%.2fM trainable); parameter groups: %s", type(model).__name__,
@@ -234,9 +237,7 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
         logging.getLogger().setLevel(logging.WARNING)
     check_train_config(cfg, world)
     device = resolve_device(cfg.device)
-    amp_dtype = AMP_DTYPES[cfg.amp]
-    if amp_dtype is not None and device.type != "cuda":
-        raise ValueError(f"amp={cfg.amp} needs a CUDA device (device is {device}); use amp=null on CPU")
+    amp_dtype = AMP_DTYPES[cfg.amp]  # autocast on the run's device, CPU or CUDA (torch supports both)
 
     parts = build_training_parts(cfg, device, rank, world)
     start_iter = _resume(cfg, parts, run_dir / "checkpoints" / "last.pth")

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detkit.data import CocoDetection, build_test_loader
-from detkit.engine import distributed as dist
+from detkit.utils import comm as dist
 from detkit.evaluation.coco_eval import COCOEvaluator
 
 __all__ = ["evaluate_detector", "coco_stats_table", "per_class_table"]

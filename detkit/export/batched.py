@@ -38,12 +38,6 @@ def first_per_image(order: Tensor, image: Tensor, k: int, num_images: Tensor) ->
     return order[selected][torch.argsort(key)]
 
 
-def pool_rois(pooler: nn.Module, features, rois: Tensor) -> Tensor:
-    """RoIPooler.forward (or GatherRoIPooler's) for rois [K, 5] given directly."""
-    params = getattr(pooler, "pooler", pooler)  # GatherRoIPooler wraps the model's RoIPooler
-    return params.pool_rois(features, rois, pooler._pool)
-
-
 class BatchedDetector(nn.Module):
     """images [B, 3, H, W] (B free when traced) -> (boxes, scores, labels, image_index)."""
 
@@ -66,9 +60,7 @@ class BatchedDetector(nn.Module):
         x = F.pad(x, (0, pad[1], 0, pad[0]))
         size = (resized[0], resized[1])                             # the resized size, as tensors
 
-        features = model.backbone(x)
-        if model.neck is not None:
-            features = model.neck(features)
+        features = model.features(x)
         rpn_maps = [features[n] for n in model.rpn_in_features]
 
         # ---- RPN (RegionProposalNetwork.forward + filter_proposals, all images at once)
@@ -97,7 +89,7 @@ class BatchedDetector(nn.Module):
         rois = torch.cat([img[keep, None].to(boxes.dtype), boxes[keep]], dim=1)     # (image, score) order
 
         # ---- RoI heads (box head + postprocess_detections, all images at once)
-        pooled = pool_rois(heads.box_roi_pool, features, rois)
+        pooled = heads.box_roi_pool.pool_rois(features, rois)   # RoIPooler, or its GatherRoIPooler at opset 22
         class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
         num_classes = class_logits.shape[-1]
         pred = heads.box_coder.decode_single(box_regression, rois[:, 1:]).reshape(rois.shape[0], -1, 4)

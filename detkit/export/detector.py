@@ -1,8 +1,8 @@
 """The eval forward of a detkit `FasterRCNN` in a form the TorchScript ONNX exporter traces
 into one graph with dynamic image sizes.
 
-`ExportableDetector(model)` computes what `model.eval()(list(images))` computes (same
-submodules, same weights) but takes one [B, 3, H, W] tensor and returns flat tensors.
+`ExportableDetector(model)` computes what `model.eval()(list(images))` computes (it runs the
+model's own `FasterRCNN.detect`: same submodules, same weights) but takes one [B, 3, H, W] tensor and returns flat tensors.
 Everything that depends on the image size is computed from tensor shapes, never from
 Python ints (which tracing would freeze): torchvision's anchor generator, proposal filter,
 RoI heads and batching already switch to such code paths while tracing; the final clamp of
@@ -17,7 +17,6 @@ min(h, w)); every feature then differs.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +41,7 @@ class ExportableDetector(nn.Module):
         image_list = [images[i] for i in range(images.shape[0])]
         original_sizes = [(img.shape[-2], img.shape[-1]) for img in image_list]
         batch = self.transform(image_list)
-        features = model.backbone(batch.tensors)
-        if model.neck is not None:
-            features = model.neck(features)
-        rpn_features = OrderedDict((n, features[n]) for n in model.rpn_in_features)
-        proposals, _ = model.rpn(batch, rpn_features, None)
-        detections, _ = model.roi_heads(features, proposals, batch.image_sizes, None)
+        detections, _ = model.detect(batch)
         detections = model.transform.postprocess(detections, batch.image_sizes, original_sizes)
         boxes, scores, labels, index = [], [], [], []
         for i, (det, size) in enumerate(zip(detections, original_sizes)):

@@ -23,7 +23,7 @@ which has `DeformConv` (opset 19). The current exporter is used for single layer
 Opsets 21 and 22 (DeformConv-22 adds bfloat16): the graph is traced at opset 20 and
 converted with `onnx.version_converter`. onnxruntime's CPU provider runs no RoiAlign or
 MaxRoiPool at those opsets, so the RoI pooler is first swapped for its gather form
-(`detkit.export.roi_align.GatherRoIPooler`: the same arithmetic from Gather, Floor, Clip and
+(`detkit.modeling.heads.poolers.GatherRoIPooler`: the same arithmetic from Gather, Floor, Clip and
 sums), which needs a fixed sampling ratio and cannot do the "pool" kind.
 
 Checks that run before any file is written raise `OnnxExportError` naming the part of
@@ -48,7 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from detkit.modeling.detector import FasterRCNN
-from detkit.modeling.heads.poolers import RoIPooler
+from detkit.export.batched import BatchedDetector
+from detkit.export.detector import ExportableDetector
+from detkit.modeling.heads.poolers import GatherRoIPooler, RoIPooler
 from detkit.ops.modules import DeformConv2d, DeformRoIPool
 from detkit.ops.onnx import MAX_OPSET, MAX_TORCHSCRIPT_OPSET, MIN_OPSET, OnnxExportError, register_symbolics
 
@@ -101,7 +103,7 @@ def check_exportable(model: nn.Module, opset: int = MIN_OPSET, batch_size: int =
     pooler = getattr(model.roi_heads, "box_roi_pool", None)
     if opset > MAX_TORCHSCRIPT_OPSET and isinstance(pooler, RoIPooler):
         # onnxruntime's CPU provider has no RoiAlign / MaxRoiPool kernel at opset 21-22: the pooler
-        # becomes gathers (detkit.export.roi_align), which need a fixed number of samples.
+        # becomes gathers (detkit.modeling.heads.roi_align_gather), which need a fixed number of samples.
         if pooler.kind == "pool":
             raise OnnxExportError(f"roi_heads.box_roi_pool: the 'pool' kind (MaxRoiPool) does not run in "
                                   f"onnxruntime at opset {opset}; export with opset {MIN_OPSET} or 20")
@@ -286,15 +288,10 @@ def export_onnx(model: FasterRCNN, path: str | os.PathLike, *, opset: int = MIN_
     import onnx
 
     notes = check_exportable(model, opset, batch_size)
-    from detkit.export.batched import BatchedDetector
-    from detkit.export.detector import ExportableDetector
-
     register_symbolics()
     cpu_model = copy.deepcopy(model).to("cpu").float().eval()
     trace_opset = min(opset, MAX_TORCHSCRIPT_OPSET)
     if opset > trace_opset:
-        from detkit.export.roi_align import GatherRoIPooler
-
         cpu_model.roi_heads.box_roi_pool = GatherRoIPooler(cpu_model.roi_heads.box_roi_pool)
     wrapper = (BatchedDetector(cpu_model) if dynamic_batch else ExportableDetector(cpu_model)).eval()
     example = _example_input(cpu_model, batch_size, input_size)

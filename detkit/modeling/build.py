@@ -24,8 +24,8 @@ Deformable poolers hold `detkit.ops.DeformRoIPool`, so their offset branches are
 by `detkit.ops.offset_branch_parameters(model)`.
 
 Every `_target_` a config names (these builders, the box head builders, the data sources,
-the optimizer and schedule builders) is looked up in one registry, `detkit.engine.config`
-(`BUILDERS` here is the same mapping); see docs/checkpoints.md.
+the optimizer and schedule builders) is looked up in one registry, `detkit.config.registry`;
+see docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from detkit.modeling.detector import FasterRCNN
 from detkit.modeling.heads.box_head import (BoxHeadBuilder, BoxPredictorBuilder, FastRCNNPredictorBuilder,
                                             TwoMLPHeadBuilder)
 from detkit.modeling.heads.poolers import RoIPoolerBuilder
-from detkit.modeling.heads.rpn import ASPECT_RATIOS, RPNBuilder, build_rpn  # noqa: F401 (build_rpn: its old path)
+from detkit.modeling.heads.rpn import ASPECT_RATIOS, RPNBuilder
 from detkit.modeling.neck.fpn import FPN, FPNBuilder
 
 LAYOUTS = ("fpn", "single_scale")
@@ -204,17 +204,3 @@ def build_resnet(weights: str | None = None, **resnet_args) -> ResNet:
     if weights:
         load_torchvision_weights(backbone, weights)
     return backbone
-
-
-# ------------------------------------------------------------------ the registry of config targets
-
-def __getattr__(name: str) -> Any:
-    # BUILDERS, FILE_ARGUMENTS and ALLOWED_TARGETS were defined here when the allowlist held
-    # only the model's builders; they now name the one registry of config targets (model, data,
-    # schedule), `detkit.engine.config`, imported when first asked for (it imports this module).
-    if name in ("BUILDERS", "FILE_ARGUMENTS", "ALLOWED_TARGETS"):
-        from detkit.engine import config
-
-        return {"BUILDERS": config.targets, "FILE_ARGUMENTS": config.file_arguments,
-                "ALLOWED_TARGETS": config.allowed_targets}[name]()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

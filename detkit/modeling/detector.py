@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -155,23 +156,38 @@ class FasterRCNN(nn.Module):
             checked.append({"boxes": boxes, "labels": labels})
         return checked
 
+    def features(self, tensors: Tensor) -> dict[str, Tensor]:
+        """The feature maps of a batched, normalised input [B, 3, H, W]: the backbone's, through
+        the neck when there is one ({"res2".., } or {"p2"..})."""
+        features = self.backbone(tensors)
+        if self.neck is not None:
+            features = self.neck(features)
+        return features
+
+    def detect(self, batch: ImageList, targets: list[dict[str, Tensor]] | None = None
+               ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """The network on a transformed batch: backbone -> neck -> RPN -> RoI heads ->
+        (detections in the batch's network-input pixels, {loss name: scalar} in training, else
+        empty). `forward` runs it between the transform and its postprocessing; the ONNX export
+        (`detkit.export.ExportableDetector`) runs the same."""
+        features = self.features(batch.tensors)
+        missing = [n for n in self.rpn_in_features if n not in features]
+        if missing:
+            raise ValueError(f"rpn_in_features {missing} are not among the features {list(features)}")
+        rpn_features = OrderedDict((n, features[n]) for n in self.rpn_in_features)
+        proposals, rpn_losses = self.rpn(batch, rpn_features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        return detections, {**rpn_losses, **head_losses}
+
     def forward(self, images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         self._check_images(images)
         input_sizes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
         model_targets = self._checked_targets(images, targets) if self.training else None
         batch, model_targets = self.transform(list(images), model_targets)
-        features = self.backbone(batch.tensors)
-        if self.neck is not None:
-            features = self.neck(features)
-        missing = [n for n in self.rpn_in_features if n not in features]
-        if missing:
-            raise ValueError(f"rpn_in_features {missing} are not among the features {list(features)}")
-        rpn_features = OrderedDict((n, features[n]) for n in self.rpn_in_features)
-        proposals, rpn_losses = self.rpn(batch, rpn_features, model_targets)
-        detections, head_losses = self.roi_heads(features, proposals, batch.image_sizes, model_targets)
+        detections, losses = self.detect(batch, model_targets)
         if self.training:
-            return {**rpn_losses, **head_losses}
+            return losses
         detections = self.transform.postprocess(detections, batch.image_sizes, input_sizes)
         for det, (height, width) in zip(detections, input_sizes):
             # Mapping back to input pixels can overshoot the border by a rounding error.

@@ -1,8 +1,8 @@
 """Loads the compiled ops (`detkit._C`) and explains a missing or stale build.
 
-Importing this module never fails: the first call of an op raises
-`RuntimeError` with what went wrong and how to build, instead of falling back
-to a slow path.
+Importing this module never fails. Without a usable extension the ops run on the
+pure-PyTorch path (detkit/ops/_dispatch.py decides, and warns once); `require_ops()`
+raises the reason and the build command for callers that need the compiled kernels.
 """
 from __future__ import annotations
 
@@ -33,10 +33,23 @@ else:
 LOADED: bool = _load_error is None
 
 
-def require_ops() -> None:
-    """Raise a RuntimeError explaining how to build the extension if it is unusable."""
+def load_problem() -> str:
+    """Why the extension is unusable ("" when it loaded)."""
+    return (_load_error or "").split("\n")[0].rstrip(".")
+
+
+def require_ops(device: torch.device | str | None = None) -> None:
+    """Raise a RuntimeError explaining how to build the extension if it is unusable, or,
+    given a device, if it has no kernels for that device (a CPU-only build and CUDA
+    tensors, MPS, ...). For callers that need the compiled kernels, not the pure-PyTorch
+    path the ops otherwise fall back to."""
     if _load_error is not None:
         raise RuntimeError(_load_error)
+    if device is not None:
+        from detkit.ops import _dispatch
+
+        if not _dispatch.has_kernel("deform_conv2d", device):
+            raise RuntimeError(f"{_dispatch.why_no_kernel('deform_conv2d', device)}.\n{BUILD_HINT}")
 
 
 def cuda_kernels_built() -> bool:

@@ -1,8 +1,10 @@
 """Deformable convolution (DCNv1) and modulated deformable convolution (DCNv2).
 
-`deform_conv2d` is a thin wrapper over `torch.ops.detkit.deform_conv2d` (C++/CUDA
-kernels in csrc/). Autograd and the fake (meta) kernel used by torch.compile are
-registered here, once, for every device.
+`deform_conv2d` checks its arguments and runs `torch.ops.detkit.deform_conv2d` (C++/CUDA
+kernels in csrc/) where a compiled kernel exists for the tensors' device, and the
+pure-PyTorch path (detkit/ops/pure/deform_conv2d.py) elsewhere: detkit/ops/_dispatch.py
+decides. Autograd and the fake (meta) kernel used by torch.compile are registered here,
+once, for every device; without the extension the op is defined over the pure path.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from detkit.ops import _extension
+from detkit.ops import _dispatch, _extension
 from detkit.ops._checks import as_pair, check_like, check_tensor
 
 IntPair = int | Sequence[int]
@@ -47,12 +49,11 @@ def deform_conv2d(
     wo*stride_w - pad_w + j*dil_w + dx); samples outside the input read zero,
     also for non-finite offsets.
     """
-    _extension.require_ops()
     stride_hw, padding_hw, dilation_hw = (
         as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(dilation, "dilation"))
     _check_deform_conv2d(input, offset, weight, bias, mask, stride_hw, padding_hw, dilation_hw)
-    return torch.ops.detkit.deform_conv2d(
-        input, offset, weight, mask, bias, stride_hw, padding_hw, dilation_hw)
+    return _dispatch.call("deform_conv2d", input, offset, weight, mask, bias, list(stride_hw),
+                          list(padding_hw), list(dilation_hw))
 
 
 def _check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation) -> None:
@@ -102,13 +103,15 @@ def _check_deform_conv2d(input, offset, weight, bias, mask, stride, padding, dil
             raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
 
 
+def _fake(input, offset, weight, mask, bias, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_h = (input.shape[2] + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    out_w = (input.shape[3] + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
 def _register() -> None:
-    @torch.library.register_fake("detkit::deform_conv2d")
-    def _fake(input, offset, weight, mask, bias, stride, padding, dilation):
-        kh, kw = weight.shape[2], weight.shape[3]
-        out_h = (input.shape[2] + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
-        out_w = (input.shape[3] + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-        return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+    torch.library.register_fake("detkit::deform_conv2d", _fake)
 
     @torch.library.register_fake("detkit::deform_conv2d_backward")
     def _fake_backward(grad_output, input, offset, weight, mask, bias, stride, padding, dilation):
@@ -141,3 +144,4 @@ def _register() -> None:
 
 if _extension.LOADED:
     _register()
+_dispatch.define_pure_op("deform_conv2d", _fake)

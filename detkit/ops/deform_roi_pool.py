@@ -1,7 +1,9 @@
 """Deformable RoI pooling (DCNv1) and modulated deformable RoI pooling (DCNv2).
 
-`deform_roi_pool` wraps `torch.ops.detkit.deform_roi_pool` (C++/CUDA kernels in
-csrc/); autograd and the fake kernel for torch.compile are registered here once.
+`deform_roi_pool` checks its arguments and runs `torch.ops.detkit.deform_roi_pool` (C++/CUDA
+kernels in csrc/) where a compiled kernel exists for the tensors' device, and the
+pure-PyTorch path (detkit/ops/pure/deform_roi_pool.py) elsewhere (detkit/ops/_dispatch.py
+decides); autograd and the fake kernel for torch.compile are registered here once.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from detkit.ops import _extension
+from detkit.ops import _dispatch, _extension
 from detkit.ops._checks import as_pair, check_like, check_tensor
 
 
@@ -29,7 +31,11 @@ def deform_roi_pool(
     Args:
         input: [B, C, H, W] feature map.
         rois: [K, 5] = (batch_index, x1, y1, x2, y2) in input-image pixels;
-            `spatial_scale` maps them onto the feature map (1 / stride).
+            `spatial_scale` maps them onto the feature map (1 / stride). Any floating dtype,
+            independent of the input's: the kernels read them in the input's accumulation
+            type (float32 for float16 / bfloat16 inputs), so pass float32 rois with a
+            low-precision input; float16 / bfloat16 rois, whose batch indices round above
+            2048 / 256, are refused for a batch with more images than that.
         offset: [K, 2, ph, pw] normalised bin shifts or None. Channel 0 moves bin
             (i, j) along x by gamma * offset * roi_width, channel 1 along y by
             gamma * offset * roi_height (RoI sizes in feature pixels).
@@ -40,8 +46,9 @@ def deform_roi_pool(
         gamma: scale of the normalised offsets (0.1 in the papers).
 
     Raises:
-        RuntimeError (from the kernel, on every device and under torch.compile too) when a
-        RoI coordinate is not finite or a batch index is outside [0, B).
+        RuntimeError (from the kernel, on every device and under torch.compile too; from the
+        pure-PyTorch path in eager mode) when a RoI coordinate is not finite or a batch index
+        is outside [0, B). The pure path compiled by torch.compile pools such RoIs to zero.
 
     Returns:
         [K, C, ph, pw]. Each bin is the mean of a regular grid of bilinear samples
@@ -50,11 +57,11 @@ def deform_roi_pool(
         `torchvision.ops.roi_align(input, rois, output_size, spatial_scale,
         sampling_ratio, aligned=True)`.
     """
-    _extension.require_ops()
     pooled_h, pooled_w = as_pair(output_size, "output_size")
     check_tensor(input, "input", 4, "[B, C, H, W]")
     check_tensor(rois, "rois", 2, "[K, 5] = (batch_index, x1, y1, x2, y2)")
-    check_like(rois, "rois", input)
+    if rois.device != input.device:  # any floating dtype: batch indices stay exact (Args)
+        raise ValueError(f"rois is on {rois.device} but input is on {input.device}")
     num_rois = rois.shape[0]
     if rois.shape[1] != 5:
         raise ValueError(f"rois must have shape [K, 5] = (batch_index, x1, y1, x2, y2), got {tuple(rois.shape)}")
@@ -72,16 +79,16 @@ def deform_roi_pool(
         if tuple(mask.shape) != (num_rois, 1, pooled_h, pooled_w):
             raise ValueError(f"mask must have shape {(num_rois, 1, pooled_h, pooled_w)} "
                              f"(K, 1, ph, pw), got {tuple(mask.shape)}")
-    return torch.ops.detkit.deform_roi_pool(
-        input, rois, offset, mask, pooled_h, pooled_w, float(spatial_scale), int(sampling_ratio),
-        float(gamma))
+    return _dispatch.call("deform_roi_pool", input, rois, offset, mask, pooled_h, pooled_w,
+                          float(spatial_scale), int(sampling_ratio), float(gamma))
+
+
+def _fake(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
 def _register() -> None:
-    @torch.library.register_fake("detkit::deform_roi_pool")
-    def _fake(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale,
-              sampling_ratio, gamma):
-        return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+    torch.library.register_fake("detkit::deform_roi_pool", _fake)
 
     @torch.library.register_fake("detkit::deform_roi_pool_backward")
     def _fake_backward(grad_output, input, rois, offset, mask, pooled_height, pooled_width,
@@ -112,3 +119,4 @@ def _register() -> None:
 
 if _extension.LOADED:
     _register()
+_dispatch.define_pure_op("deform_roi_pool", _fake)

@@ -37,6 +37,11 @@ Two ways to use them:
   (`torch.onnx.export(..., dynamo=True, custom_translation_table=...)`), opsets 19-22,
   for models whose forward torch.export can trace (a backbone, a single layer).
 
+Without the compiled extension (or with DETKIT_OPS=pure) the same ops are exported: during
+an export detkit's functions call `torch.ops.detkit.*` itself, which the pure-PyTorch path
+defines when there is no extension (detkit/ops/_dispatch.py), so the graph holds the same
+DeformConv / RoiAlign nodes either way.
+
 This module imports torch.onnx machinery and onnxscript lazily: importing detkit never
 needs onnx, onnxscript or onnxruntime.
 """
@@ -268,9 +273,8 @@ def register_symbolics() -> None:
         return
     import torchvision.ops  # noqa: F401  (registers torchvision's symbolics)
 
-    from detkit.ops import _extension
+    import detkit.ops  # noqa: F401  (defines torch.ops.detkit.*: the extension's, or the pure path's)
 
-    _extension.require_ops()
     torch.onnx.register_custom_op_symbolic("detkit::deform_conv2d", _deform_conv2d_symbolic, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("detkit::deform_roi_pool", _deform_roi_pool_symbolic, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("detkit::dcnv3_core", _dcnv3_core_symbolic, MIN_OPSET)
@@ -295,9 +299,8 @@ def custom_translation_table(opset: int = MIN_OPSET) -> dict[Any, Any]:
 
     Needs onnxscript; the shapes of weight and offset (static in any real model) give the
     kernel size, conv groups and offset groups."""
-    from detkit.ops import _extension
+    import detkit.ops  # noqa: F401  (defines torch.ops.detkit.*: the extension's, or the pure path's)
 
-    _extension.require_ops()
     op = _onnxscript_opset(opset)
 
     def deform_conv2d(input, offset, weight, mask=None, bias=None, stride=(1, 1), padding=(0, 0),

@@ -13,7 +13,7 @@ joined to its regular centre by a thin line; for DCNv2 the opacity and thickness
 the bin's mask. Detections: boxes with "class score" labels
 (torchvision.utils.draw_bounding_boxes, at whole pixels).
 
-Primitives of the paper-style pictures (detkit/vis/figures.py), for an upscaled canvas:
+Primitives of the paper-style pictures (detkit/study/figures.py), for an upscaled canvas:
 `draw_points` (small discs blended one at a time, so that where points pile up the colour
 builds up), `draw_unit_marker` (a ring with a cross, black-rimmed) and `draw_box_outline`
 (a thin, optionally faint rectangle).

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from detkit.engine.hooks import Hook, TrainingRun
-from detkit.engine.loop import LoopState
+from detkit.engine.hooks import TrainingRun
+from detkit.engine.loop import Hook, LoopState
 from detkit.vis.draw import sampling_figure
 from detkit.vis.sampling import deformable_conv_names
 

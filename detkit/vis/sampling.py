@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detkit.engine.distributed import unwrap_model as unwrap
+from detkit.utils.comm import unwrap_model as unwrap
 from detkit.modeling.backbone import deformable_layers
 from detkit.modeling.backbone.resnet import STAGE_MODULES, ResNet
 from detkit.ops import DeformRoIPool

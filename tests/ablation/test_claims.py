@@ -1,4 +1,4 @@
-"""The papers' claims read from runs (detkit.ablation.claims): each comparison's difference
+"""The papers' claims read from runs (detkit.study.claims): each comparison's difference
 and verdict, a claim's verdict from its comparisons, the paper's differences, the Markdown,
 and tools/report.py printing them after the tables."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from detkit.ablation.claims import (CLAIMS, QUANTITIES, Claim, Comparison, read_claim, read_claims,
+from detkit.study.claims import (CLAIMS, QUANTITIES, Claim, Comparison, read_claim, read_claims,
                                     render_claims)
-from detkit.ablation.report import RunResult, collect_runs
-from detkit.ablation.tables import load_table, table_names
+from detkit.study.report import RunResult, collect_runs
+from detkit.study.tables import load_table, table_names
 from tests.ablation.test_report import make_run
 
 REPO = Path(__file__).resolve().parents[2]

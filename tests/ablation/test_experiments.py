@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from detkit.ablation.tables import load_table, paper_table_names, table_names
-from detkit.cli import CONFIG_DIR, check_config
-from detkit.cli.ablate import read_options
-from detkit.engine.checkpoint import build_model
+from detkit.study.tables import load_table, paper_table_names, table_names
+from detkit.config.compose import CONFIG_DIR, check_config
+from detkit.study.cli.ablate import read_options
+from detkit.config.build import build_model
 from detkit.modeling.backbone.resnet import deformable_layers
 
 ROW_FAMILIES = ("dcnv1", "dcnv2", "fpn")      # configs/experiment/<family>/: the tables' rows
@@ -151,7 +151,7 @@ def test_synthetic_geometry_experiment_trains_from_scratch_at_the_data_resize(ex
 def test_synthetic_geometry_sweep_has_no_pretraining():
     """pretrain=auto gives the data=synthetic_geometry sweep no pre-training (its rows train
     from scratch), and a run of every family composes with the same schedule."""
-    from detkit.cli.ablate import AUTO_PRETRAIN
+    from detkit.study.cli.ablate import AUTO_PRETRAIN
 
     assert "synthetic_geometry" not in AUTO_PRETRAIN
     assert read_options(["table=all", "data=synthetic_geometry"])["pretrain"] is None
@@ -161,7 +161,7 @@ def test_synthetic_geometry_sweep_has_no_pretraining():
 
 
 def test_coco_experiment_without_imagenet_weights_is_refused():
-    from detkit.engine.config import check_train_config
+    from detkit.config.schemas import check_train_config
 
     cfg = compose("dcnv2/regular", *COCO)
     with pytest.raises(ValueError, match=r"model.backbone.weights is null.*resnet50.pth"):
@@ -182,7 +182,7 @@ def test_unknown_data_setting_names_the_missing_config():
 def test_rows_with_identical_training_configs(data, expected, tmp_path):
     """The rows the sweep trains once (tools/ablate.py `same_runs`): only where every key of
     the composed training config is equal."""
-    from detkit.cli.ablate import plan, same_runs, train_configs
+    from detkit.study.cli.ablate import plan, same_runs, train_configs
 
     specs, _ = plan(read_options(["table=all", f"data={data}", "seeds=[0]", "pretrain=null", f"out={tmp_path}"]), [])
     assert same_runs(train_configs(specs, [0])) == expected

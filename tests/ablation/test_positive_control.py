@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkit.ablation.tables import load_table, paper_table_names
-from detkit.cli import check_config
-from detkit.cli.ablate import read_options
-from detkit.engine.checkpoint import build_model
+from detkit.study.tables import load_table, paper_table_names
+from detkit.config.compose import check_config
+from detkit.study.cli.ablate import read_options
+from detkit.config.build import build_model
 from detkit.modeling.backbone.resnet import deformable_layers
 from detkit.ops import DeformConv2d, DeformRoIPool
 

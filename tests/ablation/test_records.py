@@ -1,4 +1,4 @@
-"""Sweep records (detkit.ablation.records): the file format and its checks, upsert, reports
+"""Sweep records (detkit.study.records): the file format and its checks, upsert, reports
 from records files beside run folders, the sweep that skips recorded runs and records new
 ones, two sweeps sharing a records file and run folders, and the check of a record's resolved
 config against the one its run would use now. The sweep runs here without training: `train_command` is replaced by a script that writes a run
@@ -10,6 +10,7 @@ import copy
 import datetime
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,13 +20,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import detkit.ablation.sweep as sweep_module
-import detkit.cli
-from detkit.ablation.records import (ABSENT, RECORDS_FORMAT, Records, SweepRecords, config_differences, load_records,
+import detkit.study.sweep as sweep_module
+import detkit.config.compose
+from detkit.study.records import (ABSENT, RECORDS_FORMAT, Records, SweepRecords, config_differences, load_records,
                                      lock_path, portable_config, record_of, save_records, upsert)
-from detkit.ablation.report import collect_runs, render_markdown, summarize
-from detkit.ablation.sweep import RUN_LOCK, plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
-from detkit.ablation.tables import load_table
+from detkit.study.report import collect_runs, render_markdown, summarize
+from detkit.study.sweep import RUN_LOCK, plan_pretrain, plan_runs, run_overrides, run_sweep, weights_override
+from detkit.study.tables import load_table
 from detkit.io import file_lock
 from tests.ablation.test_report import make_run
 
@@ -40,7 +41,7 @@ FAKE_TRAIN = '''
 import json, sys
 from pathlib import Path
 from omegaconf import OmegaConf
-from detkit.cli import check_config
+from detkit.config.compose import check_config
 overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
 experiment, seed = overrides["experiment"], int(overrides["seed"])
 run_dir = Path(overrides["hydra.run.dir"][1:-1])      # quote_override's quotes (no quotes in tmp paths)
@@ -150,7 +151,7 @@ def _file(runs) -> str:
 def test_invalid_files_are_refused_naming_the_file(tmp_path, text, message):
     path = tmp_path / "records.json"
     path.write_text(text)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
         load_records(path)
     assert str(path) in str(error.value) and message in str(error.value)
 
@@ -269,10 +270,10 @@ def machine(out: Path, backbone: bytes, pretrain_ap: float, train: list[str]) ->
 
 def test_ablate_command_goes_on_from_the_records_and_refuses_another_pretraining(tmp_path, trained, monkeypatch,
                                                                                 capsys):
-    import detkit.data.build
-    from detkit.cli.ablate import ablate
+    from detkit.data.sources import SyntheticShapes
+    from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "docs" / "results.json"
     train = ["schedule.max_iters=1"]
     args = [f"table={TABLE}", f"record={path}", "--", *train]
@@ -301,7 +302,7 @@ def test_ablate_command_goes_on_from_the_records_and_refuses_another_pretraining
     # A machine whose pre-training gave another backbone: refused before any run, both APs named.
     machine(tmp_path / "c", b"other weights", 29.25, train)
     before = path.read_bytes()
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="made from the pre-training backbone") as error:
         ablate(["seeds=[0,1,2]", "out=" + str(tmp_path / "c"), *args])
     message = str(error.value)
     assert "made from the pre-training backbone" in message and "another file (record=...)" in message
@@ -315,10 +316,10 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
     """On data=synthetic_geometry every family trains with the same schedule, so dcnv2/regular
     is dcnv1/baseline and dcnv2/dconv_c5_dpool is dcnv1/res5abc_dpool: the sweep trains each
     pair once, reports the run under both rows, and records it under both names (marked)."""
-    import detkit.data.build
-    from detkit.cli.ablate import ablate
+    from detkit.data.sources import SyntheticShapes
+    from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     pairs = {"dcnv2/regular": "dcnv1/baseline", "dcnv2/dconv_c5_dpool": "dcnv1/res5abc_dpool"}
     args = ["table=[dcnv1_table3,dcnv2_table1]", f"rows=[{','.join([*pairs.values(), *pairs])}]",
@@ -359,10 +360,10 @@ def test_ablate_trains_rows_with_identical_configs_once(tmp_path, trained, monke
 def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, monkeypatch):
     """A sweep of some rows (rows=) uses the run an identical row made in an earlier sweep, and
     trains a group's run itself where none exists."""
-    import detkit.data.build
-    from detkit.cli.ablate import ablate
+    from detkit.data.sources import SyntheticShapes
+    from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     common = ["table=[dcnv1_table3,fpn_mmdet]", "data=synthetic_geometry", "seeds=[0]", f"record={path}",
               "--", "schedule.max_iters=1"]
@@ -383,10 +384,10 @@ def test_rows_use_the_run_another_row_of_their_group_made(tmp_path, trained, mon
 def test_rows_sharing_a_run_are_recorded_as_soon_as_it_is(tmp_path, trained, monkeypatch):
     """A sweep cut short (a session's end kills it) still leaves the rows that share a finished
     run in the records file: they are recorded when that run is, not when the sweep ends."""
-    import detkit.data.build
-    from detkit.cli.ablate import ablate
+    from detkit.data.sources import SyntheticShapes
+    from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "records.json"
     recorded_when_started = {}
     fake_command = sweep_module.train_command
@@ -410,7 +411,7 @@ def test_rows_sharing_a_run_are_recorded_as_soon_as_it_is(tmp_path, trained, mon
 def test_a_finished_member_is_the_run_of_its_group(tmp_path):
     """Per group of identical rows and seed, the run is the one that already exists (a folder
     or a record), whichever row made it; else the group's first row's."""
-    from detkit.cli.ablate import same_run_sources
+    from detkit.study.cli.ablate import same_run_sources
 
     tables = [load_table("dcnv1_table1"), load_table("fpn_mmdet")]
     specs = plan_runs(tables, "synthetic_geometry", [0, 1], tmp_path / "out")
@@ -434,7 +435,7 @@ def test_a_finished_member_is_the_run_of_its_group(tmp_path):
 
 
 def test_record_option_names_a_json_file(tmp_path):
-    from detkit.cli.ablate import read_options
+    from detkit.study.cli.ablate import read_options
 
     assert read_options([f"table={TABLE}"])["record"] is None
     assert read_options([f"table={TABLE}", f"record={tmp_path / 'r.json'}"])["record"] == tmp_path / "r.json"
@@ -482,6 +483,21 @@ def test_config_differences_name_dotted_keys_with_both_values():
     assert config_differences(current, copy.deepcopy(current)) == []
 
 
+def test_config_differences_read_recorded_builders_under_their_names_now():
+    """The records of sweeps run before the optimizer builders moved (docs/results/*.json) name
+    them detkit.engine.optim.*: the same builders, no difference; any other name still differs."""
+    old = {"schedule": {"optimizer": {"_target_": "detkit.engine.optim.build_optimizer", "base_lr": 0.02},
+                        "scheduler": {"_target_": "detkit.engine.optim.build_scheduler"}}}
+    new = {"schedule": {"optimizer": {"_target_": "detkit.solver.optim.build_optimizer", "base_lr": 0.02},
+                        "scheduler": {"_target_": "detkit.solver.optim.build_scheduler"}}}
+    assert config_differences(old, new) == []
+    assert config_differences(new, old) == [
+        ("schedule.optimizer._target_", "detkit.solver.optim.build_optimizer", "detkit.engine.optim.build_optimizer"),
+        ("schedule.scheduler._target_", "detkit.solver.optim.build_scheduler", "detkit.engine.optim.build_scheduler")]
+    other = {"schedule": {**new["schedule"], "optimizer": {"_target_": "detkit.engine.optim.build_sgd"}}}
+    assert config_differences(other, new)[0][0] == "schedule.optimizer._target_"
+
+
 # Runs the real training tool (detkit.cli.train: Hydra's app, the real `train`) with the parts
 # that build data, model and loop replaced, so that the trainer writes its config.yaml and stops.
 CONFIG_ONLY_TRAIN = '''
@@ -501,8 +517,8 @@ train_cli.main()
 
 
 def test_the_config_a_run_writes_is_the_one_the_sweep_composes(tmp_path, monkeypatch):
-    from detkit.cli import check_config
-    from detkit.cli.ablate import check_record_configs, portable_train_config, train_configs
+    from detkit.config.compose import check_config
+    from detkit.study.cli.ablate import check_record_configs, portable_train_config, train_configs
 
     monkeypatch.setenv("DETKIT_CACHE", str(tmp_path / "cache"))
     weights = ["model.backbone.weights=/some/abs/path.pth"]
@@ -538,10 +554,10 @@ def test_the_config_a_run_writes_is_the_one_the_sweep_composes(tmp_path, monkeyp
 
 
 def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, monkeypatch):
-    import detkit.data.build
-    from detkit.cli.ablate import ablate
+    from detkit.data.sources import SyntheticShapes
+    from detkit.study.cli.ablate import ablate
 
-    monkeypatch.setattr(detkit.data.build, "prepare_data", lambda data_cfg: None)   # the fake runs read no data
+    monkeypatch.setattr(SyntheticShapes, "prepare", lambda self: None)   # the fake runs read no data
     path = tmp_path / "results.json"
     train = ["schedule.max_iters=1"]
     args = [f"table={TABLE}", f"record={path}", "--", *train]
@@ -557,15 +573,15 @@ def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, 
 
     # A schedule value edited since: refused before anything starts, the key and both values named.
     configs = tmp_path / "configs"
-    shutil.copytree(detkit.cli.CONFIG_DIR, configs)
+    shutil.copytree(detkit.config.compose.CONFIG_DIR, configs)
     schedule = configs / "schedule" / "ablation" / "dcnv1_synthetic.yaml"
     assert "deform_roi_pool: 0.01\n" in schedule.read_text()
     schedule.write_text(schedule.read_text().replace("deform_roi_pool: 0.01\n", "deform_roi_pool: 0.02\n"))
     machine(tmp_path / "c", b"pre-trained weights", 31.5, train)
     before = path.read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(detkit.cli, "CONFIG_DIR", configs)
-        with pytest.raises(ValueError) as error:
+        patch.setattr(detkit.config.compose, "CONFIG_DIR", configs)
+        with pytest.raises(ValueError, match=r"schedule\.lr_mult\.deform_roi_pool: recorded 0\.01, now 0\.02") as error:
             ablate(["seeds=[0,1,2]", "out=" + str(tmp_path / "c"), *args])
     message = str(error.value)
     assert f"records file {path} holds {experiments[0]} seed 0 (data=synthetic)" in message
@@ -578,7 +594,7 @@ def test_ablate_refuses_records_made_with_other_config_files(tmp_path, trained, 
     records = load_records(path)
     del records.runs[0]["config"]
     save_records(path, records)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="predates config checking") as error:
         ablate(["seeds=[0]", "out=" + str(tmp_path / "c"), *args])
     first = records.runs[0]
     assert f"its record of {first['experiment']} seed {first['seed']} (data=synthetic) predates config checking" \

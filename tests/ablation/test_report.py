@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from detkit.ablation.report import chart_figure, collect_runs, render_chart, render_markdown, runs_setting, summarize, write_report
-from detkit.ablation.tables import load_table
+from detkit.study.report import chart_figure, collect_runs, render_chart, render_markdown, runs_setting, summarize, write_report
+from detkit.study.tables import load_table
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT = str(REPO / "tools" / "report.py")
@@ -259,7 +259,7 @@ def test_table_errors_name_the_problem(tmp_path):
 
 
 def test_report_metrics_are_the_evaluation_summary_keys():
-    from detkit.ablation.report import METRICS
+    from detkit.study.report import METRICS
     from detkit.evaluation.coco_eval import SUMMARY_KEYS
 
     assert METRICS == SUMMARY_KEYS

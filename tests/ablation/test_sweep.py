@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detkit.ablation.sweep import plan_runs, train_command
-from detkit.ablation.tables import load_table, paper_table_names
+from detkit.study.sweep import plan_runs, train_command
+from detkit.study.tables import load_table, paper_table_names
 
 REPO = Path(__file__).resolve().parents[2]
 ABLATE = str(REPO / "tools" / "ablate.py")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detkit.engine.checkpoint import build_model
+from detkit.config.build import build_model
 from detkit.modeling.detector import FasterRCNN
 from detkit.ops import DeformConv2d, offset_branch_parameters
 

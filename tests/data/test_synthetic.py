@@ -147,11 +147,11 @@ def test_occlusion_filter_in_rendering():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"image_size must be .* each >= 32; got 16"):
         SyntheticConfig(image_size=16).normalized()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 1 <= min_objects <= max_objects; got 5, 2"):
         SyntheticConfig(min_objects=5, max_objects=2).normalized()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"image_format must be 'jpg' or 'png'; got 'gif'"):
         SyntheticConfig(image_format="gif").normalized()
     assert SyntheticConfig(image_size=200).normalized().image_size == (200, 200)
 
@@ -220,10 +220,10 @@ def test_killed_generation_leaves_no_complete_looking_dataset(tmp_path, monkeypa
     def dies(cfg, out, workers):
         (out / "train").mkdir()
         (out / "train" / "000000.jpg").write_bytes(b"partial")
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("interrupted while writing")
 
     monkeypatch.setattr(synthetic, "_generate", dies)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="interrupted while writing"):
         ensure_synthetic_dataset(root, CACHE_CFG, workers=1, verbose=False)
     assert not root.exists()
     assert not list(tmp_path.glob(".shapes.tmp-*"))
@@ -279,7 +279,7 @@ def test_generation_is_logged_not_printed(tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("main_process", [True, False])
 def test_progress_bar_on_a_terminal_on_rank_0_only(tmp_path, monkeypatch, main_process):
-    import detkit.engine.distributed as dist
+    import detkit.utils.comm as dist
 
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)

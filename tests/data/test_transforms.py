@@ -70,7 +70,7 @@ def test_resize_random_choice_uses_all_sizes():
 
 
 def test_resize_rejects_bad_sizes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"min_size and max_size must be positive; got 0, 100"):
         ResizeShortestSide(0, 100)
     assert resized_shape(100, 50, 25, 1000) == (50, 25, 0.5)
 

@@ -1,9 +1,10 @@
-"""The typed schemas of detkit.engine.config: every shipped schedule and data config is typed
+"""The typed schemas of detkit.config.schemas: every shipped schedule and data config is typed
 by its schema, an unknown key or a wrong type fails when the config is composed with a message
 naming the key, and `check_train_config` keeps the ranges and cross-field rules."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -13,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from detkit.cli import check_config
+from detkit.config.compose import check_config
 from detkit.data.synthetic import SyntheticConfig
-from detkit.engine.config import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
+from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
                                   SyntheticDataConfig, SyntheticGeneratorConfig, TrainConfig, check_train_config,
                                   register_configs)
 
@@ -58,6 +59,25 @@ def scratch_configs(tmp_path_factory) -> Path:
                        "top_key": "eval_perod: 5\n",
                        "top_type": "num_workers: two\n"}.items():
         (typos / f"{name}.yaml").write_text(f"# @package _global_\n{body}")
+    return root
+
+
+SCHEMA_ENTRY = re.compile(r"^\s*- /schema/\w+@_here_\b.*\n", re.M)
+
+
+@pytest.fixture(scope="module")
+def untyped_configs(tmp_path_factory) -> Path:
+    """configs/ with every schema entry removed from the defaults lists: what the configs
+    compose to without the schemas, an independent source for the values the typed ones give."""
+    root = tmp_path_factory.mktemp("untyped") / "configs"
+    shutil.copytree(CONFIGS, root)
+    removed = 0
+    for path in root.rglob("*.yaml"):
+        text, count = SCHEMA_ENTRY.subn("", path.read_text())
+        if count:
+            path.write_text(text)
+            removed += count
+    assert removed >= 10  # train, ablate, every data and schedule config
     return root
 
 
@@ -117,7 +137,7 @@ def test_every_data_config_is_typed(name):
     ("data.aspect_grouping=sometimes", "data.aspect_grouping"),
 ])
 def test_bad_overrides_fail_at_composition_naming_the_key(override, key):
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(ValueError, match=re.escape(key)) as excinfo:
         check_config("train", [override])
     message = str(excinfo.value)
     assert "\n" not in message and key in message, message
@@ -132,28 +152,37 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, key):
     ("top_type", "num_workers", "could not be converted to Integer"),
 ])
 def test_bad_config_files_fail_at_composition_naming_the_key(scratch_configs, experiment, key, kind):
-    with pytest.raises(Exception) as excinfo:
+    with pytest.raises(Exception, match=re.escape(kind)) as excinfo:
         composed([f"experiment=typo/{experiment}"], scratch_configs)
     message = str(excinfo.value)
     assert f"full_key: {key}\n" in message + "\n" and kind in message, message
 
 
-def test_top_level_schema_types_train_yaml(scratch_configs):
+def test_top_level_schema_types_train_yaml(scratch_configs, untyped_configs):
     cfg = composed(["experiment=smoke", "+extra_key=1"], scratch_configs)   # '+' still adds keys
     assert OmegaConf.get_type(cfg) is TrainConfig and cfg.extra_key == 1
     assert list(cfg)[:len(dataclasses.fields(TrainConfig))] == [f.name for f in dataclasses.fields(TrainConfig)]
-    # The composed values are those of the config without the schema.
-    plain = OmegaConf.to_container(composed(["experiment=smoke"]), resolve=True)
+    # The composed values are those of the configs without any schema.
+    untyped = composed(["experiment=smoke"], untyped_configs)
+    assert OmegaConf.get_type(untyped) is dict and OmegaConf.get_type(untyped.schedule) is dict
+    plain = OmegaConf.to_container(untyped, resolve=True)
     typed = OmegaConf.to_container(composed(["experiment=smoke"], scratch_configs), resolve=True)
+    # The only additions: the generator keys the YAML leaves out, at SyntheticConfig's defaults.
+    added = set(typed["data"]["generator"]) - set(plain["data"]["generator"])
+    assert added and added <= {f.name for f in dataclasses.fields(SyntheticConfig)}
+    for f in dataclasses.fields(SyntheticConfig):
+        if f.name in added:
+            plain["data"]["generator"][f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
     assert typed == plain
     with pytest.raises(Exception, match="seed"):
         composed(["seed=zero"], scratch_configs)
 
 
-def test_ablate_schema_types_ablate_yaml(scratch_configs):
+def test_ablate_schema_types_ablate_yaml(scratch_configs, untyped_configs):
     typed = composed(["table=all", "seeds=[0,1]"], scratch_configs, name="ablate")
     assert OmegaConf.get_type(typed) is AblateConfig
-    plain = composed(["table=all", "seeds=[0,1]"], name="ablate")
+    plain = composed(["table=all", "seeds=[0,1]"], untyped_configs, name="ablate")
+    assert OmegaConf.get_type(plain) is dict
     assert OmegaConf.to_container(typed, resolve=True) == OmegaConf.to_container(plain, resolve=True)
     assert list(typed) == [f.name for f in dataclasses.fields(AblateConfig)]
     composed(["table=dcnv1_table1", "seeds=3", "threads_per_job=1"], scratch_configs, name="ablate")

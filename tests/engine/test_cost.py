@@ -1,4 +1,4 @@
-"""detkit.engine.cost: parameter counts, the FLOP formulas of detkit's deformable ops (against
+"""detkit.study.cost: parameter counts, the FLOP formulas of detkit's deformable ops (against
 counts worked out by hand), FLOPs of whole tiny detectors, and a short timing of a tiny run
 composed like tools/train.py's."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detkit.engine.checkpoint import build_model
-from detkit.engine.config import check_train_config
-from detkit.engine.cost import (compose_train_config, count_flops, deform_conv2d_flop_count,
+from detkit.config.build import build_model
+from detkit.config.schemas import check_train_config
+from detkit.study.cost import (compose_train_config, count_flops, deform_conv2d_flop_count,
                                 deform_roi_pool_flop_count, fixed_proposals, inference_flops, measure_experiment,
                                 parameter_counts)
 from detkit.ops import DeformConv2d, deform_conv2d, deform_roi_pool

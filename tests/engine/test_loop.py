@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.engine.hooks import CheckpointHook, Hook
+from detkit.engine.hooks import CheckpointHook
+from detkit.engine.loop import Hook
 from detkit.engine.loop import LoopState, Trainer, TrainingDiverged
 
 X = [torch.tensor([1.0, 2.0]), torch.tensor([-1.5, 0.5]), torch.tensor([0.5, -2.0]), torch.tensor([2.0, 1.0])]
@@ -159,7 +160,7 @@ def test_non_finite_loss_raises_naming_the_loss_and_the_kept_checkpoint(tmp_path
             after_first.update({k: v.detach().clone() for k, v in model.named_parameters()})
 
     trainer.hooks.append(Snapshot())
-    with caplog.at_level(logging.ERROR, logger="detkit.train"), pytest.raises(TrainingDiverged) as excinfo:
+    with caplog.at_level(logging.ERROR, logger="detkit.train"), pytest.raises(TrainingDiverged, match=r"^loss is not finite at iteration 2 ") as excinfo:
         trainer.train(0, 4)
     message = str(excinfo.value)
     assert message.startswith("loss is not finite at iteration 2 (loss_fit=inf, loss_reg=")

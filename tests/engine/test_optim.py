@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from detkit.engine.optim import build_optimizer, build_scheduler
+from detkit.solver.optim import build_optimizer, build_scheduler
 from detkit.ops import DeformConv2d, DeformRoIPool, offset_branch_parameters
 
 SCHEDULES = Path(__file__).resolve().parents[2] / "configs" / "schedule"
@@ -161,7 +161,7 @@ ALL_SCHEDULES = sorted(str(p.relative_to(SCHEDULES))[:-5] for p in SCHEDULES.rgl
 def composed_schedule(name: str):
     from hydra import compose, initialize_config_dir
 
-    from detkit.engine.config import register_configs
+    from detkit.config.schemas import register_configs
 
     register_configs()  # what the CLI does before composing
     with initialize_config_dir(config_dir=str(SCHEDULES.parent), version_base="1.3"):
@@ -196,7 +196,7 @@ def assert_same(a, b, sched) -> None:
 def test_build_from_config_is_the_trainers_optimizer_and_schedule(name):
     from hydra.utils import instantiate
 
-    from detkit.engine.optim import build_from_config
+    from detkit.config.build import build_from_config
 
     sched = composed_schedule(name)
     model = Tiny()
@@ -214,8 +214,8 @@ def test_build_from_config_is_the_trainers_optimizer_and_schedule(name):
 
 
 def test_build_from_config_refuses_what_is_not_a_partial_detkit_builder():
-    from detkit.engine.optim import build_from_config
-    from detkit.engine.stored_config import CheckpointError
+    from detkit.config.build import build_from_config
+    from detkit.config.stored import CheckpointError
 
     sched = OmegaConf.to_container(composed_schedule("synthetic_cpu"), resolve=True)
     bad = {**sched, "optimizer": {**sched["optimizer"], "_target_": "torch.optim.Adam"}}
@@ -225,5 +225,5 @@ def test_build_from_config_refuses_what_is_not_a_partial_detkit_builder():
     with pytest.raises(CheckpointError, match=r"refused schedule.scheduler: .*_partial_: true"):
         build_from_config(whole, Tiny())
     with pytest.raises(CheckpointError, match=r"cannot build schedule.optimizer with "
-                                              r"detkit.engine.optim.build_optimizer: .*deform_convs"):
+                                              r"detkit.solver.optim.build_optimizer: .*deform_convs"):
         build_from_config({**sched, "optimizer": {**sched["optimizer"], "lr_mult": {"deform_convs": 1.0}}}, Tiny())

@@ -1,4 +1,4 @@
-"""The paired bootstrap over validation images (detkit.evaluation.bootstrap) and
+"""The paired bootstrap over validation images (detkit.study.bootstrap) and
 tools/eval_noise.py: a resample is re-accumulated exactly as COCOeval would score a dataset
 holding those images, the same resample goes to every model, and the tool refuses runs
 evaluated elsewhere."""
@@ -16,7 +16,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detkit.evaluation.bootstrap import (bootstrap_ap, evaluate_images, load_detections, resampled_ap,
+from detkit.study.bootstrap import (bootstrap_ap, evaluate_images, load_detections, resampled_ap,
                                          summarize_bootstrap)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -159,7 +159,7 @@ def test_coco_records_convert_and_round_only_when_asked():
     assert [list(r) for r in rounded] == [["image_id", "category_id", "bbox", "score"]] * 2
     assert rounded[0]["bbox"] == [10.123, 20.5, 19.877, 39.75] and rounded[0]["score"] == 0.12346
     assert rounded[1]["bbox"] == [0.0, 0.0, 0.333, 0.667]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"^99$"):
         coco_records(boxes, scores, np.array([2, 99]), LABEL_TO_CAT)
     assert coco_records(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), LABEL_TO_CAT) == []
 
@@ -188,7 +188,7 @@ def test_updates_replace_an_image_and_bad_inputs_raise(gt):
         ev.update([wrong], [{"image_id": 999}])
     with pytest.raises(ValueError, match=r"labels \[0\]"):
         ev.update([dict(wrong, labels=torch.tensor([0]))], [{"image_id": 1}])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"category ids \[12345\] are not in the ground truth"):
         COCOEvaluator(gt, {1: 12345})
 
 

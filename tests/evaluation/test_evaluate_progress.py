@@ -7,7 +7,7 @@ from torch import nn
 
 from detkit.data import CocoDetection, generate_synthetic_coco
 from detkit.data.transforms import ToTensor
-from detkit.engine import distributed as dist
+from detkit.utils import comm as dist
 from detkit.evaluation.evaluate import evaluate_detector
 
 from tests.helpers import FakeTerminal

@@ -1,9 +1,9 @@
-"""detkit.evaluation.roi_pool_probe: deformable RoI pooling changed at inference, and put back."""
+"""detkit.study.probes: deformable RoI pooling changed at inference, and put back."""
 import pytest
 import torch
 from torch import nn
 
-from detkit.evaluation.roi_pool_probe import roi_pool_probe
+from detkit.study.probes import roi_pool_probe
 from detkit.ops import DeformRoIPool, deform_roi_pool
 from tests.helpers import generator, normal, random_rois
 

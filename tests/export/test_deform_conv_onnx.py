@@ -3,18 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnxruntime as ort
+import onnxscript  # noqa: F401  (test dependencies, pyproject.toml [test]: never skipped)
 import pytest
+import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-
-from detkit.ops import DeformConv2d, deform_conv2d  # noqa: E402
-from detkit.ops.onnx import custom_translation_table  # noqa: E402
-from tests.export.onnx_helpers import export_module, run_onnx  # noqa: E402
-from tests.helpers import generator, normal, uniform  # noqa: E402
+from detkit.ops import DeformConv2d, deform_conv2d
+from detkit.ops.onnx import custom_translation_table
+from tests.export.onnx_helpers import export_module, run_onnx
+from tests.helpers import generator, normal, uniform
 
 TOL = 1e-5  # issue: f32 to 1e-5
 

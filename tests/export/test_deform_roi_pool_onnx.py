@@ -1,15 +1,13 @@
 """detkit deform_roi_pool exported as standard ops (RoiAlign over shifted bins) equals the kernel."""
 from __future__ import annotations
 
+import onnxruntime  # noqa: F401  (a test dependency, pyproject.toml [test]: never skipped)
 import pytest
+import torch
 
-pytest.importorskip("onnxruntime")
-
-import torch  # noqa: E402
-
-from detkit.ops import deform_roi_pool  # noqa: E402
-from tests.export.onnx_helpers import export_module, run_onnx  # noqa: E402
-from tests.helpers import generator, normal, random_rois, uniform  # noqa: E402
+from detkit.ops import deform_roi_pool
+from tests.export.onnx_helpers import export_module, run_onnx
+from tests.helpers import generator, normal, random_rois, uniform
 
 OUTPUT = (5, 4)
 STANDARD_POOL_OPS = {"RoiAlign", "Slice", "Squeeze", "Cast", "Constant", "Mul", "Add", "Sub", "Div", "Reshape",

@@ -12,7 +12,7 @@ import sys
 for name in ("onnx", "onnxscript", "onnxruntime"):
     sys.modules[name] = None          # any import of them now raises ImportError
 import detkit, detkit.ops, detkit.ops.onnx, detkit.modeling.build, detkit.evaluation.inference, detkit.export
-import detkit.export.roi_align
+import detkit.modeling.heads.roi_align_gather
 try:
     detkit.export.OnnxDetector("missing.onnx")
 except RuntimeError as exc:

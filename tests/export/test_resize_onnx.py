@@ -1,16 +1,13 @@
 """The exported resize gives eager PyTorch's resized image, size to the pixel, for any input size."""
 from __future__ import annotations
 
-import pytest
+import onnxruntime  # noqa: F401  (a test dependency, pyproject.toml [test]: never skipped)
+import torch
+from torchvision.models.detection.transform import _resize_image_and_masks
 
-pytest.importorskip("onnxruntime")
-
-import torch  # noqa: E402
-from torchvision.models.detection.transform import _resize_image_and_masks  # noqa: E402
-
-from detkit.export.detector import resize_like_eager  # noqa: E402
-from tests.export.onnx_helpers import export_module, run_onnx  # noqa: E402
-from tests.helpers import generator  # noqa: E402
+from detkit.export.detector import resize_like_eager
+from tests.export.onnx_helpers import export_module, run_onnx
+from tests.helpers import generator
 
 
 class _Resize(torch.nn.Module):

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from detkit.export.roi_align import GatherRoIPooler, roi_align_gather
-from detkit.modeling.heads.poolers import RoIPooler
+from detkit.modeling.heads.poolers import GatherRoIPooler, RoIPooler
+from detkit.modeling.heads.roi_align_gather import roi_align_gather
 from detkit.ops import deform_roi_pool
 from tests.helpers import generator, normal, random_rois, uniform
 

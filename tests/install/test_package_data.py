@@ -1,6 +1,6 @@
 """What a non-editable install (a wheel) carries besides the Python modules: every config of
 configs/ as the package data of `detkit.configs`, one console script per tool, and a
-`detkit.cli.CONFIG_DIR` that finds the installed configs (the checkout's otherwise).
+`detkit.config.compose.CONFIG_DIR` that finds the installed configs (the checkout's otherwise).
 
 Read from pyproject.toml and setup.py without building anything (building a wheel compiles
 the extension: minutes)."""
@@ -12,16 +12,17 @@ import importlib
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+else:  # Python 3.10: tomli, a test dependency there (pyproject.toml [test])
+    import tomli as tomllib
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +68,20 @@ def test_one_console_script_per_tool():
     assert sorted(scripts) == sorted("detkit-" + tool.replace("_", "-") for tool in tools)
     for tool in tools:
         target = scripts["detkit-" + tool.replace("_", "-")]
-        assert target == f"detkit.cli.{tool}:main"
-        assert callable(importlib.import_module(f"detkit.cli.{tool}").main)
+        # the library's tools in detkit.cli, the reproduction study's in detkit.study.cli
+        assert target in (f"detkit.cli.{tool}:main", f"detkit.study.cli.{tool}:main")
+        module = target.removesuffix(":main")
+        assert callable(importlib.import_module(module).main)
         shim = (REPO / "tools" / f"{tool}.py").read_text()
-        assert f"from detkit.cli.{tool} import main" in shim and "sys.path" not in shim
+        assert f"from {module} import main" in shim and "sys.path" not in shim
 
 
 def load_cli_package(root: Path):
-    """detkit/cli/__init__.py executed as if installed under `root` (root/detkit/cli/)."""
-    target = root / "detkit" / "cli"
+    """detkit/config/compose.py executed as if installed under `root` (root/detkit/config/)."""
+    target = root / "detkit" / "config"
     target.mkdir(parents=True)
-    shutil.copy(REPO / "detkit" / "cli" / "__init__.py", target / "__init__.py")
-    spec = importlib.util.spec_from_file_location("detkit_cli_copy", target / "__init__.py")
+    shutil.copy(REPO / "detkit" / "config" / "compose.py", target / "compose.py")
+    spec = importlib.util.spec_from_file_location("detkit_compose_copy", target / "compose.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -86,7 +89,7 @@ def load_cli_package(root: Path):
 
 def test_config_dir_prefers_the_installed_package_data(tmp_path):
     import detkit
-    from detkit.cli import CONFIG_DIR
+    from detkit.config.compose import CONFIG_DIR
 
     if Path(detkit.__file__).resolve().parent == REPO / "detkit":   # this checkout (editable install)
         assert CONFIG_DIR == REPO / "configs"

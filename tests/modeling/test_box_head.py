@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from detkit.engine.checkpoint import CheckpointError, build_model
-from detkit.engine.config import register_configs
+from detkit.config.build import build_model
+from detkit.engine.checkpoint import CheckpointError
+from detkit.config.schemas import register_configs
 from detkit.modeling.heads.box_head import FastRCNNPredictorBuilder, TwoMLPHead, TwoMLPHeadBuilder
 from tests.modeling.test_detector import NUM_CLASSES, images_and_targets, tiny_model
 

@@ -1,7 +1,6 @@
 """Faster R-CNN assembly: both layouts x every pooler kind, input checks, target clipping, FPN neck."""
 from __future__ import annotations
 
-import importlib.util
 from collections import OrderedDict
 
 import pytest
@@ -10,7 +9,8 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from detkit.modeling.build import build_faster_rcnn, build_rpn, build_transform
+from detkit.modeling.build import build_faster_rcnn, build_transform
+from detkit.modeling.heads.rpn import build_rpn
 from detkit.modeling.detector import FasterRCNN, clip_targets_to_image
 from detkit.modeling.heads.poolers import POOLER_KINDS, RoIPooler
 from detkit.modeling.neck.fpn import FPN
@@ -333,8 +333,6 @@ def test_builders_reject_inconsistent_arguments():
 
 
 
-@pytest.mark.skipif(importlib.util.find_spec("detkit.modeling.backbone.resnet") is None,
-                    reason="detkit.modeling.backbone.resnet not written yet")
 def test_detector_with_resnet18_deformable_res5_fpn():
     from detkit.modeling.backbone.resnet import ResNet, deformable_layers
 

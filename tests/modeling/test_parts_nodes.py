@@ -12,8 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detkit.engine.checkpoint import CheckpointError, build_model
-from detkit.engine.config import allowed_targets
+from detkit.config.build import build_model
+from detkit.engine.checkpoint import CheckpointError
+from detkit.config.registry import allowed_targets
 from detkit.modeling.build import build_faster_rcnn
 from detkit.modeling.heads.poolers import RoIPooler, RoIPoolerBuilder
 from detkit.modeling.heads.rpn import RPNBuilder

@@ -400,7 +400,7 @@ def test_load_reports_missing_and_unexpected_keys(drop, add, tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     model = ResNet(18)
     untouched = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"missing keys \d+.*unexpected keys \d+") as info:
         load_torchvision_weights(model, tmp_path / "bad.pth")
     message = str(info.value)
     assert f"missing keys {int(bool(drop))}" in message and f"unexpected keys {int(bool(add))}" in message

@@ -1,12 +1,13 @@
 """CUDA kernels against the CPU kernels (which the other test files check against torchvision
 and the reference), low precision, autocast and torch.compile on CUDA.
 
-Skipped unless a CUDA device is present and detkit was built with its CUDA kernels.
+Skipped unless a CUDA device is present; with one, a build without the CUDA kernels fails.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from tests.helpers import (
     generator,
     normal,
     random_rois,
+    uniform,
 )
 from tests.ops.test_deform_conv2d import CASES as CONV_RANDOM_CASES
 from tests.ops.test_deform_conv2d import HAND_PICKED as CONV_CASES
@@ -33,11 +35,18 @@ from tests.ops.test_deform_roi_pool import PoolCase
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available"),
-    pytest.mark.skipif(not detkit.ops.cuda_kernels_built(),
-                       reason="detkit was built without its CUDA kernels (build with DETKIT_WITH_CUDA=1)"),
+    # Not skipped when the CUDA kernels were not built: test_the_cuda_kernels_were_built fails
+    # then (a visible GPU with a CPU-only build is a broken install, not a reason to skip).
 ]
 
 CUDA = "cuda"
+
+
+def test_the_cuda_kernels_were_built():
+    """On a machine with a GPU, a detkit built without its CUDA kernels is a failure."""
+    assert detkit.ops.cuda_kernels_built(), (
+        "a CUDA device is visible but detkit was built without its CUDA kernels: rebuild with "
+        "DETKIT_WITH_CUDA=1 pip install --no-build-isolation -e .")
 
 
 def _to(tensors: dict, device=None, dtype=None) -> dict:
@@ -437,3 +446,354 @@ def test_cuda_weight_gradient_sums_chunks_in_float32():
         got = torch.autograd.grad(deform_conv2d(*low, padding=1), low[2], grad_output.to(CUDA, torch.float16))[0]
     assert torch.isfinite(got).all()
     assert_close_scaled(got.float().cpu(), want, 4 * torch.finfo(torch.float16).eps)
+
+
+# ---------------------------------------------------------------- DCNv3 / DCNv4 (dcnv3_core, dcnv4_core)
+#
+# csrc/cuda/dcnv3_cuda.cu against the float64 references of detkit/ops/reference.py (run on the
+# CPU) and against the CPU kernels. Offsets are odd multiples of 1/128 and offset_scale a power
+# of two, so every sampling position is exact in float32 (and in the low dtypes' float32
+# arithmetic) and never an integer: no sample can fall on the other side of a pixel boundary in
+# one dtype than in another, where the offset gradient jumps.
+
+@dataclass(frozen=True)
+class DcnCase:
+    batch: int
+    height: int
+    width: int
+    group: int
+    group_channels: int
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    offset_scale: float = 1.0
+    remove_center: bool = False
+    offset_std: float = 2.0
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        kh, kw = self.kernel
+        extra = "".join([f"_s{self.stride[0]}x{self.stride[1]}" if self.stride != (1, 1) else "",
+                         f"_d{self.dilation[0]}x{self.dilation[1]}" if self.dilation != (1, 1) else "",
+                         "_rc" if self.remove_center else "",
+                         f"_os{self.offset_scale:g}" if self.offset_scale != 1.0 else ""])
+        return (f"n{self.batch}_{self.height}x{self.width}_g{self.group}d{self.group_channels}"
+                f"_k{kh}x{kw}_p{self.pad[0]}x{self.pad[1]}{extra}")
+
+    @property
+    def points(self) -> int:
+        return self.kernel[0] * self.kernel[1] - int(self.remove_center)
+
+    def output_size(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.pad, self.dilation
+        return ((self.height + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1,
+                (self.width + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1)
+
+    def args(self) -> tuple:
+        """The arguments after the tensors, in the order of dcnv3_core / dcnv4_core."""
+        return (*self.kernel, *self.stride, *self.pad, *self.dilation, self.group, self.group_channels,
+                self.offset_scale, self.remove_center)
+
+    def packed_width(self) -> int:
+        return (self.group * self.points * 3 + 7) // 8 * 8
+
+    def dcnv3_tensors(self, dtype=torch.float64) -> dict:
+        gen = generator(self.seed)
+        ho, wo = self.output_size()
+        g, k = self.group, self.points
+        x = normal((self.batch, self.height, self.width, g * self.group_channels), gen)
+        offset = _odd_128ths(normal((self.batch, ho, wo, g * k * 2), gen, std=self.offset_std))
+        mask = uniform((self.batch, ho, wo, g * k), gen, -0.5, 1.0)
+        return _to({"input": x, "offset": offset, "mask": mask}, dtype=dtype)
+
+    def dcnv4_tensors(self, dtype=torch.float64) -> dict:
+        return self.pack(self.dcnv3_tensors(dtype))
+
+    def pack(self, dcnv3_tensors: dict) -> dict:
+        """DCNv4's packing of DCNv3's tensors: per group 2K offsets then K weights, padded to a
+        multiple of 8 with junk the op must ignore."""
+        offset, mask = dcnv3_tensors["offset"], dcnv3_tensors["mask"]
+        n, ho, wo, _ = offset.shape
+        g, k = self.group, self.points
+        used = torch.cat([offset.reshape(n, ho, wo, g, 2 * k), mask.reshape(n, ho, wo, g, k)], -1)
+        junk = normal((n, ho, wo, self.packed_width() - 3 * g * k), generator(self.seed + 100), std=50.0)
+        return {"input": dcnv3_tensors["input"],
+                "offset_mask": torch.cat([used.flatten(-2), junk.to(offset.dtype)], -1)}
+
+    def tensors(self, op: str, dtype=torch.float64) -> dict:
+        return self.dcnv3_tensors(dtype) if op == "dcnv3" else self.dcnv4_tensors(dtype)
+
+
+def _odd_128ths(t: torch.Tensor) -> torch.Tensor:
+    """The nearest odd multiple of 1/128 to each value."""
+    return (torch.floor(t * 64) * 2 + 1) / 128
+
+
+def _dcn(op: str, reference: bool = False):
+    """fn(**tensors, case=...) running detkit.ops.dcnv3_core / dcnv4_core or their references."""
+    def run(case: DcnCase, **tensors):
+        if reference:
+            from detkit.ops import reference as ref
+            fn = ref.dcnv3_core_reference if op == "dcnv3" else ref.dcnv4_core_reference
+        else:
+            fn = detkit.ops.dcnv3_core if op == "dcnv3" else detkit.ops.dcnv4_core
+        return fn(*tensors.values(), *case.args())
+    return run
+
+
+DCN_OPS = ["dcnv3", "dcnv4"]
+DCN_CASES = [
+    DcnCase(2, 7, 8, 2, 4, seed=40),
+    DcnCase(1, 9, 6, 3, 5, stride=(2, 2), seed=41),
+    DcnCase(2, 10, 9, 1, 3, pad=(2, 2), dilation=(2, 2), seed=42),
+    DcnCase(1, 11, 12, 2, 6, kernel=(5, 5), pad=(2, 2), seed=43),
+    DcnCase(2, 6, 7, 4, 2, remove_center=True, seed=44),
+    DcnCase(1, 8, 9, 2, 12, kernel=(3, 5), stride=(1, 2), pad=(0, 2), dilation=(2, 1), remove_center=True,
+            seed=45),
+    DcnCase(2, 1, 9, 2, 3, kernel=(1, 3), pad=(0, 1), seed=46),  # H = 1
+    DcnCase(1, 7, 1, 1, 7, kernel=(3, 1), pad=(1, 0), offset_scale=0.5, seed=47),  # W = 1
+    DcnCase(1, 5, 6, 2, 24, offset_std=6.0, seed=48),  # most samples far outside the image
+    DcnCase(2, 6, 5, 1, 1, kernel=(2, 2), pad=(0, 0), offset_scale=2.0, seed=49),  # even kernel, D = 1
+    DcnCase(1, 5, 7, 2, 40, kernel=(2, 3), pad=(1, 1), remove_center=True, seed=50),  # even, remove_center
+]
+# Every grain of the CUDA kernels: channel vectors of 1..8 elements, segments of 1..32 lanes,
+# lanes walking several vectors (D / vector > 32), idle lanes (D / vector not a power of two).
+LARGE_DCN_CASES = [
+    DcnCase(2, 56, 56, 4, 16, seed=51),  # InternImage-T stage 1 (C 64, G 4)
+    DcnCase(2, 14, 14, 16, 16, seed=52),  # stage 3 (C 256, G 16)
+    DcnCase(1, 20, 24, 2, 160, seed=53),
+    DcnCase(1, 13, 14, 1, 256, stride=(2, 2), seed=54),
+    DcnCase(3, 33, 17, 3, 3, kernel=(5, 5), pad=(2, 2), remove_center=True, seed=55),
+    DcnCase(2, 23, 19, 5, 24, dilation=(2, 3), pad=(2, 3), seed=56),
+]
+
+
+def _dcn_reference_result(op: str, case: DcnCase, tensors: dict, grad_seed: int, device: str = "cpu"):
+    """The float64 reference's output and gradients for the values of `tensors`, on the CPU
+    (on the GPU for the large cases: the reference is plain torch ops, so that runs torch's own
+    CUDA kernels, and it is 20 s a case on two CPU cores). Returned on the CPU."""
+    result = forward_backward(_dcn(op, reference=True), _to(tensors, device, torch.float64), grad_seed=grad_seed,
+                              case=case)
+    return _cpu_result(result)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("op", DCN_OPS)
+@pytest.mark.parametrize("case", DCN_CASES, ids=lambda c: c.id)
+def test_dcn_cuda_matches_reference(case: DcnCase, op, dtype, rel):
+    tensors = case.tensors(op, dtype)
+    gpu = forward_backward(_dcn(op), _to(tensors, CUDA), grad_seed=case.seed + 1, case=case)
+    assert gpu[0].device.type == CUDA and gpu[0].dtype == dtype
+    assert gpu[0].shape == (case.batch, *case.output_size(), case.group * case.group_channels)
+    want = _dcn_reference_result(op, case, tensors, case.seed + 1)
+    assert_results_match(_cpu_result(gpu), want, rel)
+    if op == "dcnv4":  # the padding of the packed tensor gets no gradient
+        pad = gpu[1]["offset_mask"][..., 3 * case.group * case.points:]
+        assert torch.equal(pad, torch.zeros_like(pad))
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("op", DCN_OPS)
+@pytest.mark.parametrize("case", LARGE_DCN_CASES, ids=lambda c: c.id)
+def test_dcn_cuda_large_matches_reference(case: DcnCase, op, dtype, rel):
+    tensors = case.tensors(op, dtype)
+    gpu = forward_backward(_dcn(op), _to(tensors, CUDA), grad_seed=case.seed + 1, case=case)
+    assert_results_match(_cpu_result(gpu), _dcn_reference_result(op, case, tensors, case.seed + 1, CUDA), rel)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("op", DCN_OPS)
+@pytest.mark.parametrize("case", DCN_CASES[:6] + LARGE_DCN_CASES[:3], ids=lambda c: c.id)
+def test_dcn_cuda_matches_cpu(case: DcnCase, op, dtype, rel):
+    tensors = case.tensors(op, dtype)
+    cpu = forward_backward(_dcn(op), tensors, grad_seed=case.seed + 1, case=case)
+    gpu = forward_backward(_dcn(op), _to(tensors, CUDA), grad_seed=case.seed + 1, case=case)
+    assert_results_match(_cpu_result(gpu), cpu, rel)
+
+
+LOW_DCN_CASES = [DCN_CASES[0], DCN_CASES[3], DCN_CASES[5], DCN_CASES[8],
+                 DcnCase(2, 12, 10, 4, 16, seed=57),  # 8-element vectors, 2 lanes
+                 DcnCase(1, 9, 11, 2, 64, stride=(2, 2), remove_center=True, seed=58)]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("op", DCN_OPS)
+@pytest.mark.parametrize("case", LOW_DCN_CASES, ids=lambda c: c.id)
+def test_dcn_low_precision_matches_float32(case: DcnCase, op, dtype):
+    """Inputs rounded to the low dtype; the float64 reference on the same rounded values is what
+    the CUDA kernels (float32 accumulation, one rounding of each result) reproduce to a few units
+    of the dtype's epsilon, relative to the scale of each result."""
+    low = case.tensors(op, dtype)
+    ho, wo = case.output_size()
+    grad_output = normal((case.batch, ho, wo, case.group * case.group_channels), generator(case.seed + 2))
+    grad_output = grad_output.to(dtype)
+    want = _run_with_grad(_dcn(op, reference=True), _to(low, dtype=torch.float64), grad_output.double(),
+                          case=case)
+    gpu = _run_with_grad(_dcn(op), _to(low, CUDA), grad_output.to(CUDA), case=case)
+    assert gpu[0].dtype == dtype and all(g.dtype == dtype for g in gpu[1].values())
+    got = (gpu[0].double().cpu(), {k: g.double().cpu() for k, g in gpu[1].items()})
+    assert_results_match(got, want, _low_precision_tol(dtype))
+
+
+@pytest.mark.parametrize("op", DCN_OPS)
+def test_dcn_cuda_gradcheck(op):
+    for case in (DcnCase(1, 4, 5, 2, 3, seed=60),
+                 DcnCase(1, 5, 4, 1, 2, kernel=(3, 2), stride=(2, 1), dilation=(1, 2), pad=(1, 1),
+                         remove_center=True, offset_scale=0.5, seed=61)):
+        tensors = {k: v.to(CUDA).requires_grad_(True) for k, v in case.tensors(op).items()}
+        fn = _dcn(op)
+        assert torch.autograd.gradcheck(lambda *t: fn(case, **dict(zip(tensors, t))), tuple(tensors.values()),
+                                        nondet_tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-12), (torch.float16, 4 * torch.finfo(torch.float16).eps)],
+                         ids=["f64", "f16"])
+@pytest.mark.parametrize("op", DCN_OPS)
+def test_dcn_cuda_misaligned_and_strided_inputs(op, dtype, rel):
+    """Tensors one element off the vector alignment (the kernels fall back to narrower channel
+    vectors) and non-contiguous tensors give the result of contiguous aligned ones."""
+    case = DcnCase(2, 9, 8, 2, 16, seed=62)
+    tensors = _to(case.tensors(op, dtype), CUDA)
+
+    def misaligned(t):
+        flat = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+        flat[1:] = t.flatten()
+        return flat[1:].view(t.shape)
+
+    def strided(t):
+        return t.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+
+    want = forward_backward(_dcn(op), tensors, grad_seed=63, case=case)
+    for layout in (misaligned, strided):
+        got = forward_backward(_dcn(op), {k: layout(v) for k, v in tensors.items()}, grad_seed=63, case=case)
+        assert_results_match(got, want, rel)
+
+
+def test_dcnv4_equals_dcnv3_on_cuda():
+    case = DcnCase(2, 8, 7, 3, 8, remove_center=True, seed=64)
+    v3 = forward_backward(_dcn("dcnv3"), _to(case.dcnv3_tensors(), CUDA), grad_seed=65, case=case)
+    v4 = forward_backward(_dcn("dcnv4"), _to(case.dcnv4_tensors(), CUDA), grad_seed=65, case=case)
+    assert torch.equal(v4[0], v3[0])
+    g, k = case.group, case.points
+    packed = v4[1]["offset_mask"][..., :3 * g * k].unflatten(-1, (g, 3 * k))
+    assert_close_scaled(v4[1]["input"], v3[1]["input"], 1e-12, "grad of input")
+    assert_close_scaled(packed[..., :2 * k].flatten(-2), v3[1]["offset"], 1e-12, "grad of offset")
+    assert_close_scaled(packed[..., 2 * k:].flatten(-2), v3[1]["mask"], 1e-12, "grad of mask")
+
+
+@pytest.mark.parametrize("op", DCN_OPS)
+def test_dcn_cuda_empty_batch(op):
+    case = DcnCase(0, 6, 5, 2, 4, seed=66)
+    t = {k: v.to(CUDA).requires_grad_(True) for k, v in case.tensors(op).items()}
+    out = _dcn(op)(case, **t)
+    assert out.shape == (0, 6, 5, 8)
+    out.sum().backward()
+    assert all(v.grad is not None and v.grad.shape == v.shape for v in t.values())
+
+
+@pytest.mark.parametrize("values", [[float("nan")], [float("inf"), float("-inf")], [1e6, -1e6]],
+                         ids=["nan", "inf", "huge"])
+@pytest.mark.parametrize("op", DCN_OPS)
+def test_dcn_cuda_non_finite_offsets_match_cpu(op, values):
+    """A non-finite or huge offset puts its sample outside the image: 0, with zero gradients."""
+    case = DcnCase(2, 6, 7, 2, 4, seed=67)
+    tensors = case.dcnv3_tensors()
+    offset = tensors["offset"].flatten().clone()
+    picks = torch.randperm(offset.numel(), generator=generator(68))[:offset.numel() // 5]
+    offset[picks] = torch.tensor(values, dtype=offset.dtype).repeat(len(picks))[:len(picks)]
+    tensors["offset"] = offset.view(tensors["offset"].shape)
+    if op == "dcnv4":
+        tensors = case.pack(tensors)
+    cpu = forward_backward(_dcn(op), tensors, grad_seed=69, case=case)
+    gpu = _cpu_result(forward_backward(_dcn(op), _to(tensors, CUDA), grad_seed=69, case=case))
+    assert torch.isfinite(gpu[0]).all()
+    assert all(torch.isfinite(g).all() for g in gpu[1].values())
+    assert_results_match(gpu, cpu, 1e-10)
+
+
+def _dcn_bad_calls():
+    """(id, op, tensors, args) of calls the kernels refuse; args in the order of case.args()."""
+    case = DcnCase(1, 6, 7, 2, 4, seed=70)
+    v3, v4 = case.dcnv3_tensors(), case.dcnv4_tensors()
+
+    def args(**changes):  # case.args() with some entries replaced, by position
+        return tuple(changes.get(f"a{i}", a) for i, a in enumerate(case.args()))
+
+    rc1x1 = DcnCase(1, 6, 7, 2, 4, kernel=(1, 1), pad=(0, 0), remove_center=True)
+    return [
+        ("channels", "dcnv3", {**v3, "input": v3["input"][..., :7]}, args()),
+        ("offset_width", "dcnv3", {**v3, "offset": v3["offset"][..., :-2]}, args()),
+        ("mask_shape", "dcnv3", {**v3, "mask": v3["mask"][:, :-1]}, args()),
+        ("unpadded_packing", "dcnv4", {**v4, "offset_mask": v4["offset_mask"][..., :3 * 2 * 9]}, args()),
+        ("stride_0", "dcnv3", v3, args(a2=0)),
+        ("too_small", "dcnv4", {**v4, "input": v4["input"][:, :1, :1]}, args(a4=0, a5=0)),
+        ("remove_center_1x1", "dcnv3", rc1x1.dcnv3_tensors(), rc1x1.args()),
+        ("group_channels", "dcnv4", v4, args(a9=3)),
+    ]
+
+
+@pytest.mark.parametrize("bad", _dcn_bad_calls(), ids=lambda b: b[0])
+def test_dcn_cuda_refuses_what_the_cpu_refuses(bad):
+    """Through torch.ops (no Python checks) the CUDA kernels refuse what the CPU kernels refuse,
+    with the same message; through detkit.ops the Python checks answer alike on both devices."""
+    _, op, tensors, args = bad
+    kernel_size, stride, padding, dilation = [list(args[i:i + 2]) for i in (0, 2, 4, 6)]
+    direct = getattr(torch.ops.detkit, f"{op}_core")
+    public = getattr(detkit.ops, f"{op}_core")
+
+    def refusal(call, device):
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            call(*_to(tensors, device).values())
+        return info.type, str(info.value).splitlines()[0]
+
+    def via_ops(*t):
+        return direct(*t, kernel_size, stride, padding, dilation, *args[8:])
+
+    def via_python(*t):
+        return public(*t, *args)
+
+    assert refusal(via_ops, "cpu") == refusal(via_ops, CUDA)
+    assert refusal(via_python, "cpu") == refusal(via_python, CUDA)
+
+
+OPCHECK_DCN_CASES = [DcnCase(2, 5, 6, 2, 4, seed=71),
+                     DcnCase(1, 6, 5, 3, 3, kernel=(3, 2), stride=(2, 1), remove_center=True, seed=72)]
+
+
+def _dcn_op_args(case: DcnCase, op: str, dtype=torch.float64, requires_grad=True) -> tuple:
+    tensors = [t.to(CUDA).requires_grad_(requires_grad) for t in case.tensors(op, dtype).values()]
+    kh, kw, sh, sw, ph, pw, dh, dw, *rest = case.args()
+    return (*tensors, [kh, kw], [sh, sw], [ph, pw], [dh, dw], *rest)
+
+
+@pytest.mark.parametrize("op", DCN_OPS)
+@pytest.mark.parametrize("case", OPCHECK_DCN_CASES, ids=lambda c: c.id)
+def test_dcn_cuda_opcheck(case: DcnCase, op):
+    """Schema, fake kernels and autograd registration hold for the CUDA kernels too; the backward
+    ops' fake kernels predict the CUDA results' shapes and strides (inductor asserts them)."""
+    torch.library.opcheck(getattr(torch.ops.detkit, f"{op}_core").default, _dcn_op_args(case, op))
+    args = _dcn_op_args(case, op, torch.float32, requires_grad=False)
+    ho, wo = case.output_size()
+    grad_output = normal((case.batch, ho, wo, case.group * case.group_channels), generator(case.seed + 1),
+                         dtype=torch.float32).to(CUDA)
+    torch.library.opcheck(getattr(torch.ops.detkit, f"{op}_core_backward").default, (grad_output, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_dcn_cuda_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    case = DcnCase(2, 9, 10, 4, 8, seed=73)
+    v3, v4 = _to(case.dcnv3_tensors(torch.float32), CUDA), _to(case.dcnv4_tensors(torch.float32), CUDA)
+
+    def both(input, offset, mask, offset_mask):
+        return (detkit.ops.dcnv3_core(input, offset, mask, *case.args()).square().sum()
+                + detkit.ops.dcnv4_core(input, offset_mask, *case.args()).abs().sum())
+
+    tensors = {**v3, "offset_mask": v4["offset_mask"]}
+    compiled = forward_backward(torch.compile(both, fullgraph=True), tensors, grad_seed=74)
+    eager = forward_backward(both, tensors, grad_seed=74)
+    assert_results_match(compiled, eager, 1e-5)
+    torch._dynamo.reset()

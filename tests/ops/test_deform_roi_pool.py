@@ -292,7 +292,8 @@ _G = generator(62)
 BAD_ARGS = [
     ("rois_k4", {"rois": _good_args()["rois"][:, 1:]}, ValueError, r"rois must have shape \[K, 5\]"),
     ("rois_1d", {"rois": _good_args()["rois"].flatten()}, ValueError, r"rois must be a 2-d"),
-    ("rois_dtype", {"rois": _good_args()["rois"].float()}, TypeError, r"rois has dtype"),
+    # rois may have their own dtype: tests/ops/test_empty_and_roi_dtypes.py
+    ("rois_int", {"rois": _good_args()["rois"].long()}, TypeError, r"rois must be a floating-point Tensor"),
     ("input_3d", {"input": normal((3, 6, 7), _G)}, ValueError, r"input must be a 4-d"),
     ("offset_wrong_k", {"offset": uniform((3, 2, 2, 3), _G)}, ValueError, r"offset must have shape"),
     ("offset_wrong_bins", {"offset": uniform((4, 2, 3, 2), _G)}, ValueError, r"offset must have shape"),

@@ -1,7 +1,9 @@
-"""Loading the compiled extension: a clear error when it is unusable, and no GPU needed to import."""
+"""Loading the compiled extension: a clear error from require_ops() when it is unusable (the ops
+then run on the pure-PyTorch path, tests/ops/test_pure_ops.py), and no GPU needed to import."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,21 +36,27 @@ def test_build_hint_names_the_build_command():
 def test_require_ops_raises_the_load_error(monkeypatch):
     message = "detkit's compiled ops are broken in this test. " + _extension.BUILD_HINT
     monkeypatch.setattr(_extension, "_load_error", message)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match=re.escape(message)) as info:
         _extension.require_ops()
     assert str(info.value) == message
 
 
-def test_ops_refuse_to_run_without_the_extension(monkeypatch):
+def test_ops_fall_back_without_the_extension(monkeypatch):
+    """An unusable extension: require_ops() raises its reason, and the ops run on the pure path."""
+    from detkit.ops import _dispatch
+
     monkeypatch.setattr(_extension, "_load_error", "unusable for this test; " + _extension.BUILD_HINT)
+    monkeypatch.setattr(_extension, "LOADED", False)
+    monkeypatch.setattr(_dispatch, "_has_kernel", {})
+    monkeypatch.setattr(_dispatch, "_warned", False)
     gen = generator(1)
     x = normal((1, 2, 4, 4), gen)
     with pytest.raises(RuntimeError, match="unusable for this test"):
+        detkit.ops.require_ops()
+    with _dispatch.set_mode("auto"), pytest.warns(detkit.ops.PureOpsWarning, match="unusable for this test"):
         detkit.ops.deform_conv2d(x, normal((1, 18, 2, 2), gen), normal((2, 2, 3, 3), gen))
-    with pytest.raises(RuntimeError, match="unusable for this test"):
-        detkit.ops.deform_roi_pool(x, torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="unusable for this test"):
-        detkit.ops.DeformConv2d(2, 2, 3).double()(x)
+    detkit.ops.deform_roi_pool(x, torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64))
+    detkit.ops.DeformConv2d(2, 2, 3).double()(x)
 
 
 def test_require_ops_passes_when_loaded():
@@ -68,9 +76,10 @@ def test_messages_built_by_the_loader_explain_how_to_build():
         from detkit.ops import _extension
         assert not _extension.LOADED
         print("MISSING:", _extension._load_error)
+        import detkit.ops
+        detkit.ops.deform_conv2d(torch.ones(1, 1, 3, 3), torch.zeros(1, 2, 3, 3), torch.ones(1, 1, 1, 1))
         try:
-            import detkit.ops
-            detkit.ops.deform_conv2d(torch.ones(1, 1, 3, 3), torch.zeros(1, 2, 3, 3), torch.ones(1, 1, 1, 1))
+            detkit.ops.require_ops()
         except RuntimeError as exc:
             print("RAISED:", exc)
 

@@ -18,6 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detkit.engine.checkpoint import load_model
 from detkit.evaluation.inference import read_image
+from tests.helpers import one_to_one
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,19 +73,29 @@ def test_predict_tool_matches_torchvision(torchvision_setup, tmp_path):
     with torch.inference_mode():
         expected = [reference([torchvision.io.read_image(str(p)).float() / 255])[0] for p in images]
     for path, exp in zip(images, expected):
-        ours = sorted((p for p in predictions if p["file_name"] == path.name), key=lambda p: -p["score"])
+        ours = [p for p in predictions if p["file_name"] == path.name]
         assert len(ours) == len(exp["scores"]) > 0
-        order = torch.argsort(exp["scores"], descending=True, stable=True)
-        exp_boxes = exp["boxes"][order]
-        exp_xywh = torch.cat([exp_boxes[:, :2], exp_boxes[:, 2:] - exp_boxes[:, :2]], 1)
+        exp_xywh = torch.cat([exp["boxes"][:, :2], exp["boxes"][:, 2:] - exp["boxes"][:, :2]], 1)
         got_xywh = torch.tensor([p["bbox"] for p in ours], dtype=torch.float32)
-        torch.testing.assert_close(torch.tensor([p["score"] for p in ours]), exp["scores"][order],
-                                   atol=1e-3, rtol=0)
-        # Equal scores may be listed in either order: compare boxes as matched sets.
-        distance = torch.cdist(got_xywh, exp_xywh, p=1)
-        assert distance.min(dim=1).values.max() < 0.05
-        assert [p["category_id"] for p in ours] == exp["labels"][order].tolist() or \
-            sorted(p["category_id"] for p in ours) == sorted(exp["labels"].tolist())
+        got_scores = torch.tensor([p["score"] for p in ours])
+        got_labels = torch.tensor([p["category_id"] for p in ours])
+        # Detection i matches expected detection j when its box (to 0.05 px), score (to 1e-3)
+        # and label all agree; equal scores may be listed in either order, so the pairing is
+        # found as a bipartite matching, and every detection must get its own partner.
+        compatible = (((got_xywh[:, None] - exp_xywh[None]).abs().amax(-1) < 0.05)
+                      & ((got_scores[:, None] - exp["scores"][None]).abs() < 1e-3)
+                      & (got_labels[:, None] == exp["labels"][None]))
+        pairs = one_to_one(compatible)
+        assert len(pairs) == len(ours), (
+            f"{path.name}: only {len(pairs)} of {len(ours)} detections have their own torchvision partner")
+        assert sorted(j for _, j in pairs) == list(range(len(ours)))
+
+
+def test_one_to_one_matching_refuses_many_to_one():
+    # Two detections compatible only with the same expected one: one of them has no partner.
+    assert len(one_to_one(torch.tensor([[True, False], [True, False]]))) == 1
+    # A matching that needs re-pairing (0 first takes 0, then moves to 1 for 1's sake).
+    assert one_to_one(torch.tensor([[True, True], [True, False]])) == [(0, 1), (1, 0)]
 
 
 def test_imported_checkpoint_rebuilds_the_torchvision_model(torchvision_setup):
@@ -117,22 +128,24 @@ def test_predict_tool_reports_bad_input_in_one_line(torchvision_setup, tmp_path)
     _, checkpoint, _ = torchvision_setup
     missing = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={tmp_path / 'nothing'}",
                        f"hydra.run.dir={tmp_path / 'run1'}")
-    assert missing.returncode != 0 and "neither an image file nor a folder" in missing.stderr
+    assert missing.returncode == 2 and "neither an image file nor a folder" in missing.stderr
     bad_ckpt = tmp_path / "bad.pth"
     bad_ckpt.write_bytes(b"not a checkpoint")
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.full((8, 8, 3), 128, np.uint8))
     broken = run_tool("tools/predict.py", f"checkpoint={bad_ckpt}", f"input={image}",
                       f"hydra.run.dir={tmp_path / 'run2'}")
-    assert broken.returncode != 0 and "cannot read checkpoint" in broken.stderr
+    assert broken.returncode == 2 and "cannot read checkpoint" in broken.stderr
     assert "Traceback" not in broken.stderr
     unknown = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "no_such_key=1",
                        f"hydra.run.dir={tmp_path / 'run3'}")
-    assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+    assert unknown.returncode == 2 and "no_such_key" in unknown.stderr
     bad_device = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "device=tpu",
                           f"hydra.run.dir={tmp_path / 'run4'}")
     assert bad_device.returncode == 2 and "device must be auto, cpu, cuda or cuda:N; got 'tpu'" in bad_device.stderr
     assert "Traceback" not in bad_device.stderr
+    for result in (missing, broken, unknown, bad_device):  # the promised one line on stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_read_image_errors_name_the_file(tmp_path):

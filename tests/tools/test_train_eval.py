@@ -170,25 +170,7 @@ def test_resume_matches_an_uninterrupted_run(smoke, env, tmp_path):
     assert read_metrics(run_dir) == read_metrics(full_dir)
 
 
-def test_two_process_ddp(env, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN,
-                  "experiment=smoke", f"hydra.run.dir={run_dir}"], env, tmp_path, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    files = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
-    assert [p for p in files if p.name == "metrics.json"] == [Path("run/metrics.json")]
-    assert len([p for p in files if p.name.startswith("events.out.tfevents")]) == 1
-    assert [p for p in files if p.suffix == ".pth"] == [Path("run/checkpoints/last.pth")]
-    assert len([p for p in files if p.name == "config.yaml" and p.parent.name == ".hydra"]) == 1
-    assert not (tmp_path / "outputs").exists()
-    log = (run_dir / "train.log").read_text()
-    assert log.count(f"iter {SMOKE_ITERS}/{SMOKE_ITERS} ") == 1  # rank 0 logs, once
-    assert "(1 per process x 2)" in log
-    metrics = read_metrics(run_dir)
-    assert metrics["iteration"] == SMOKE_ITERS
-    assert all(metrics[k] is None or 0 <= metrics[k] <= 100 for k in SUMMARY)
-    _, checkpoint = load_model(run_dir / "checkpoints" / "last.pth")
-    assert checkpoint["data"]["world_size"] == 2 and len(checkpoint["rng"]) == 2
+# test_two_process_ddp: tests/tools/test_ddp_runs.py (with a killed and resumed two-process run).
 
 
 # ------------------------------------------------------------------------------ bad input

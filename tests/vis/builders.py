@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from detkit.engine.checkpoint import build_model
+from detkit.config.build import build_model
 from detkit.vis import ImageGeometry, LayerOffsets
 
 REPO = Path(__file__).resolve().parents[2]

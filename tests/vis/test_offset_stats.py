@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from detkit.modeling.backbone import deformable_layers
-from detkit.vis import (CATEGORIES, ImageGeometry, OffsetStatistics, activation_categories, capture,
-                        effective_dilation, table2_markdown)
+from detkit.study.offset_stats import (CATEGORIES, OffsetStatistics, activation_categories, effective_dilation,
+                                      table2_markdown)
+from detkit.vis import ImageGeometry, capture
 from tests.vis.builders import build_tiny, identity_geometry, single_scale_config, smooth_image, synthetic_layer
 
 KERNEL_TAPS = 9

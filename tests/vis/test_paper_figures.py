@@ -1,4 +1,4 @@
-"""detkit.vis.figures (the DCNv1 Figures 5 and 7) and tools/paper_figures.py end to end.
+"""detkit.study.figures (the DCNv1 Figures 5 and 7) and tools/paper_figures.py end to end.
 
 The unit chooser and the canvas are checked on hand-made boxes and images; the tool runs in
 subprocesses (started together in one module fixture, OMP_NUM_THREADS=1) on tiny detector
@@ -16,10 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from detkit.vis import (Canvas, Unit, UnitSampling, canvas_size, choose_units, compose_panels, draw_points,
-                        ground_truth_boxes, has_small_and_large, paper_figures, sampling_panels, upscale)
+from detkit.study.figures import (Canvas, Unit, UnitSampling, canvas_size, choose_units, compose_panels,
+                                  ground_truth_boxes, has_small_and_large, paper_figures, sampling_panels, upscale)
+from detkit.vis import draw_points
 from detkit.vis.draw import POINT_COLOR, UNIT_COLOR
-from detkit.vis.figures import PANEL_GAP, TITLE_HEIGHT
+from detkit.study.figures import PANEL_GAP, TITLE_HEIGHT
 from tests.vis.builders import build_tiny, smooth_image, write_coco_folder
 from tests.vis.test_tools import write_checkpoint
 

@@ -21,7 +21,7 @@ random numbers); `build_roi_heads` calls it with the sizes it computes:
 `box_head(in_channels=C, resolution=s)` -> a module [K, C, s, s] -> [K, box_head.out_features],
 then `box_predictor(in_features=box_head.out_features, num_classes)`. A new head is a new
 builder class (with `out_features` and that call) plus its entry in the registry of config
-targets (`detkit.engine.config`); nothing in build.py changes.
+targets (`detkit.config.schemas`); nothing in build.py changes.
 """
 from __future__ import annotations
 

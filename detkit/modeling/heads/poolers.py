@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align, roi_pool
 
+from detkit.modeling.heads.roi_align_gather import roi_align_gather
 from detkit.ops import DeformRoIPool, deform_roi_pool
 
 POOLER_KINDS = ("align", "alignv2", "pool", "deform", "mdeform")
@@ -135,10 +136,15 @@ class RoIPooler(nn.Module):
                 self.in_channels, output_size, spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
                 gamma=self.gamma, modulated=kind == "mdeform", hidden_dim=hidden_dim, num_hidden=num_hidden)
 
-    @staticmethod
-    def _cast(feature: Tensor, rois: Tensor) -> Tensor:
-        """rois in the feature's dtype (left as they are under autocast, which picks the op's dtype)."""
-        return rois if torch.is_autocast_enabled(feature.device.type) else rois.to(feature.dtype)
+    def _cast(self, feature: Tensor, rois: Tensor) -> Tensor:
+        """rois in the feature's dtype for torchvision's ops; for detkit's, at least float32, so
+        that batch indices stay exact under a float16 / bfloat16 feature (left as they are under
+        autocast, which picks the op's dtype)."""
+        if torch.is_autocast_enabled(feature.device.type):
+            return rois
+        if self.kind in ("align", "pool"):
+            return rois.to(feature.dtype)
+        return rois.to(torch.promote_types(feature.dtype, torch.float32))
 
     @staticmethod
     def _to_level(rois: Tensor, scale: float) -> Tensor:
@@ -157,6 +163,34 @@ class RoIPooler(nn.Module):
             return deform_roi_pool(feature, rois, None, None, self.output_size, scale, self.sampling_ratio)
         assert self.deform_pool is not None
         return self.deform_pool(feature, self._to_level(rois, scale))
+
+    def check_gather_form(self) -> None:
+        """ValueError unless this pooler has a gather form (`gather_pool`)."""
+        if self.kind == "pool":
+            raise ValueError("the 'pool' kind (quantised max pooling) has no gather form")
+        if self.sampling_ratio <= 0:
+            raise ValueError("adaptive sampling (sampling_ratio=0) has no fixed-shape gather form")
+
+    def gather_pool(self, feature: Tensor, rois: Tensor, stride: int) -> Tensor:
+        """`_pool` written with gathers (`roi_align_gather`), for ONNX graphs without RoiAlign
+        (opset 22): kinds "align", "alignv2", "deform" and "mdeform" with a fixed sampling ratio;
+        a deformable kind runs its own offset branch (`DeformRoIPool.offset_branch`)."""
+        self.check_gather_form()
+        size = (self.output_size, self.output_size)
+        rois = rois.to(feature.dtype)
+        if self.kind == "align":
+            return roi_align_gather(feature, rois, size, 1.0 / stride, self.sampling_ratio, aligned=False)
+        if self.kind == "alignv2":
+            return roi_align_gather(feature, rois, size, 1.0 / stride, self.sampling_ratio)
+        deform = self.deform_pool
+        scaled = self._to_level(rois, 1.0 / stride)
+        plain = roi_align_gather(feature, scaled, deform.output_size, 1.0, deform.sampling_ratio)
+        out = deform.offset_branch(plain.flatten(1))
+        bins = deform.output_size[0] * deform.output_size[1]
+        offset = out[:, :2 * bins].reshape(-1, 2, *deform.output_size)
+        mask = torch.sigmoid(out[:, 2 * bins:]).reshape(-1, 1, *deform.output_size) if deform.modulated else None
+        return roi_align_gather(feature, scaled, deform.output_size, 1.0, deform.sampling_ratio, offset=offset,
+                                mask=mask, gamma=deform.gamma)
 
     def level_indices(self, boxes: Tensor) -> Tensor:
         """boxes [K, 4] (x1, y1, x2, y2) in network-input pixels -> int64 [K]: the index into
@@ -221,6 +255,24 @@ class RoIPooler(nn.Module):
         return (f"kind={self.kind!r}, feature_names={list(self.feature_names)}, strides={list(self.strides)}, "
                 f"in_channels={self.in_channels}, output_size={self.output_size}, "
                 f"sampling_ratio={self.sampling_ratio}")
+
+
+class GatherRoIPooler(nn.Module):
+    """A RoIPooler's forward ("align", "alignv2", "deform", "mdeform"; fixed sampling ratio)
+    with its pooling done by `RoIPooler.gather_pool`, sharing the pooler's offset branch: what
+    the ONNX export swaps in for opset 22."""
+
+    def __init__(self, pooler: RoIPooler) -> None:
+        super().__init__()
+        pooler.check_gather_form()
+        self.pooler = pooler
+
+    def pool_rois(self, features: Mapping[str, Tensor], rois: Tensor) -> Tensor:
+        """`RoIPooler.pool_rois` through the gather form."""
+        return self.pooler.pool_rois(features, rois, self.pooler.gather_pool)
+
+    def forward(self, features, proposals, image_shapes=None) -> Tensor:
+        return self.pool_rois(features, boxes_to_rois(proposals))
 
 
 @dataclass(frozen=True)

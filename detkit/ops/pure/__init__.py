@@ -1,1 +1,2 @@
-"""Pure-PyTorch (no compiled code) versions of detkit's ops: benchmark baselines and fallbacks."""
+"""Pure-PyTorch implementations of detkit's ops: the path without the compiled kernels, and the
+benchmarks' baselines."""

@@ -1,0 +1,79 @@
+"""The registry of config targets: THE allowlist of what a `_target_` may name.
+
+`targets()` maps every `_target_` of a detkit config (the model, backbone, neck, RPN, RoI
+pooler, box head and predictor builders, the data sources, the optimizer and schedule
+builders) to the callable it builds with. A target is looked up here by its exact dotted
+name, never imported by name: `detkit.config.stored` refuses any other name before anything
+is called, for configs read back from checkpoints and for the training run's own
+(`detkit.config.build`), so a config naming anything else fails before training rather than
+when its checkpoint is loaded. A new part (a head, a dataset) is its class plus one line here
+plus a config file; tests/engine/test_checkpoint_safety.py checks that every `_target_` under
+configs/ is listed and that each name is the import path of what it maps to.
+`FILE_ARGUMENTS` names arguments that read a file (a stored config must leave them null).
+
+Importing this module imports neither torch nor detkit's data and model code: `targets()`
+imports the builders when first called (the reason for the imports inside it: readers of
+plain files, like the ablation report and `python -c "import detkit.config.stored"`, answer
+without loading torch).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "RENAMED_TARGETS"]
+
+
+@functools.cache
+def targets() -> Mapping[str, Callable[..., Any]]:
+    """THE allowlist: dotted name -> the callable a `_target_` of that name builds with."""
+    from detkit.data.sources import CocoFolder, SyntheticShapes
+    from detkit.solver.optim import build_optimizer, build_scheduler
+    from detkit.modeling.build import build_faster_rcnn, build_resnet
+    from detkit.modeling.heads.box_head import FastRCNNPredictorBuilder, TwoMLPHeadBuilder
+    from detkit.modeling.heads.poolers import RoIPoolerBuilder
+    from detkit.modeling.heads.rpn import RPNBuilder
+    from detkit.modeling.neck.fpn import FPNBuilder
+
+    return MappingProxyType({
+        "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
+        "detkit.modeling.build.build_resnet": build_resnet,
+        "detkit.modeling.heads.box_head.TwoMLPHeadBuilder": TwoMLPHeadBuilder,
+        "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder": FastRCNNPredictorBuilder,
+        "detkit.modeling.heads.poolers.RoIPoolerBuilder": RoIPoolerBuilder,
+        "detkit.modeling.heads.rpn.RPNBuilder": RPNBuilder,
+        "detkit.modeling.neck.fpn.FPNBuilder": FPNBuilder,
+        "detkit.data.sources.SyntheticShapes": SyntheticShapes,
+        "detkit.data.sources.CocoFolder": CocoFolder,
+        "detkit.solver.optim.build_optimizer": build_optimizer,
+        "detkit.solver.optim.build_scheduler": build_scheduler,
+    })
+
+
+# Arguments of the targets above that name a file to read. A config stored in a checkpoint
+# leaves them null (the checkpoint holds the weights; training stores `backbone.weights: null`).
+FILE_ARGUMENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "detkit.modeling.build.build_resnet": ("weights",),
+})
+
+
+def allowed_targets() -> frozenset[str]:
+    """The names of `targets()`."""
+    return frozenset(targets())
+
+
+def file_arguments() -> Mapping[str, tuple[str, ...]]:
+    return FILE_ARGUMENTS
+
+
+# `_target_` names of configs written before the optimizer builders moved to detkit.solver
+# (2026-12), and the names of the same builders now: the run configs kept in the records of
+# finished sweeps (docs/results/*.json) hold the old ones. Only comparisons of such configs
+# with today's read this (`detkit.study.records.config_differences`); no config may name an
+# old name to build with.
+RENAMED_TARGETS: Mapping[str, str] = MappingProxyType({
+    "detkit.engine.optim.build_optimizer": "detkit.solver.optim.build_optimizer",
+    "detkit.engine.optim.build_scheduler": "detkit.solver.optim.build_scheduler",
+})

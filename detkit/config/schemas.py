@@ -1,0 +1,222 @@
+"""What detkit's configs must look like (the typed schemas) and the rules types cannot express
+(`check_train_config`). What a `_target_` may name is `detkit.config.registry`.
+
+**The schemas** (`register_configs()`): dataclasses stored in Hydra's ConfigStore under the
+group `schema`, which the yaml files pull in with a defaults-list entry (Hydra's "structured
+config as schema" pattern), e.g. configs/schedule/synthetic_cpu.yaml:
+
+    defaults:
+      - /schema/schedule@_here_
+      - _self_
+
+so that an unknown key or a value of the wrong type fails when the config is composed,
+naming the key. Entries: `schema/train` (`TrainConfig`, the top-level keys of
+configs/train.yaml), `schema/schedule` (`ScheduleConfig`), `schema/synthetic_data` and
+`schema/coco_data` (the data nodes, `SyntheticDataConfig` with its `generator` typed by
+`SyntheticGeneratorConfig`, the fields of `detkit.data.SyntheticConfig`, and
+`CocoDataConfig`), `schema/ablate` (`AblateConfig`, configs/ablate.yaml). Every program
+that composes detkit's configs calls `register_configs()` first (the CLI does; it is
+idempotent). Importing this module imports neither torch nor detkit's data and model code.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+__all__ = ["register_configs", "check_train_config",
+           "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
+           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
+
+
+# ------------------------------------------------------------------ the schemas
+# Field order is the yaml files' key order (a schema's fields come first in the composed node).
+
+@dataclass
+class ScheduleConfig:
+    """configs/schedule/*.yaml. `optimizer` and `scheduler` are `_partial_` nodes built with the
+    model and the optimizer (`detkit.config.build.build_from_config`); they interpolate the
+    flat keys above them, which are what users and experiments override."""
+
+    max_iters: int = MISSING
+    batch_size: int = MISSING            # images per iteration over all processes
+    base_lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    weight_decay_norm: float = MISSING
+    warmup_iters: int = MISSING
+    warmup_factor: float = MISSING
+    steps: List[int] = MISSING
+    gamma: float = MISSING
+    grad_clip: Optional[float] = MISSING
+    lr_mult: Dict[str, float] = MISSING
+    checkpoint_period: Optional[int] = MISSING
+    eval_period: Optional[int] = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+
+
+@dataclass
+class SyntheticGeneratorConfig:
+    """The fields of `detkit.data.SyntheticConfig` with its defaults, in types OmegaConf can
+    check (image_size: an int or [height, width]; size_bands: a list).
+    tests/engine/test_config_schemas.py keeps the two in step."""
+
+    num_train: int = 2500
+    num_val: int = 250
+    image_size: Any = 256
+    seed: int = 0
+    size_jitter: float = 0.25
+    min_objects: int = 2
+    max_objects: int = 9
+    min_object_size: float = 8.0
+    max_object_size: float = 90.0
+    max_stretch: float = 1.8
+    deformation: float = 0.12
+    perspective: float = 0.25
+    min_visible_fraction: float = 0.3
+    clutter: float = 1.0
+    image_format: str = "jpg"
+    size_distribution: str = "sqrt"
+    max_bend: float = 0.0
+    size_bands: List[float] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """The keys of every data node (configs/data/*.yaml): the arguments of
+    `detkit.data.sources.DataSource`, which every data source takes."""
+
+    _target_: str = MISSING
+    kind: str = MISSING
+    root: str = MISSING
+    num_classes: int = MISSING
+    min_size: Any = MISSING              # an int, or a list (one drawn per training image)
+    max_size: int = MISSING
+    flip_prob: float = MISSING
+    aspect_grouping: bool = MISSING
+    # Typed on every data node so that a preset's generator options (experiment=smoke) are
+    # still checked when the data is not synthetic (CocoFolder does not use them).
+    generator: Optional[SyntheticGeneratorConfig] = None
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """configs/data/synthetic*.yaml: the arguments of `detkit.data.sources.SyntheticShapes`."""
+
+    _target_: str = "detkit.data.sources.SyntheticShapes"
+    kind: str = "synthetic"
+    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
+
+
+@dataclass
+class CocoDataConfig(DataConfig):
+    """configs/data/coco.yaml: the arguments of `detkit.data.sources.CocoFolder`."""
+
+    _target_: str = "detkit.data.sources.CocoFolder"
+    kind: str = "coco"
+    train_split: str = MISSING
+    val_split: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """configs/train.yaml's own keys; `model`, `data` and `schedule` are typed by their files."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    schedule: Any = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    resume: bool = MISSING
+    amp: Optional[str] = MISSING
+    eval_period: Optional[int] = MISSING
+    checkpoint_period: Optional[int] = MISSING
+    log_period: Optional[int] = MISSING
+    num_workers: int = MISSING
+    tensorboard_sampling_images: int = MISSING
+    eval_batch_size: int = MISSING
+
+
+@dataclass
+class AblateConfig:
+    """configs/ablate.yaml (tools/ablate.py). `table` is a name, `all` or a list of names;
+    `rows` null or a list of the tables' experiments; `seeds` an int or a list of ints
+    (detkit.study.cli.ablate reads them)."""
+
+    table: Any = MISSING
+    rows: Any = MISSING
+    data: str = MISSING
+    seeds: Any = MISSING
+    jobs: int = MISSING
+    threads_per_job: Optional[int] = MISSING
+    out: str = MISSING
+    pretrain: Optional[str] = MISSING
+    record: Optional[str] = MISSING
+
+
+SCHEMA_GROUP = "schema"
+SCHEMAS: Mapping[str, type] = MappingProxyType({
+    "train": TrainConfig,
+    "schedule": ScheduleConfig,
+    "synthetic_data": SyntheticDataConfig,
+    "coco_data": CocoDataConfig,
+    "ablate": AblateConfig,
+})
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore as `schema/<name>` (storing again replaces an
+    entry with itself: calling this twice is harmless)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(group=SCHEMA_GROUP, name=name, node=node, provider="detkit")
+
+
+# ------------------------------------------------------------------ rules types cannot express
+
+AMP_CHOICES = (None, "bf16", "fp16")
+
+
+def check_train_config(cfg: Any, world_size: int) -> None:
+    """Check a composed configs/train.yaml before any work: the ranges and choices its schema's
+    types cannot say, and the rules across fields (one-line ValueErrors). Types and unknown keys
+    were checked when it was composed (`TrainConfig`, `ScheduleConfig`)."""
+    if cfg.amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be null, bf16 or fp16; got {cfg.amp!r}")
+    minimum = {"model.num_classes": 2, "seed": 0, "num_workers": 0, "eval_batch_size": 1,
+               "eval_period": 0, "checkpoint_period": 0, "log_period": 0,  # 0 or null: only at the end
+               "schedule.max_iters": 1, "schedule.batch_size": 1, "schedule.warmup_iters": 0,
+               "schedule.base_lr": 0, "schedule.momentum": 0, "schedule.weight_decay": 0,
+               "schedule.weight_decay_norm": 0, "schedule.warmup_factor": 0, "schedule.gamma": 0,
+               "schedule.grad_clip": 0}
+    minimum.update({f"schedule.lr_mult.{kind}": 0 for kind in (cfg.schedule.get("lr_mult") or {})})
+    for key, least in minimum.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in ("eval_period", "checkpoint_period", "log_period", "schedule.grad_clip"):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{key} must be a number >= {least}; got {value!r}")
+    batch_size = int(cfg.schedule.batch_size)
+    if batch_size % world_size:
+        raise ValueError(f"schedule.batch_size ({batch_size}, images per iteration over all processes) "
+                         f"must be a multiple of the number of processes ({world_size})")
+    _check_frozen_layers_have_weights(cfg)
+
+
+def _check_frozen_layers_have_weights(cfg: Any) -> None:
+    backbone = cfg.model.get("backbone") or {}
+    frozen = int(backbone.get("freeze_at", 0) or 0) > 0 or backbone.get("norm") == "frozen_bn"
+    if frozen and not backbone.get("weights") and not cfg.resume:
+        # Frozen layers (or frozen BN statistics) that were never trained: the run would
+        # train a detector on random features without any error.
+        raise ValueError(
+            f"model.backbone freezes layers (freeze_at={backbone.get('freeze_at')}, norm="
+            f"{backbone.get('norm')}) but model.backbone.weights is null, so they would stay random: pass "
+            f"model.backbone.weights=/path/resnet{backbone.get('depth', 50)}.pth (torchvision ImageNet "
+            f"checkpoint), or train from scratch with model.backbone.freeze_at=0 model.backbone.norm=bn")

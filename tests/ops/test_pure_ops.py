@@ -1,0 +1,391 @@
+"""The pure-PyTorch path of every op (detkit/ops/pure/) against the compiled kernels, and the
+dispatch that chooses between them (detkit/ops/_dispatch.py).
+
+Every comparison runs the same public function twice on the same seeded tensors: once on the
+kernels, once with the fallback forced (`use_pure_ops`), and compares the output and every
+gradient. Without the extension at all, see tests/install/test_no_extension.py.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import detkit.ops
+from detkit.ops import PureOpsWarning, _dispatch, deform_conv2d, deform_roi_pool, use_pure_ops
+from detkit.ops.pure import _bags
+from tests.helpers import assert_results_match, forward_backward, generator, normal, uniform
+from tests.ops import test_deform_conv2d as conv_tests
+from tests.ops import test_deform_roi_pool as pool_tests
+from tests.ops.test_deform_conv2d import ConvCase
+from tests.ops.test_deform_roi_pool import PoolCase
+
+
+def _conv(input, offset, weight, bias=None, mask=None, **conv):
+    return deform_conv2d(input, offset, weight, bias, mask=mask, **conv)
+
+
+def _pool(input, rois, offset=None, mask=None, **kw):
+    return deform_roi_pool(input, rois, offset, mask, **kw)
+
+
+def both_paths(fn, tensors, grad_seed, **kwargs):
+    """(kernels, pure) results of forward_backward(fn, ...)."""
+    with _dispatch.set_mode("kernels"):
+        kernels = forward_backward(fn, tensors, grad_seed, **kwargs)
+    with use_pure_ops():
+        pure = forward_backward(fn, tensors, grad_seed, **kwargs)
+    return kernels, pure
+
+
+# ---------------------------------------------------------------- deform_conv2d
+
+# Every hand-picked case (groups and offset groups that do not nest, 1xN inputs, 5x5 dilated,
+# every stride/padding/dilation pair) and a third of the random ones.
+CONV_CASES = conv_tests.HAND_PICKED + conv_tests.CASES[len(conv_tests.HAND_PICKED)::3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: c.id)
+def test_deform_conv2d_pure_equals_kernels(case: ConvCase, dtype):
+    kernels, pure = both_paths(_conv, case.tensors(dtype), case.seed + 7, **case.conv_args())
+    assert pure[0].dtype == dtype and pure[0].is_contiguous()
+    assert_results_match(pure, kernels, rel=1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.parametrize("case", [conv_tests.HAND_PICKED[0], conv_tests.HAND_PICKED[6]], ids=lambda c: c.id)
+def test_deform_conv2d_integer_positions(case: ConvCase):
+    """Zero and whole-pixel offsets (every DCN at initialisation): bilinear interpolation has a
+    kink there, and the offset gradient must come from the same pixel cell as the kernels'."""
+    tensors = case.tensors(torch.float32)
+    whole = torch.randint(-2, 3, tensors["offset"].shape, generator=generator(case.seed + 1))
+    for offset in (torch.zeros_like(tensors["offset"]), whole.to(torch.float32)):
+        kernels, pure = both_paths(_conv, {**tensors, "offset": offset}, case.seed + 2, **case.conv_args())
+        assert_results_match(pure, kernels, rel=2e-6)
+
+
+@pytest.mark.parametrize("values", [[float("nan")], [float("inf"), float("-inf")], [1e6, -1e6, 3e5]],
+                         ids=["nan", "inf", "huge"])
+def test_deform_conv2d_non_finite_offsets(values):
+    case = conv_tests.BAD_OFFSET_CASES[0]
+    tensors = case.tensors()
+    tensors["offset"], _ = conv_tests._spoil_offsets(tensors["offset"], generator(case.seed + 5), values)
+    kernels, pure = both_paths(_conv, tensors, case.seed + 6, **case.conv_args())
+    assert torch.isfinite(pure[0]).all() and all(torch.isfinite(g).all() for g in pure[1].values())
+    assert_results_match(pure, kernels, rel=1e-12)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["dcnv1", "dcnv2"])
+def test_deform_conv2d_empty_batch(with_mask):
+    case = ConvCase(0, 4, 6, 5, 7, (3, 3), (2, 1), 1, 1, groups=2, offset_groups=2, mask=with_mask, seed=41)
+    kernels, pure = both_paths(_conv, case.tensors(), 1, **case.conv_args())
+    assert pure[0].shape == (0, case.out_channels, *case.output_size())
+    assert_results_match(pure, kernels, rel=0)
+
+
+@pytest.mark.parametrize("case", conv_tests.GRADCHECK_CASES, ids=lambda c: c.id)
+def test_deform_conv2d_gradcheck(case: ConvCase):
+    tensors = case.tensors()
+    tensors["offset"] = conv_tests._gradcheck_offsets(tensors["offset"].shape, generator(case.seed + 100))
+    names = [n for n, t in tensors.items() if t is not None]
+    leaves = [tensors[n].clone().requires_grad_(True) for n in names]
+
+    def fn(*args):
+        kw = dict(zip(names, args))
+        return deform_conv2d(kw["input"], kw["offset"], kw["weight"], kw.get("bias"), case.stride,
+                             case.padding, case.dilation, kw.get("mask"))
+
+    with use_pure_ops():
+        assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- deform_roi_pool
+
+POOL_CASES = [c for name in ("REFERENCE_CASES", "GRADCHECK_CASES", "OPCHECK_CASES")
+              for c in getattr(pool_tests, name, [])]
+
+
+def test_pool_cases_cover_plain_deformable_modulated_and_both_samplings():
+    assert {(c.offset, c.mask) for c in POOL_CASES} >= {(False, False), (True, False), (True, True)}
+    assert {c.sampling_ratio > 0 for c in POOL_CASES} == {True, False}
+
+
+def _pool_tensors(case: PoolCase, dtype):
+    tensors = case.tensors(dtype)
+    rois = tensors.pop("rois")
+    return tensors, rois
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: c.id)
+def test_deform_roi_pool_pure_equals_kernels(case: PoolCase, dtype):
+    tensors, rois = _pool_tensors(case, dtype)
+    kernels, pure = both_paths(_pool, tensors, case.seed + 3, rois=rois, **case.pool_args())
+    assert pure[0].dtype == dtype and pure[0].is_contiguous()
+    assert_results_match(pure, kernels, rel=1e-12 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_deform_roi_pool_rois_on_pixel_centres_and_borders(sampling_ratio):
+    """RoIs whose samples land exactly on 0, on the last pixel and on pixel centres, where
+    RoIAlign's clamping switches the gradient off."""
+    gen = generator(71)
+    x = normal((2, 3, 6, 7), gen)
+    rois = torch.tensor([[0, 0.5, 0.5, 6.5, 5.5], [1, -1.0, -1.0, 8.0, 7.0], [1, 1.5, 2.5, 3.5, 4.5],
+                         [0, 0.0, 0.0, 0.0, 0.0], [1, 3.0, 2.0, 1.0, 1.0]], dtype=torch.float64)
+    tensors = {"input": x, "offset": torch.zeros(5, 2, 2, 3, dtype=torch.float64),
+               "mask": uniform((5, 1, 2, 3), gen, 0, 1)}
+    kernels, pure = both_paths(_pool, tensors, 72, rois=rois, output_size=(2, 3),
+                               sampling_ratio=sampling_ratio)
+    assert_results_match(pure, kernels, rel=1e-12)
+
+
+@pytest.mark.parametrize("with_offset", [False, True], ids=["plain", "deformable"])
+def test_deform_roi_pool_zero_rois(with_offset):
+    gen = generator(41)
+    tensors = {"input": normal((2, 3, 5, 6), gen)}
+    if with_offset:
+        tensors |= {"offset": normal((0, 2, 2, 3), gen), "mask": uniform((0, 1, 2, 3), gen, 0, 1)}
+    rois = torch.empty(0, 5, dtype=torch.float64)
+    kernels, pure = both_paths(_pool, tensors, 1, rois=rois, output_size=(2, 3))
+    assert pure[0].shape == (0, 3, 2, 3)
+    assert_results_match(pure, kernels, rel=0)
+
+
+def test_deform_roi_pool_huge_rois_and_non_finite_offsets():
+    args = pool_tests._good_args()
+    rois = args["rois"].clone()
+    rois[1, 1:] = torch.tensor([-1e30, -1e30, 1e30, 1e30], dtype=torch.float64)
+    offset = args["offset"].clone()
+    offset[2, 0, 1, 2], offset[3, 1, 0, 0], offset[0, :, 1, 1] = float("nan"), float("inf"), 1e7
+    tensors = {"input": args["input"], "offset": offset, "mask": args["mask"]}
+    for ratio in (0, 2):
+        kernels, pure = both_paths(_pool, tensors, 3, rois=rois, output_size=(2, 3), spatial_scale=0.5,
+                                   sampling_ratio=ratio)
+        assert_results_match(pure, kernels, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", getattr(pool_tests, "GRADCHECK_CASES"), ids=lambda c: c.id)
+def test_deform_roi_pool_gradcheck(case: PoolCase):
+    tensors, rois = _pool_tensors(case, torch.float64)
+    names = [n for n, t in tensors.items() if t is not None]
+    leaves = [tensors[n].clone().requires_grad_(True) for n in names]
+
+    def fn(*args):
+        kw = dict(zip(names, args))
+        return deform_roi_pool(kw["input"], rois, kw.get("offset"), kw.get("mask"), **case.pool_args())
+
+    with use_pure_ops():
+        assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the same argument checks
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001  (compared below)
+        return type(exc), str(exc)
+    return None
+
+
+def _same_error_on_both_paths(fn):
+    with _dispatch.set_mode("kernels"):
+        kernels = _error_of(fn)
+    with use_pure_ops():
+        pure = _error_of(fn)
+    assert kernels is not None
+    assert pure == kernels
+
+
+@pytest.mark.parametrize("changes", [a[1] for a in conv_tests.BAD_ARGS], ids=[a[0] for a in conv_tests.BAD_ARGS])
+def test_deform_conv2d_bad_arguments_same_errors(changes):
+    _same_error_on_both_paths(lambda: conv_tests._call(**changes))
+
+
+@pytest.mark.parametrize("changes", [a[1] for a in pool_tests.BAD_ARGS], ids=[a[0] for a in pool_tests.BAD_ARGS])
+def test_deform_roi_pool_bad_arguments_same_errors(changes):
+    """Including the RoI value checks, which live in the kernels (csrc/roi_checks.h) and are
+    mirrored on the pure path with the same RuntimeError messages."""
+    _same_error_on_both_paths(lambda: deform_roi_pool(**{**pool_tests._good_args(), **changes}))
+
+
+@pytest.mark.parametrize("changes", [a[1] for a in conv_tests.RAW_BAD_ARGS],
+                         ids=[a[0] for a in conv_tests.RAW_BAD_ARGS])
+def test_pure_op_checks_like_the_kernel(changes):
+    """The pure function registered as the op when there is no extension checks what the C++
+    kernel checks, with its messages."""
+    from detkit.ops.pure.deform_conv2d import deform_conv2d_op
+
+    a = {**conv_tests._good_args(), "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], **changes}
+    args = (a["input"], a["offset"], a["weight"], a["mask"], a["bias"], a["stride"], a["padding"], a["dilation"])
+    assert _error_of(lambda: deform_conv2d_op(*args)) == _error_of(lambda: torch.ops.detkit.deform_conv2d(*args))
+
+
+def test_pure_roi_op_checks_like_the_kernel():
+    from detkit.ops.pure.deform_roi_pool import deform_roi_pool_op
+
+    a = pool_tests._good_args()
+    bad = [(a["input"], a["rois"][:, 1:], a["offset"], a["mask"], 2, 3, 0.5, 2, 0.1),
+           (a["input"], a["rois"], a["offset"][:, :1], a["mask"], 2, 3, 0.5, 2, 0.1),
+           (a["input"], a["rois"], a["offset"], a["mask"].float(), 2, 3, 0.5, 2, 0.1),
+           (a["input"], pool_tests._rois_with(2, float("nan")), a["offset"], a["mask"], 2, 3, 0.5, 2, 0.1),
+           (a["input"], pool_tests._rois_with(0, 2.0), None, None, 2, 3, 0.5, 2, 0.1)]
+    for args in bad:
+        kernel = _error_of(lambda: torch.ops.detkit.deform_roi_pool(*args))
+        assert kernel is not None and _error_of(lambda: deform_roi_pool_op(*args)) == kernel
+
+
+# ---------------------------------------------------------------- formulations, autocast, compile
+
+def test_gather_formulation_equals_embedding_bag(monkeypatch):
+    """Devices without embedding_bag (MPS, XPU, ...) take index_select-multiply-sum: the same
+    results, checked here on CPU by taking that branch."""
+    conv = conv_tests.HAND_PICKED[1]
+    pools = [PoolCase(2, 3, 7, 9, (2, 3), 1.0, 0, 4, (1.0, 8.0), seed=1),
+             PoolCase(2, 3, 7, 9, (2, 3), 0.5, 2, 4, (1.0, 8.0), seed=2)]
+
+    def run_all():
+        results = [forward_backward(_conv, conv.tensors(), 1, **conv.conv_args())]
+        for case in pools:
+            tensors, rois = _pool_tensors(case, torch.float64)
+            results.append(forward_backward(_pool, tensors, 5, rois=rois, **case.pool_args()))
+        return results
+
+    with use_pure_ops():
+        bags = run_all()
+        monkeypatch.setattr(_bags, "EMBEDDING_BAG_DEVICES", set())
+        gathers = run_all()
+    for a, b in zip(gathers, bags):
+        assert_results_match(a, b, rel=1e-12)
+
+
+def test_autocast_runs_the_pure_path_in_float32():
+    case = conv_tests.HAND_PICKED[0]
+    t = case.tensors(torch.float32)
+    with use_pure_ops():
+        expected = _conv(**t, **case.conv_args())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _conv(**{k: (v.bfloat16() if k == "input" and v is not None else v) for k, v in t.items()},
+                        **case.conv_args())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _conv(**{**t, "input": t["input"].bfloat16().float()}, **case.conv_args()))
+    assert expected.dtype == torch.float32
+
+
+def test_torch_compile_traces_the_pure_path_whole():
+    """fullgraph=True: no graph break anywhere in either op (fixed sampling ratio), forward and
+    backward, with the same results as eager."""
+    conv = conv_tests.HAND_PICKED[0]
+    pool = PoolCase(2, 3, 7, 9, (2, 3), 0.5, 2, 4, (1.0, 8.0), seed=2)
+    pool_tensors, rois = _pool_tensors(pool, torch.float64)
+
+    def both(input, offset, weight, bias, mask, pool_input, pool_offset, pool_mask):
+        a = deform_conv2d(input, offset, weight, bias, conv.stride, conv.padding, conv.dilation, mask)
+        b = deform_roi_pool(pool_input, rois, pool_offset, pool_mask, pool.output_size, pool.spatial_scale,
+                            pool.sampling_ratio, pool.gamma)
+        return a.sum() + (b * b).sum()
+
+    tensors = {**conv.tensors(), **{f"pool_{k}": v for k, v in pool_tensors.items()}}
+    with use_pure_ops():
+        torch._dynamo.reset()
+        compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+        eager_leaves = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+        got, want = compiled(**leaves), both(**eager_leaves)
+        got.backward()
+        want.backward()
+    torch.testing.assert_close(got, want)
+    for name in leaves:
+        torch.testing.assert_close(leaves[name].grad, eager_leaves[name].grad, msg=name)
+
+
+# ---------------------------------------------------------------- the dispatch
+
+@pytest.fixture
+def no_cpu_kernels(monkeypatch):
+    """As if the extension had no CPU kernels (a device without detkit kernels), the
+    once-per-process warning not yet given."""
+    table = {key: (False if key[1] == "cpu" else found) for key, found in _dispatch._has_kernel.items()}
+    monkeypatch.setattr(_dispatch, "_has_kernel", table)
+    monkeypatch.setattr(_dispatch, "_warned", False)
+    with _dispatch.set_mode("auto"):
+        yield
+
+
+def test_fallback_warns_once_per_process(no_cpu_kernels):
+    case = conv_tests.HAND_PICKED[0]
+    t = case.tensors()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _conv(**t, **case.conv_args())
+        _conv(**t, **case.conv_args())
+        args = pool_tests._good_args()
+        deform_roi_pool(**args)
+    ours = [w for w in caught if issubclass(w.category, PureOpsWarning)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "pure-PyTorch path for cpu tensors" in message
+    assert "pip install --no-build-isolation -e ." in message and "DETKIT_OPS=pure" in message
+    assert ours[0].filename == __file__  # points at the caller
+    with use_pure_ops():
+        torch.testing.assert_close(out, _conv(**t, **case.conv_args()), rtol=0, atol=0)
+    assert detkit.ops.ops_path("cpu") == "pure"
+
+
+def test_forced_pure_path_does_not_warn(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", False)
+    case = conv_tests.HAND_PICKED[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with use_pure_ops():
+            _conv(**case.tensors(), **case.conv_args())
+            assert detkit.ops.ops_path("cpu") == "pure"
+
+
+def test_kernels_mode_refuses_the_fallback(no_cpu_kernels):
+    case = conv_tests.HAND_PICKED[0]
+    with _dispatch.set_mode("kernels"), pytest.raises(RuntimeError, match=r"DETKIT_OPS=kernels forbids"):
+        _conv(**case.tensors(), **case.conv_args())
+
+
+def test_use_pure_ops_sets_and_restores():
+    start = _dispatch.mode()
+    handle = use_pure_ops()
+    try:
+        assert _dispatch.mode() == "pure"
+        with use_pure_ops(False):
+            assert _dispatch.mode() == "auto"
+        assert _dispatch.mode() == "pure"
+    finally:
+        _dispatch.set_mode(handle.previous)
+    assert _dispatch.mode() == start
+    with pytest.raises(ValueError, match="mode must be one of auto, pure, kernels"):
+        _dispatch.set_mode("fast")
+
+
+def test_environment_variable(monkeypatch):
+    for value, mode in [("", "auto"), ("pure", "pure"), (" Kernels ", "kernels"), ("auto", "auto")]:
+        monkeypatch.setenv("DETKIT_OPS", value)
+        assert _dispatch._mode_from_env() == mode
+    monkeypatch.setenv("DETKIT_OPS", "slow")
+    with pytest.raises(ValueError, match=r"DETKIT_OPS must be one of auto, pure, kernels"):
+        _dispatch._mode_from_env()
+
+
+def test_paths_and_require_ops_per_device():
+    assert detkit.ops.ops_path("cpu") == ("pure" if _dispatch.mode() == "pure" else "kernels")
+    detkit.ops.require_ops("cpu")  # the CPU kernels are built
+    if not detkit.ops.cuda_kernels_built():
+        assert _dispatch.path("cuda") == ("kernels" if _dispatch.mode() == "kernels" else "pure")
+        with pytest.raises(RuntimeError, match=r"CPU kernels only"):
+            detkit.ops.require_ops("cuda")
+    with pytest.raises(RuntimeError, match=r"no mps kernel"):
+        detkit.ops.require_ops("mps")
+
+
+def test_op_table_matches_the_extensions_schemas():
+    """The schemas the pure path defines without the extension are csrc/schemas.cpp's."""
+    for name, op in _dispatch.OPS.items():
+        assert str(getattr(torch.ops.detkit, name).default._schema) == f"detkit::{op.schema}"
