@@ -52,7 +52,7 @@ def synthetic_batch():
 def small_deformable_detector() -> torch.nn.Module:
     torch.manual_seed(0)
     backbone = build_resnet(depth=18, width=16, norm="bn", freeze_at=0,
-                            deform_blocks={"res4": "all", "res5": "all"}, deform_modulated=True)
+                            deform_blocks={"res4": "all", "res5": "all"}, deform_kind="dcnv2")
     return build_faster_rcnn(
         backbone, num_classes=len(CATEGORIES) + 1, layout="fpn", pooler_kind="mdeform", fpn_channels=32,
         representation_size=128, deform_hidden_dim=64, transform_options={"min_size": 96, "max_size": 96},
