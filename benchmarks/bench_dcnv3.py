@@ -4,8 +4,13 @@ Prints Markdown tables of median times (ms) and ratios, all measured in this one
 the same inputs (never zeros), after warm-up, timed round-robin (every round runs each
 contender once, so all see the same machine load):
 
-    python benchmarks/bench_dcnv3.py                 # 2 threads, batch 2, float32
-    python benchmarks/bench_dcnv3.py --threads 1 --repeats 40
+    python benchmarks/bench_dcnv3.py                 # 2 threads, batch 2, float32, wall clock
+    python benchmarks/bench_dcnv3.py --threads 1 --clock cpu
+
+`--clock cpu` times with the process's CPU time instead of the wall clock: on a shared,
+overloaded machine (load average far above the core count) wall times measure the
+scheduler, while CPU time still measures the work. With one thread it is the fair
+comparison of the kernels' cost; with more threads it adds up all threads' time.
 
 Contenders, at each shape (batch 2, 3x3, padding 1, offset_scale 1, group_channels 16):
 - detkit `dcnv3_core` (input [N, H, W, C] channels-last) and `dcnv4_core` (packed offsets);
@@ -45,16 +50,19 @@ BATCH, KERNEL = 2, 3
 POINTS = KERNEL * KERNEL
 
 
+CLOCK = time.perf_counter
+
+
 def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each fn, timed round-robin after one warm-up call each."""
+    """Median time in ms (CLOCK) of each fn, timed round-robin after one warm-up call each."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times[name].append((time.perf_counter() - t0) * 1000)
+            times[name].append((CLOCK() - t0) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -244,9 +252,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall clock (default) or the process's CPU time")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    print(f"Machine: {machine_line(args.threads)}")
+    print(f"Machine: {machine_line(args.threads)}; clock: {args.clock}")
     bench_torch(args.repeats)
     if not args.no_onnx:
         bench_onnx(args.repeats, args.threads)
