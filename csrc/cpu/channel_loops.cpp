@@ -1,11 +1,17 @@
 // The loops are compiled several times for different x86 vector ISAs
 // (target_clones); the loader picks the best one for the running CPU, so the
-// build stays portable while Skylake-class machines get AVX-512.
+// build stays portable while AVX2 / AVX-512 machines get their vector units.
 #include "channel_loops.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The clones are chosen by ISA level (x86-64-v4: AVX-512, v3: AVX2/FMA), not by CPU model:
+// "arch=haswell" / "arch=skylake-avx512" clones are picked by the processor's model, so an
+// AMD CPU with AVX2 and AVX-512 ran the baseline clone. The levels need GCC 12; older GCC
+// selects by feature.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define DETKIT_VECTOR_CLONES \
-  __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DETKIT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DETKIT_VECTOR_CLONES
 #endif
