@@ -118,7 +118,9 @@ def _mix_center(module: nn.Module, sampled: Tensor, projected: Tensor, query: Te
     sampled, projected [N, Ho, Wo, C]; query [N, Ho, Wo, C] -> [N, Ho, Wo, C]."""
     gate = F.linear(query, module.center_feature_scale_proj_weight,
                     module.center_feature_scale_proj_bias).sigmoid()
-    gate = gate.repeat_interleave(module.group_channels, dim=-1)
+    # Each group's gate over its channels (expand, not repeat_interleave: that one exports to
+    # ONNX through ops whose shapes onnx's inference loses).
+    gate = gate.unsqueeze(-1).expand(*gate.shape, module.group_channels).flatten(-2)
     return sampled * (1 - gate) + projected * gate
 
 
