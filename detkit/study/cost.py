@@ -49,6 +49,7 @@ from detkit.ops import require_ops
 from detkit.ops.reference import MAX_ADAPTIVE_GRID
 
 __all__ = ["BILINEAR_FLOPS", "register_flop_formulas", "deform_conv2d_flop_count", "deform_roi_pool_flop_count",
+           "dcn_core_flop_count",
            "FlopCount", "count_flops", "InferenceFlops", "fixed_proposals", "inference_flops", "parameter_counts",
            "compose_train_config", "time_training_iterations", "ExperimentCost", "measure_experiment"]
 
@@ -109,8 +110,19 @@ def deform_roi_pool_flop_count(input_shape: Sequence[int], rois: torch.Tensor, p
     return channels * pooled_height * pooled_width * int(per_bin.sum())
 
 
+def dcn_core_flop_count(out_shape: Sequence[int], points: int) -> int:
+    """FLOPs of one `dcnv3_core` / `dcnv4_core` forward: out_shape [N, Ho, Wo, C], `points`
+    sampling points (K) per group. Every output channel sums K bilinear samples, each weighted
+    by its point's weight: K * (BILINEAR_FLOPS + 2) per output element (a multiply and an add
+    per point). The layers' projections and offset heads are Linear / conv layers, counted as
+    such."""
+    n, ho, wo, c = (int(v) for v in out_shape)
+    return n * ho * wo * c * points * (BILINEAR_FLOPS + 2)
+
+
 def register_flop_formulas() -> None:
-    """Register the formulas of `torch.ops.detkit.deform_conv2d` and `deform_roi_pool` with
+    """Register the formulas of `torch.ops.detkit.deform_conv2d`, `deform_roi_pool`, `dcnv3_core`
+    and `dcnv4_core` with
     `torch.utils.flop_counter.register_flop_formula` (once; calling again does nothing). A
     FlopCounterMode copies the registry when it is made, so call this before making one
     (`count_flops` does). RuntimeError when detkit's compiled ops are not built."""
@@ -122,6 +134,16 @@ def register_flop_formulas() -> None:
                                 out_shape=None, **kwargs) -> int:
             # Arguments are shapes here (register_flop_formula's shape wrapper); mask None: DCNv1.
             return deform_conv2d_flop_count(input, weight, out_shape, modulated=mask is not None)
+
+    for name in ("dcnv3_core", "dcnv4_core"):
+        op = getattr(ops, name)
+        if op not in flop_registry:
+            @register_flop_formula(op)
+            def _dcn_core_flop(input, *args, out_shape=None, **kwargs) -> int:
+                # The last schema arguments: ..., kernel_size, stride, padding, dilation, group,
+                # group_channels, offset_scale, remove_center.
+                kernel_size, remove_center = args[-8], args[-1]
+                return dcn_core_flop_count(out_shape, kernel_size[0] * kernel_size[1] - int(bool(remove_center)))
 
     if ops.deform_roi_pool not in flop_registry:
         @register_flop_formula(ops.deform_roi_pool, get_raw=True)  # raw: the RoI sizes matter

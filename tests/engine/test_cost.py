@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from detkit.config.build import build_model
 from detkit.config.schemas import check_train_config
-from detkit.study.cost import (compose_train_config, count_flops, deform_conv2d_flop_count,
+from detkit.study.cost import (compose_train_config, count_flops, dcn_core_flop_count, deform_conv2d_flop_count,
                                 deform_roi_pool_flop_count, fixed_proposals, inference_flops, measure_experiment,
                                 parameter_counts)
 from detkit.ops import DeformConv2d, deform_conv2d, deform_roi_pool
@@ -184,3 +184,24 @@ def test_two_timed_iterations_of_a_tiny_composed_run(tmp_path):
     assert 0 < cost.trainable < cost.parameters
     assert cost.offset_total == sum(p.numel() for n, p in model.named_parameters() if ".offset_branch." in n) > 0
     assert cost.to_dict()["sec_per_iter_median"] == cost.sec_per_iter
+
+
+@pytest.mark.parametrize("remove_center", [False, True])
+def test_dcn_core_formulas_count_each_points_bilinear_sample_and_weight(remove_center):
+    # 2 images, 5x6 output at stride 1 of a 5x6 input, 3 groups of 4 channels, 3x3 kernel:
+    # every output element sums K points of 7 FLOPs (bilinear) + 2 (weight, sum) each.
+    from detkit.ops import dcnv3_core, dcnv4_core
+    from detkit.ops.dcnv3 import dcnv4_packed_width
+
+    gen = torch.Generator().manual_seed(0)
+    points = 9 - int(remove_center)
+    x = torch.rand(2, 5, 6, 12, generator=gen)
+    offset = torch.rand(2, 5, 6, 3 * points * 2, generator=gen) - 0.5
+    mask = torch.rand(2, 5, 6, 3 * points, generator=gen)
+    packed = torch.rand(2, 5, 6, dcnv4_packed_width(3, points), generator=gen)
+    expected = 2 * 5 * 6 * 12 * points * 9
+    v3 = count_flops(dcnv3_core, x, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 3, 4, 1.0, remove_center)
+    v4 = count_flops(dcnv4_core, x, packed, 3, 3, 1, 1, 1, 1, 1, 1, 3, 4, 1.0, remove_center)
+    assert v3.total == expected and v3.by_op == {"detkit.dcnv3_core": expected}
+    assert v4.total == expected and v4.by_op == {"detkit.dcnv4_core": expected}
+    assert dcn_core_flop_count((2, 5, 6, 12), points) == expected
