@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from detkit.config.build import build_model
+from detkit.ops import offset_branch_parameters
 from detkit.vis import ImageGeometry, LayerOffsets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,9 +45,8 @@ def single_scale_config(**backbone) -> dict:
 def randomise_offset_branches(model: torch.nn.Module, std: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".offset_branch." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for _, _, p in offset_branch_parameters(model):  # every deformable layer kind's branch
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -24,6 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 VISUALIZE = str(REPO / "tools" / "visualize.py")
 ANALYZE = str(REPO / "tools" / "analyze_offsets.py")
 IMAGE_H, IMAGE_W = 80, 100
+# The newer deformable layer kinds (the default checkpoint's is DCNv2) in the tiny model's
+# res3-res5 (16 / 32 / 64 channels).
+NEWER_KINDS = {
+    "dcnv3": {"deform_kind": "dcnv3", "deform_groups": 2, "deform_options": {"center_feature_scale": True}},
+    "dcnv4": {"deform_kind": "dcnv4", "deform_groups": {"res3": 1, "res4": 2, "res5": 4},
+              "deform_options": {"remove_center": True}},
+    "offset_sampling": {"deform_kind": "offset_sampling"},
+}
 
 
 def write_checkpoint(path: Path, **changes) -> list[str]:
@@ -48,6 +56,8 @@ def runs(tmp_path_factory):
     dcn, plain = tmp / "dcn.pth", tmp / "plain.pth"
     names = write_checkpoint(dcn)
     write_checkpoint(plain, backbone={"deform_blocks": {}}, pooler_kind="align")
+    kinds = {kind: tmp / f"{kind}.pth" for kind in NEWER_KINDS}
+    kind_names = {kind: write_checkpoint(path, backbone=NEWER_KINDS[kind]) for kind, path in kinds.items()}
     image = tmp / "image.png"
     pixels = write_image(image, IMAGE_H, IMAGE_W, seed=0)
     not_an_image = tmp / "broken.png"
@@ -63,6 +73,10 @@ def runs(tmp_path_factory):
         "point_outside": [VISUALIZE, f"checkpoint={dcn}", f"input={image}", f"point=[{IMAGE_W + 5},10]"],
         "unreadable": [VISUALIZE, f"checkpoint={dcn}", f"input={not_an_image}"],
         "too_few_layers": [VISUALIZE, f"checkpoint={dcn}", f"input={image}", "stage=res5", "num_layers=3"],
+        **{f"visualize_{kind}": [VISUALIZE, f"checkpoint={path}", f"input={image}",
+                                 f"output={tmp / (kind + '.png')}"] for kind, path in kinds.items()},
+        **{f"analyze_{kind}": [ANALYZE, f"checkpoint={path}", f"images={images}", f"annotations={annotations}",
+                               f"output={tmp / (kind + '.json')}"] for kind, path in kinds.items()},
     }
     processes = {key: subprocess.Popen([sys.executable, *args, f"hydra.run.dir={tmp / 'runs' / key}"], cwd=tmp,
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -71,7 +85,7 @@ def runs(tmp_path_factory):
     for key, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         results[key] = (process.returncode, stdout, stderr)
-    return {"results": results, "tmp": tmp, "names": names, "pixels": pixels}
+    return {"results": results, "tmp": tmp, "names": names, "pixels": pixels, "kind_names": kind_names}
 
 
 def test_visualize_writes_a_png_of_the_image_size(runs):
@@ -119,3 +133,27 @@ def test_bad_inputs_fail_with_one_line(runs, key, message):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("kind", list(NEWER_KINDS))
+def test_the_tools_draw_and_measure_every_newer_kind(runs, kind):
+    code, stdout, stderr = runs["results"][f"visualize_{kind}"]
+    assert code == 0, stderr
+    picture = cv2.imread(str(runs["tmp"] / f"{kind}.png"))
+    assert picture is not None and picture.shape == runs["pixels"].shape
+    assert np.abs(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB).astype(int) - runs["pixels"].astype(int)).sum() > 0
+    code, stdout, stderr = runs["results"][f"analyze_{kind}"]
+    if kind == "offset_sampling":  # one point per channel: no adjacent taps to measure
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "has no adjacent taps" in lines[0], stderr
+        return
+    assert code == 0, stderr
+    stats = json.loads((runs["tmp"] / f"{kind}.json").read_text())
+    assert [entry["name"] for entry in stats["layers"]] == runs["kind_names"][kind]
+    for entry in stats["layers"]:
+        dilation = entry["effective_dilation"]["all"]
+        # Small random offset heads around the 3x3 grid: near 1 (a plain conv's), never exactly
+        # (DCNv4's head reads the raw features, so its offsets are the larger: ~1.1 measured).
+        assert dilation["count"] > 0 and 0.5 < dilation["mean"] < 2 and dilation["mean"] != 1
+        assert dilation["std"] > 0
+    assert {entry["offset_groups"] for entry in stats["layers"]} == ({2} if kind == "dcnv3" else {1, 2, 4})
