@@ -10,31 +10,35 @@ from detkit.config.compose import CONFIG_DIR, check_config
 from detkit.study.cli.ablate import read_options
 from detkit.config.build import build_model
 from detkit.modeling.backbone.resnet import deformable_layers
+from detkit.ops import DCNv3, DCNv4, DeformConv2d, OffsetSampling
 
 ROW_FAMILIES = ("dcnv1", "dcnv2", "fpn")      # configs/experiment/<family>/: the tables' rows
 EXPERIMENTS = sorted(str(p.relative_to(CONFIG_DIR / "experiment").with_suffix(""))
                      for family in ROW_FAMILIES for p in (CONFIG_DIR / "experiment" / family).glob("*.yaml"))
 
-# experiment -> (deformable 3x3 layers per stage, modulated, pooler kind) in a ResNet-34/50/101
+# experiment -> (deformable 3x3 layers per stage, deform_kind, pooler kind) in a ResNet-34/50/101
 RES3, RES4 = 4, 6           # blocks of R34's / R50's res3 / res4 (R101: res4 has 23)
 EXPECTED = {
-    "dcnv1/baseline": ({}, False, "alignv2"),
-    "dcnv1/res5c": ({"res5": 1}, False, "alignv2"),
-    "dcnv1/res5bc": ({"res5": 2}, False, "alignv2"),
-    "dcnv1/res5abc": ({"res5": 3}, False, "alignv2"),
-    "dcnv1/res5abc_res4": ({"res4": 3, "res5": 3}, False, "alignv2"),
-    "dcnv1/dpool": ({}, False, "deform"),
-    "dcnv1/res5abc_dpool": ({"res5": 3}, False, "deform"),
-    "dcnv2/regular": ({}, False, "alignv2"),
-    "dcnv2/dconv_c5_dpool": ({"res5": 3}, False, "deform"),
-    "dcnv2/dconv_c4_c5_dpool": ({"res4": RES4, "res5": 3}, False, "deform"),
-    "dcnv2/dconv_c3_c5_dpool": ({"res3": RES3, "res4": RES4, "res5": 3}, False, "deform"),
-    "dcnv2/mdconv_c3_c5_mdpool": ({"res3": RES3, "res4": RES4, "res5": 3}, True, "mdeform"),
-    "fpn/baseline": ({}, False, "alignv2"),
-    "fpn/dconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, False, "alignv2"),
-    "fpn/mdconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, True, "alignv2"),
-    "fpn/dpool": ({}, False, "deform"),
-    "fpn/mdpool": ({}, False, "mdeform"),
+    "dcnv1/baseline": ({}, "dcnv1", "alignv2"),
+    "dcnv1/res5c": ({"res5": 1}, "dcnv1", "alignv2"),
+    "dcnv1/res5bc": ({"res5": 2}, "dcnv1", "alignv2"),
+    "dcnv1/res5abc": ({"res5": 3}, "dcnv1", "alignv2"),
+    "dcnv1/res5abc_res4": ({"res4": 3, "res5": 3}, "dcnv1", "alignv2"),
+    "dcnv1/dpool": ({}, "dcnv1", "deform"),
+    "dcnv1/res5abc_dpool": ({"res5": 3}, "dcnv1", "deform"),
+    "dcnv2/regular": ({}, "dcnv1", "alignv2"),
+    "dcnv2/dconv_c5_dpool": ({"res5": 3}, "dcnv1", "deform"),
+    "dcnv2/dconv_c4_c5_dpool": ({"res4": RES4, "res5": 3}, "dcnv1", "deform"),
+    "dcnv2/dconv_c3_c5_dpool": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv1", "deform"),
+    "dcnv2/mdconv_c3_c5_mdpool": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv2", "mdeform"),
+    "fpn/baseline": ({}, "dcnv1", "alignv2"),
+    "fpn/dconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv1", "alignv2"),
+    "fpn/mdconv_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv2", "alignv2"),
+    "fpn/dpool": ({}, "dcnv1", "deform"),
+    "fpn/mdpool": ({}, "dcnv1", "mdeform"),
+    "fpn/dcnv3_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv3", "alignv2"),
+    "fpn/dcnv4_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, "dcnv4", "alignv2"),
+    "fpn/offset_sampling_c3_c5": ({"res3": RES3, "res4": RES4, "res5": 3}, "offset_sampling", "alignv2"),
 }
 # family -> (layout, lr_mult deform_conv, lr_mult deform_roi_pool): as each paper trains them
 FAMILY = {"dcnv1": ("single_scale", 1.0, 0.01), "dcnv2": ("single_scale", 0.1, 0.1), "fpn": ("fpn", 1.0, 1.0)}
@@ -48,7 +52,8 @@ def compose(experiment: str, *overrides: str):
 def test_every_experiment_is_in_a_table_and_every_row_exists():
     in_tables = {e for name in paper_table_names() for e in load_table(name).experiments}
     assert set(EXPERIMENTS) == in_tables == set(EXPECTED)
-    assert set(paper_table_names()) == {"dcnv1_table1", "dcnv1_table3", "dcnv2_table1", "fpn_mmdet"}
+    assert set(paper_table_names()) == {"dcnv1_table1", "dcnv1_table3", "dcnv2_table1", "fpn_mmdet",
+                                        "dcn_generations"}
     assert set(table_names()) == set(paper_table_names()) | {"positive_control"}
 
 
@@ -57,6 +62,9 @@ def test_tables_have_the_papers_rows():
     assert len(load_table("dcnv1_table3").rows) == 4
     assert len(load_table("dcnv2_table1").rows) == 5
     assert len(load_table("fpn_mmdet").rows) == 5
+    assert [r.experiment for r in load_table("dcn_generations").rows] == [
+        "fpn/baseline", "fpn/dconv_c3_c5", "fpn/mdconv_c3_c5", "fpn/dcnv3_c3_c5", "fpn/dcnv4_c3_c5",
+        "fpn/offset_sampling_c3_c5"]
     # The paper's own numbers travel with the rows (DCNv2 Table 1, Faster R-CNN: 34.7 -> 41.7).
     rows = {r.experiment: r.paper for r in load_table("dcnv2_table1").rows}
     assert rows["dcnv2/regular"] == (34.7,) and rows["dcnv2/mdconv_c3_c5_mdpool"] == (41.7,)
@@ -78,7 +86,7 @@ def check_model(cfg, experiment: str, depth: int, lr_mult: tuple[float, float] |
                 layout: str | None = None) -> None:
     """`lr_mult`: the expected (deform_conv, deform_roi_pool) multipliers, `layout` the
     expected layout; None: the family's."""
-    stages, modulated, pooler = EXPECTED[experiment]
+    stages, kind, pooler = EXPECTED[experiment]
     family_layout, conv_mult, pool_mult = FAMILY[experiment.split("/")[0]]
     layout = layout or family_layout
     if lr_mult is not None:
@@ -93,7 +101,14 @@ def check_model(cfg, experiment: str, depth: int, lr_mult: tuple[float, float] |
         stage = f"res{int(name.split('.')[0].removeprefix('layer')) + 1}"
         found[stage] = found.get(stage, 0) + 1
     assert found == stages
-    assert all(layer.modulated == modulated for _, layer in layers)
+    assert cfg.model.backbone.deform_kind == kind
+    layer_type = {"dcnv1": DeformConv2d, "dcnv2": DeformConv2d, "dcnv3": DCNv3, "dcnv4": DCNv4,
+                  "offset_sampling": OffsetSampling}[kind]
+    assert all(type(layer) is layer_type for _, layer in layers)
+    assert all(layer.modulated == (kind == "dcnv2") for _, layer in layers if isinstance(layer, DeformConv2d))
+    if kind in ("dcnv3", "dcnv4"):  # InternImage-T's grouping: 4 / 8 / 16 groups in res3 / res4 / res5
+        groups = {f"res{int(n.split('.')[0].removeprefix('layer')) + 1}": layer.group for n, layer in layers}
+        assert groups == {"res3": 4, "res4": 8, "res5": 16}
     # The deformable layers are the LAST blocks of their stage (DCNv1 Table 1: res5c, res5b-c, ...).
     blocks = {"res3": 4, "res4": 23 if depth == 101 else 6, "res5": 3}
     for stage, count in stages.items():
@@ -175,7 +190,8 @@ def test_unknown_data_setting_names_the_missing_config():
 
 
 @pytest.mark.parametrize("data, expected", [
-    ("synthetic_geometry", [["dcnv1/baseline", "dcnv2/regular", "fpn/baseline"], ["dcnv1/dpool", "fpn/dpool"],
+    # Each group in the order the rows first appear in table=all (dcn_generations comes first).
+    ("synthetic_geometry", [["fpn/baseline", "dcnv1/baseline", "dcnv2/regular"], ["dcnv1/dpool", "fpn/dpool"],
                             ["dcnv1/res5abc_dpool", "dcnv2/dconv_c5_dpool"]]),
     ("synthetic", []),          # the families' own layouts and offset multipliers differ there
 ])
