@@ -412,11 +412,15 @@ def test_gather_formulation_equals_embedding_bag(monkeypatch):
     pools = [PoolCase(2, 3, 7, 9, (2, 3), 1.0, 0, 4, (1.0, 8.0), seed=1),
              PoolCase(2, 3, 7, 9, (2, 3), 0.5, 2, 4, (1.0, 8.0), seed=2)]
 
+    dcn = dcn_tests.CASES[4]
+
     def run_all():
         results = [forward_backward(_conv, conv.tensors(), 1, **conv.conv_args())]
         for case in pools:
             tensors, rois = _pool_tensors(case, torch.float64)
             results.append(forward_backward(_pool, tensors, 5, rois=rois, **case.pool_args()))
+        results.append(forward_backward(_v3, dcn.tensors(), 6, args=dcn.args()))
+        results.append(forward_backward(_v4, dcn.packed(), 6, args=dcn.args()))
         return results
 
     with use_pure_ops():
@@ -438,22 +442,35 @@ def test_autocast_runs_the_pure_path_in_float32():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, _conv(**{**t, "input": t["input"].bfloat16().float()}, **case.conv_args()))
     assert expected.dtype == torch.float32
+    dcn = dcn_tests.CASES[0]
+    t = {k: v.float() for k, v in dcn.tensors().items()}
+    with use_pure_ops():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = dcnv3_core(t["input"].bfloat16(), t["offset"], t["mask"].bfloat16(), *dcn.args())
+        want = dcnv3_core(t["input"].bfloat16().float(), t["offset"], t["mask"].bfloat16().float(), *dcn.args())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
 
 
 def test_torch_compile_traces_the_pure_path_whole():
-    """fullgraph=True: no graph break anywhere in either op (fixed sampling ratio), forward and
+    """fullgraph=True: no graph break anywhere in any op (fixed sampling ratio), forward and
     backward, with the same results as eager."""
     conv = conv_tests.HAND_PICKED[0]
     pool = PoolCase(2, 3, 7, 9, (2, 3), 0.5, 2, 4, (1.0, 8.0), seed=2)
     pool_tensors, rois = _pool_tensors(pool, torch.float64)
+    dcn = dcn_tests.CASES[5]  # 5x5, remove_center, offset_scale 0.5, D = 7
 
-    def both(input, offset, weight, bias, mask, pool_input, pool_offset, pool_mask):
+    def both(input, offset, weight, bias, mask, pool_input, pool_offset, pool_mask, dcn_input, dcn_offset,
+             dcn_mask, dcn_offset_mask):
         a = deform_conv2d(input, offset, weight, bias, conv.stride, conv.padding, conv.dilation, mask)
         b = deform_roi_pool(pool_input, rois, pool_offset, pool_mask, pool.output_size, pool.spatial_scale,
                             pool.sampling_ratio, pool.gamma)
-        return a.sum() + (b * b).sum()
+        c = dcnv3_core(dcn_input, dcn_offset, dcn_mask.softmax(-1), *dcn.args())
+        d = dcnv4_core(dcn_input * 2, dcn_offset_mask, *dcn.args())
+        return a.sum() + (b * b).sum() + (c * d).sum()
 
-    tensors = {**conv.tensors(), **{f"pool_{k}": v for k, v in pool_tensors.items()}}
+    tensors = {**conv.tensors(), **{f"pool_{k}": v for k, v in pool_tensors.items()},
+               **{f"dcn_{k}": v for k, v in dcn.tensors().items()}, "dcn_offset_mask": dcn.packed()["offset_mask"]}
     with use_pure_ops():
         torch._dynamo.reset()
         compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
@@ -481,6 +498,7 @@ def no_cpu_kernels(monkeypatch):
 
 
 def test_fallback_warns_once_per_process(no_cpu_kernels):
+    """One warning for all four ops."""
     case = conv_tests.HAND_PICKED[0]
     t = case.tensors()
     with warnings.catch_warnings(record=True) as caught:
@@ -489,6 +507,9 @@ def test_fallback_warns_once_per_process(no_cpu_kernels):
         _conv(**t, **case.conv_args())
         args = pool_tests._good_args()
         deform_roi_pool(**args)
+        dcn = dcn_tests.CASES[0]
+        dcnv3_core(*dcn.tensors().values(), *dcn.args())
+        dcnv4_core(*dcn.packed().values(), *dcn.args())
     ours = [w for w in caught if issubclass(w.category, PureOpsWarning)]
     assert len(ours) == 1
     message = str(ours[0].message)
@@ -555,3 +576,19 @@ def test_op_table_matches_the_extensions_schemas():
     """The schemas the pure path defines without the extension are csrc/schemas.cpp's."""
     for name, op in _dispatch.OPS.items():
         assert str(getattr(torch.ops.detkit, name).default._schema) == f"detkit::{op.schema}"
+
+
+def test_dcn_ops_warn_on_their_own(no_cpu_kernels):
+    """A process whose first fallback is a DCNv3/DCNv4 op warns once, at the caller, naming the
+    op's kernel that is missing."""
+    case = dcn_tests.CASES[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dcnv4_core(*case.packed().values(), *case.args())
+        dcnv3_core(*case.tensors().values(), *case.args())
+    ours = [w for w in caught if issubclass(w.category, PureOpsWarning)]
+    assert len(ours) == 1 and ours[0].filename == __file__
+    assert "has no cpu kernel of dcnv4_core" in str(ours[0].message)
+    with use_pure_ops():
+        torch.testing.assert_close(out, dcnv4_core(*case.packed().values(), *case.args()), rtol=0, atol=0)
+    assert _dispatch.path("cpu", "dcnv3_core") == "pure"
