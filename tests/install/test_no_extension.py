@@ -196,7 +196,8 @@ def test_ops_without_the_extension(tmp_path):
             def forward(self, input, offset_mask):
                 return ops.dcnv4_core(input, offset_mask, *DCN_ARGS)
 
-        for name, module, names in [("v3", V3(), ["input", "offset", "mask"]), ("v4", V4(), ["input", "offset_mask"])]:
+        for name, module, names in [("v3", V3(), ["input", "offset", "mask"]),
+                                    ("v4", V4(), ["input", "offset_mask"])]:
             args = tuple(dcn[n] for n in names)
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

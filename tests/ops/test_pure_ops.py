@@ -287,6 +287,20 @@ def test_dcnv3_dcnv4_empty_batch():
     _dcn_both(case, case.tensors(), 1, rel=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dcnv3_dcnv4_reduced_precision_computes_in_float32(dtype):
+    """float16 / bfloat16 (MPS, CUDA without the kernels): computed in float32 and rounded
+    once, as the CUDA kernels accumulate; gradients in the inputs' dtype."""
+    case = dcn_tests.CASES[4]
+    with use_pure_ops():
+        for fn, tensors in ((_v3, case.tensors(torch.float32)), (_v4, case.packed(torch.float32))):
+            low = {k: v.to(dtype) for k, v in tensors.items()}
+            out, grads = forward_backward(fn, low, 5, args=case.args())
+            assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
+            want = fn(**{k: v.float() for k, v in low.items()}, args=case.args())
+            assert torch.equal(out, want.to(dtype))
+
+
 @pytest.mark.parametrize("case", dcn_tests.GRADCHECK_CASES, ids=lambda c: c.id)
 def test_dcnv3_dcnv4_gradcheck(case: DcnCase):
     """float64 gradcheck of the pure path, both ops (the kernels' test, the fallback forced)."""

@@ -11,6 +11,8 @@ over every sample at once, with the kernel's arithmetic:
   of the input with the kernel's floor, so that a sample on a pixel centre (zero offsets: every
   DCNv3/DCNv4 layer at initialisation) takes its offset gradient from the same pixel cell as
   the kernels do;
+- float16 / bfloat16 inputs are computed in float32 and the result rounded, as the CUDA kernels
+  accumulate in float32;
 - the output [N, H_out, W_out, G*D] is one `embedding_bag` (detkit.ops.pure._bags) over that
   bordered input: one bag of 4*K weighted rows per (pixel, group), the mask folded into the
   weights; it comes out contiguous, in the kernels' (and the fake kernels') layout.
@@ -60,6 +62,10 @@ def _sample(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w
     batch, height, width, channels = input.shape
     out_h, out_w = _output_size(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                 dilation_h, dilation_w)
+    result_dtype = input.dtype
+    if result_dtype in (torch.float16, torch.bfloat16):
+        # As the CUDA kernels: positions, weights and sums in float32, the result in the input's dtype.
+        input, offset, mask = input.float(), offset.float(), mask.float()
     device, dtype = input.device, input.dtype
     xs, ys = _point_grid(kernel_h, kernel_w, dilation_h, dilation_w, remove_center)
     points = len(xs)
@@ -96,7 +102,8 @@ def _sample(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w
     index = first.unsqueeze(-1) + corners                                       # [N, Ho, Wo, G, K, 4]
     table = F.pad(input, (0, 0, 1, 1, 1, 1)).reshape(-1, group_channels)
     out = weighted_rows(table, index.reshape(-1, points * 4), weights.reshape(-1, points * 4))
-    return out.view(batch, out_h, out_w, channels)  # [N*Ho*Wo*G, D]: contiguous, the kernels' layout
+    # [N*Ho*Wo*G, D] is [N, Ho, Wo, G*D] contiguous: the kernels' (and the fake kernels') layout.
+    return out.view(batch, out_h, out_w, channels).to(result_dtype)
 
 
 def dcnv3_core_pure(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w: int,
