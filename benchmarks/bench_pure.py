@@ -30,8 +30,10 @@ from bench_dcnv3 import problem as dcn_problem  # noqa: E402
 from bench_ops import CONV_SHAPES, forward_backward, timer  # noqa: E402
 
 from detkit.ops import _dispatch, dcnv3_core, dcnv4_core, deform_conv2d, deform_roi_pool  # noqa: E402
+from detkit.ops.pure.dcnv3 import dcnv3_core_grid_sample, dcnv4_core_grid_sample  # noqa: E402
 
 VARIANTS = ("kernels", "pure", "torchvision")
+DCN_VARIANTS = ("kernels", "pure", "grid_sample")
 
 
 def conv_inputs(shape, device, dtype):
@@ -78,6 +80,10 @@ def dcn_inputs(index, device, dtype, op):
 
 
 def dcn_call(variant, op, tensors, geometry):
+    """variant: "kernels", "pure", or "grid_sample" (the official one-grid_sample formulation,
+    for reference: not a path detkit runs)."""
+    if variant == "grid_sample":
+        return (dcnv3_core_grid_sample if op == "dcnv3" else dcnv4_core_grid_sample)(*tensors, *geometry)
     with _dispatch.set_mode(variant):
         return (dcnv3_core if op == "dcnv3" else dcnv4_core)(*tensors, *geometry)
 
@@ -197,9 +203,10 @@ def bench_roi_pool(args, measure, device, dtype) -> None:
 def bench_dcn(args, measure, device, dtype) -> None:
     print("\n### dcnv3_core / dcnv4_core, InternImage-T stages (batch 2, 3x3, padding 1, group_channels 16): "
           "times (ms)\n")
-    print("| op | H=W, C, groups | kernels fwd | pure fwd | kernels fwd+bwd | pure fwd+bwd | "
-          "pure / kernels fwd, fwd+bwd |" + ("" if args.no_memory else " peak MiB kernels | peak MiB pure |"))
-    print("|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|"))
+    print("| op | H=W, C, groups | kernels fwd | pure fwd | grid_sample fwd | kernels fwd+bwd | pure fwd+bwd | "
+          "grid_sample fwd+bwd | pure / kernels fwd, fwd+bwd |"
+          + ("" if args.no_memory else " peak MiB kernels | peak MiB pure | peak MiB grid_sample |"))
+    print("|---|---|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|---|"))
     for op in ("dcnv3", "dcnv4"):
         for index, shape in enumerate(DCN_SHAPES):
             tensors, grad, geo = dcn_inputs(index, device, dtype, op)
@@ -213,15 +220,15 @@ def bench_dcn(args, measure, device, dtype) -> None:
                 return run
 
             fns = {}
-            for variant in ("kernels", "pure"):
+            for variant in DCN_VARIANTS:
                 fns[variant] = lambda v=variant, op=op, tensors=tensors, geo=geo: dcn_call(v, op, tensors, geo)
                 fns[variant + " fb"] = fb(variant)
             t = measure(fns)
             row = (f"| {op}_core | {shape[0]}, {shape[1]}, {shape[2]} | {t['kernels']:.1f} | {t['pure']:.1f} "
-                   f"| {t['kernels fb']:.1f} | {t['pure fb']:.1f} "
+                   f"| {t['grid_sample']:.1f} | {t['kernels fb']:.1f} | {t['pure fb']:.1f} | {t['grid_sample fb']:.1f} "
                    f"| {t['pure'] / t['kernels']:.1f}x, {t['pure fb'] / t['kernels fb']:.1f}x |")
             if not args.no_memory:
-                row += "".join(f" {peak_of(args, op, v, index=index):.0f} |" for v in ("kernels", "pure"))
+                row += "".join(f" {peak_of(args, op, v, index=index):.0f} |" for v in DCN_VARIANTS)
             print(row, flush=True)
 
 
@@ -237,7 +244,7 @@ def main() -> None:
     parser.add_argument("--ops", default="conv,pool,dcn",
                         help="comma-separated subset of conv, pool, dcn (dcnv3_core and dcnv4_core)")
     parser.add_argument("--op", choices=["conv", "pool", "dcnv3", "dcnv4"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + DCN_VARIANTS[2:], help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--sampling-ratio", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
