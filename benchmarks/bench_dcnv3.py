@@ -14,8 +14,8 @@ comparison of the kernels' cost; with more threads it adds up all threads' time.
 
 Contenders, at each shape (batch 2, 3x3, padding 1, offset_scale 1, group_channels 16):
 - detkit `dcnv3_core` (input [N, H, W, C] channels-last) and `dcnv4_core` (packed offsets);
-- the grid_sample formulation (`detkit.ops.pure.dcnv3`, the shape of the official
-  `dcnv3_core_pytorch`): goal, detkit at least 5x faster forward+backward;
+- the grid_sample formulation (`detkit.ops.pure.dcnv3.dcnv3_core_grid_sample`, the shape of
+  the official `dcnv3_core_pytorch`): goal, detkit at least 5x faster forward+backward;
 - a depthwise 3x3 `F.conv2d` on the same tensor (an NCHW view of the channels-last input,
   with a learnable weight): goal, detkit forward within 3x, forward+backward within 4x;
 - detkit `deform_conv2d` doing the same computation as a depthwise call (groups = C, unit
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from detkit.ops import dcnv3_core, dcnv4_core, deform_conv2d
 from detkit.ops.dcnv3 import dcnv4_packed_width
-from detkit.ops.pure.dcnv3 import dcnv3_core_pure
+from detkit.ops.pure.dcnv3 import dcnv3_core_grid_sample
 
 # (H = W, channels, groups) of InternImage-T's four stages at 224x224 input.
 SHAPES = [(56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32)]
@@ -143,7 +143,7 @@ def bench_torch(repeats: int) -> None:
             return dcnv4_core(x, om, *geo)
 
         def call_pure(x, o, m):
-            return dcnv3_core_pure(x, o, m, *geo)
+            return dcnv3_core_grid_sample(x, o, m, *geo)
 
         def call_conv(x, w):
             return F.conv2d(x, w, padding=1, groups=channels)
@@ -231,7 +231,7 @@ def bench_onnx(repeats: int, threads: int) -> None:
         geo = geometry(group, channels)
         args = (t["x"], t["offset"], t["mask"])
         deform = _session(_Op(dcnv3_core, geo), args, threads)
-        grid = _session(_Op(dcnv3_core_pure, geo), args, threads)
+        grid = _session(_Op(dcnv3_core_grid_sample, geo), args, threads)
         feeds = {"x": t["x"].numpy(), "offset": t["offset"].numpy(), "mask": t["mask"].numpy()}
         with torch.no_grad():
             expected = dcnv3_core(*args, *geo)

@@ -1,5 +1,6 @@
 """What the pure-PyTorch path costs: detkit's ops on the compiled kernels, on the pure path
-(DETKIT_OPS=pure / `use_pure_ops`), and torchvision's deform_conv2d, at bench_ops.py's shapes.
+(DETKIT_OPS=pure / `use_pure_ops`), and torchvision's deform_conv2d, at bench_ops.py's shapes;
+dcnv3_core / dcnv4_core at InternImage-T's four stage shapes (bench_dcnv3.py's).
 
 Prints Markdown tables: median times (all variants of a shape timed round-robin in one
 process, so that they see the same machine load) and the peak memory of one forward+backward,
@@ -23,11 +24,16 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dcnv3 import SHAPES as DCN_SHAPES  # noqa: E402
+from bench_dcnv3 import geometry as dcn_geometry  # noqa: E402
+from bench_dcnv3 import problem as dcn_problem  # noqa: E402
 from bench_ops import CONV_SHAPES, forward_backward, timer  # noqa: E402
 
-from detkit.ops import _dispatch, deform_conv2d, deform_roi_pool  # noqa: E402
+from detkit.ops import _dispatch, dcnv3_core, dcnv4_core, deform_conv2d, deform_roi_pool  # noqa: E402
+from detkit.ops.pure.dcnv3 import dcnv3_core_grid_sample, dcnv4_core_grid_sample  # noqa: E402
 
 VARIANTS = ("kernels", "pure", "torchvision")
+DCN_VARIANTS = ("kernels", "pure", "grid_sample")
 
 
 def conv_inputs(shape, device, dtype):
@@ -64,6 +70,24 @@ def pool_call(variant, feature, rois, offset, mask, sampling_ratio):
         return deform_roi_pool(feature, rois, offset, mask, 7, 1 / 16, sampling_ratio)
 
 
+def dcn_inputs(index, device, dtype, op):
+    """(leaf tensors, grad, geometry) of dcnv3_core (input, offset, mask) or dcnv4_core
+    (input, offset_mask) at InternImage-T's stage `index`."""
+    size, channels, group = DCN_SHAPES[index]
+    t = {k: v.to(device, dtype) for k, v in dcn_problem(size, channels, group).items()}
+    names = ("x", "offset", "mask") if op == "dcnv3" else ("x", "offset_mask")
+    return [t[n] for n in names], t["grad"], dcn_geometry(group, channels)
+
+
+def dcn_call(variant, op, tensors, geometry):
+    """variant: "kernels", "pure", or "grid_sample" (the official one-grid_sample formulation,
+    for reference: not a path detkit runs)."""
+    if variant == "grid_sample":
+        return (dcnv3_core_grid_sample if op == "dcnv3" else dcnv4_core_grid_sample)(*tensors, *geometry)
+    with _dispatch.set_mode(variant):
+        return (dcnv3_core if op == "dcnv3" else dcnv4_core)(*tensors, *geometry)
+
+
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -79,6 +103,10 @@ def peak_child(args) -> None:
         x, weight, offset, mask, grad = conv_inputs(CONV_SHAPES[args.index], device, dtype)
         leaves = [t.requires_grad_() for t in (x, weight, offset, mask)]
         run = lambda: conv_call(args.variant, *leaves).backward(grad)  # noqa: E731
+    elif args.op in ("dcnv3", "dcnv4"):
+        tensors, grad, geo = dcn_inputs(args.index, device, dtype, args.op)
+        leaves = [t.requires_grad_() for t in tensors]
+        run = lambda: dcn_call(args.variant, args.op, leaves, geo).backward(grad)  # noqa: E731
     else:
         feature, rois, offset, mask, grad = pool_inputs(device, dtype, args.sampling_ratio)
         leaves = [t.requires_grad_() for t in (feature, offset, mask)]
@@ -172,6 +200,38 @@ def bench_roi_pool(args, measure, device, dtype) -> None:
         print(row, flush=True)
 
 
+def bench_dcn(args, measure, device, dtype) -> None:
+    print("\n### dcnv3_core / dcnv4_core, InternImage-T stages (batch 2, 3x3, padding 1, group_channels 16): "
+          "times (ms)\n")
+    print("| op | H=W, C, groups | kernels fwd | pure fwd | grid_sample fwd | kernels fwd+bwd | pure fwd+bwd | "
+          "grid_sample fwd+bwd | pure / kernels fwd, fwd+bwd |"
+          + ("" if args.no_memory else " peak MiB kernels | peak MiB pure | peak MiB grid_sample |"))
+    print("|---|---|---|---|---|---|---|---|---|" + ("" if args.no_memory else "---|---|---|"))
+    for op in ("dcnv3", "dcnv4"):
+        for index, shape in enumerate(DCN_SHAPES):
+            tensors, grad, geo = dcn_inputs(index, device, dtype, op)
+            leaves = [t.clone().requires_grad_() for t in tensors]
+
+            def fb(variant, op=op, leaves=leaves, grad=grad, geo=geo):
+                def run():
+                    for t in leaves:
+                        t.grad = None
+                    forward_backward(lambda: dcn_call(variant, op, leaves, geo), grad)()
+                return run
+
+            fns = {}
+            for variant in DCN_VARIANTS:
+                fns[variant] = lambda v=variant, op=op, tensors=tensors, geo=geo: dcn_call(v, op, tensors, geo)
+                fns[variant + " fb"] = fb(variant)
+            t = measure(fns)
+            row = (f"| {op}_core | {shape[0]}, {shape[1]}, {shape[2]} | {t['kernels']:.1f} | {t['pure']:.1f} "
+                   f"| {t['grid_sample']:.1f} | {t['kernels fb']:.1f} | {t['pure fb']:.1f} | {t['grid_sample fb']:.1f} "
+                   f"| {t['pure'] / t['kernels']:.1f}x, {t['pure fb'] / t['kernels fb']:.1f}x |")
+            if not args.no_memory:
+                row += "".join(f" {peak_of(args, op, v, index=index):.0f} |" for v in DCN_VARIANTS)
+            print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -181,8 +241,10 @@ def main() -> None:
                         help="torch threads (0: torch's default); 1 keeps timings steady on a shared machine")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--op", choices=["conv", "pool"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--ops", default="conv,pool,dcn",
+                        help="comma-separated subset of conv, pool, dcn (dcnv3_core and dcnv4_core)")
+    parser.add_argument("--op", choices=["conv", "pool", "dcnv3", "dcnv4"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + DCN_VARIANTS[2:], help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--sampling-ratio", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,8 +261,13 @@ def main() -> None:
     print(f"device: {args.device} ({name}), dtype: {args.dtype}, threads: {torch.get_num_threads()}, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, median of {args.repeats}, "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    bench_conv(args, measure, device, dtype)
-    bench_roi_pool(args, measure, device, dtype)
+    chosen = set(args.ops.split(","))
+    if "conv" in chosen:
+        bench_conv(args, measure, device, dtype)
+    if "pool" in chosen:
+        bench_roi_pool(args, measure, device, dtype)
+    if "dcn" in chosen:
+        bench_dcn(args, measure, device, dtype)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ like any PyTorch code. During ONNX export the op itself is called (the kernels, 
 function registered as the op when there is no extension), so the exporters see
 `detkit::<name>` and `detkit.ops.onnx` turns it into the same standard ONNX either way.
 
-Adding an op (DCNv3, DCNv4, ...) is one entry in `OPS`; its wrapper calls `call(name, ...)`.
+Adding an op is one entry in `OPS`; its wrapper calls `call(name, ...)` and its module calls
+`define_pure_op(name, fake)` at import (deform_conv2d, deform_roi_pool, dcnv3_core, dcnv4_core).
 """
 from __future__ import annotations
 
@@ -60,6 +61,16 @@ OPS: dict[str, Op] = {
         "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, Tensor? mask, int pooled_height, "
         "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> Tensor",
         "detkit.ops.pure.deform_roi_pool:deform_roi_pool_op", differentiable=(0, 2, 3)),
+    "dcnv3_core": Op(
+        "dcnv3_core(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
+        "bool remove_center) -> Tensor",
+        "detkit.ops.pure.dcnv3:dcnv3_core_op", differentiable=(0, 1, 2)),
+    "dcnv4_core": Op(
+        "dcnv4_core(Tensor input, Tensor offset_mask, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
+        "bool remove_center) -> Tensor",
+        "detkit.ops.pure.dcnv3:dcnv4_core_op", differentiable=(0, 1)),
 }
 
 #: Dispatch keys of the device types a kernel may be registered for.

@@ -3,9 +3,12 @@
 `dcnv3_core` and `dcnv4_core` take the official functions' arguments, in their order, and
 their channels-last layouts, so code written for OpenGVLab's `dcnv3_core_pytorch` /
 `DCNv3Function` / `DCNv4Function` moves to detkit by changing an import. They are thin
-wrappers over `torch.ops.detkit.dcnv3_core` / `dcnv4_core` (C++/CUDA kernels in csrc/);
-autograd and the fake kernels used by torch.compile are registered here, once, for every
-device. docs/ops.md has the exact conventions.
+wrappers over `torch.ops.detkit.dcnv3_core` / `dcnv4_core` (C++/CUDA kernels in csrc/),
+called through `detkit.ops._dispatch`: without the extension, or on a device without a detkit
+kernel, they run the pure-PyTorch path (detkit/ops/pure/dcnv3.py). Autograd and the fake
+kernels used by torch.compile are registered here, once, for every device (without the
+extension, the dispatch defines the ops over the pure path with the same fake kernels).
+docs/ops.md has the exact conventions.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from detkit.ops import _extension
+from detkit.ops import _dispatch, _extension
 from detkit.ops._checks import check_like, check_tensor
 
 
@@ -45,7 +48,6 @@ def dcnv3_core(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kerne
     positions are pixel centres; the bilinear sample reads zero outside (-1, H) x (-1, W) and
     for non-finite positions.
     """
-    _extension.require_ops()
     geometry = _check_common(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                              dilation_w, group, group_channels, offset_scale, remove_center)
     batch, out_h, out_w, points = geometry
@@ -61,8 +63,8 @@ def dcnv3_core(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kerne
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask must have shape {expected} [N, H_out, W_out, group*K] with K = "
                          f"{points} points, got {tuple(mask.shape)}")
-    return torch.ops.detkit.dcnv3_core(
-        input, offset, mask, [kernel_h, kernel_w], [stride_h, stride_w], [pad_h, pad_w],
+    return _dispatch.call(
+        "dcnv3_core", input, offset, mask, [kernel_h, kernel_w], [stride_h, stride_w], [pad_h, pad_w],
         [dilation_h, dilation_w], group, group_channels, float(offset_scale), bool(remove_center))
 
 
@@ -88,7 +90,6 @@ def dcnv4_core(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int,
     Returns:
         [N, H_out, W_out, group*group_channels].
     """
-    _extension.require_ops()
     batch, out_h, out_w, points = _check_common(
         input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
         group_channels, offset_scale, remove_center)
@@ -105,8 +106,8 @@ def dcnv4_core(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int,
         raise ValueError(f"offset_mask must have shape {expected} [N, H_out, W_out, P] with P = "
                          f"group*K*3 = {used} rounded up to a multiple of 8, K = {points} points, "
                          f"got {tuple(offset_mask.shape)}")
-    return torch.ops.detkit.dcnv4_core(
-        input, offset_mask, [kernel_h, kernel_w], [stride_h, stride_w], [pad_h, pad_w],
+    return _dispatch.call(
+        "dcnv4_core", input, offset_mask, [kernel_h, kernel_w], [stride_h, stride_w], [pad_h, pad_w],
         [dilation_h, dilation_w], group, group_channels, float(offset_scale), bool(remove_center))
 
 
@@ -155,12 +156,22 @@ def _output_size(input, kernel_size, stride, padding, dilation):
     return out_h, out_w
 
 
+def _fake_v3(input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
+             offset_scale, remove_center):
+    out_h, out_w = _output_size(input, kernel_size, stride, padding, dilation)
+    return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
+
+
+def _fake_v4(input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+             offset_scale, remove_center):
+    out_h, out_w = _output_size(input, kernel_size, stride, padding, dilation)
+    return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
+
+
 def _register() -> None:
-    @torch.library.register_fake("detkit::dcnv3_core")
-    def _fake_v3(input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
-                 offset_scale, remove_center):
-        out_h, out_w = _output_size(input, kernel_size, stride, padding, dilation)
-        return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
+    """Fake kernels and autograd of the extension's ops."""
+    torch.library.register_fake("detkit::dcnv3_core", _fake_v3)
+    torch.library.register_fake("detkit::dcnv4_core", _fake_v4)
 
     @torch.library.register_fake("detkit::dcnv3_core_backward")
     def _fake_v3_backward(grad_output, input, offset, mask, kernel_size, stride, padding, dilation, group,
@@ -168,12 +179,6 @@ def _register() -> None:
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
                 torch.empty_like(offset, memory_format=torch.contiguous_format),
                 torch.empty_like(mask, memory_format=torch.contiguous_format))
-
-    @torch.library.register_fake("detkit::dcnv4_core")
-    def _fake_v4(input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
-                 offset_scale, remove_center):
-        out_h, out_w = _output_size(input, kernel_size, stride, padding, dilation)
-        return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
 
     @torch.library.register_fake("detkit::dcnv4_core_backward")
     def _fake_v4_backward(grad_output, input, offset_mask, kernel_size, stride, padding, dilation, group,
@@ -209,3 +214,5 @@ def _register() -> None:
 
 if _extension.LOADED:
     _register()
+_dispatch.define_pure_op("dcnv3_core", _fake_v3)
+_dispatch.define_pure_op("dcnv4_core", _fake_v4)

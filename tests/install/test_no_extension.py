@@ -91,9 +91,29 @@ def test_build_script_prints_one_line_without_compiler():
 
 # ---------------------------------------------------------------- a process without the extension
 
+#: dcnv3_core / dcnv4_core geometry in the process without the extension: 3x3, stride 1,
+#: padding 1, dilation 1, 2 groups of 5 channels, offset_scale 1.5, remove_center.
+DCN_ARGS = (3, 3, 1, 1, 1, 1, 1, 1, 2, 5, 1.5, True)
+DCN_OP_ARGS = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 5, 1.5, True)
+
+
+def _dcn_tensors() -> dict[str, torch.Tensor]:
+    """input, offset, mask and DCNv4's offset_mask (the same offsets and weights, packed)."""
+    from tests.helpers import generator, normal, uniform
+
+    gen = generator(6)
+    gk = 2 * 8
+    offset = normal((2, 6, 7, 2 * gk), gen, std=2.0, dtype=torch.float32)
+    mask = uniform((2, 6, 7, gk), gen, -0.5, 1.0, dtype=torch.float32)
+    packed = torch.cat([offset.unflatten(-1, (2, 16)), mask.unflatten(-1, (2, 8))], -1).flatten(-2)
+    return {"input": normal((2, 6, 7, 10), gen, dtype=torch.float32), "offset": offset, "mask": mask,
+            "offset_mask": torch.cat([packed, torch.zeros(2, 6, 7, 48 - 3 * gk)], -1)}
+
+
 def test_ops_without_the_extension(tmp_path):
-    """The ops run (on the pure path, warning once), are defined as torch.ops.detkit.* with the
-    kernels' schemas, pass opcheck, and export to the same ONNX as with the kernels."""
+    """The ops (deform_conv2d, deform_roi_pool, dcnv3_core, dcnv4_core) run (on the pure path,
+    warning once), are defined as torch.ops.detkit.* with the kernels' schemas, pass opcheck,
+    and export to the same ONNX as with the kernels, which onnxruntime runs to the op's values."""
     code = NO_EXTENSION + textwrap.dedent(f"""
         import io, json, warnings
         import torch, onnx, onnxruntime as ort
@@ -101,12 +121,14 @@ def test_ops_without_the_extension(tmp_path):
         from detkit.ops import _extension, DeformConv2d, DeformRoIPool
         from detkit.ops.onnx import custom_translation_table, register_symbolics
         from tests.helpers import generator, normal, uniform
+        from tests.install.test_no_extension import DCN_ARGS, DCN_OP_ARGS, _dcn_tensors
         report = {{"loaded": _extension.LOADED, "path": ops.ops_path("cpu")}}
         try:
             ops.require_ops()
         except RuntimeError as exc:
             report["require_ops"] = str(exc)
-        report["schemas"] = {{n: str(getattr(torch.ops.detkit, n).default._schema) for n in ("deform_conv2d", "deform_roi_pool")}}
+        report["schemas"] = {{n: str(getattr(torch.ops.detkit, n).default._schema)
+                              for n in ("deform_conv2d", "deform_roi_pool", "dcnv3_core", "dcnv4_core")}}
 
         gen = generator(5)
         x = normal((2, 4, 9, 8), gen, dtype=torch.float32)
@@ -116,13 +138,16 @@ def test_ops_without_the_extension(tmp_path):
         rois = torch.tensor([[0, 1.0, 2.0, 12.0, 14.0], [1, -3.0, 0.5, 9.0, 7.0]])
         roi_offset = uniform((2, 2, 3, 3), gen, dtype=torch.float32)
         roi_mask = uniform((2, 1, 3, 3), gen, 0, 1, dtype=torch.float32)
+        dcn = _dcn_tensors()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             conv = ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
             pool = ops.deform_roi_pool(x, rois, roi_offset, roi_mask, 3, 0.5, 2)
             ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+            v3 = ops.dcnv3_core(dcn["input"], dcn["offset"], dcn["mask"], *DCN_ARGS)
+            v4 = ops.dcnv4_core(dcn["input"], dcn["offset_mask"], *DCN_ARGS)
         report["warnings"] = [str(w.message) for w in caught if w.category is ops.PureOpsWarning]
-        torch.save({{"conv": conv, "pool": pool}}, {str(tmp_path / "outputs.pt")!r})
+        torch.save({{"conv": conv, "pool": pool, "v3": v3, "v4": v4}}, {str(tmp_path / "outputs.pt")!r})
 
         # The ops themselves: opcheck (schema, autograd, fake kernel, aot dispatch).
         d = lambda t: t.double().requires_grad_(True)
@@ -130,6 +155,10 @@ def test_ops_without_the_extension(tmp_path):
                               (d(x), d(offset), d(weight), d(mask), None, [1, 1], [1, 1], [1, 1]))
         torch.library.opcheck(torch.ops.detkit.deform_roi_pool.default,
                               (d(x), rois.double(), d(roi_offset), d(roi_mask), 3, 3, 0.5, 2, 0.1))
+        torch.library.opcheck(torch.ops.detkit.dcnv3_core.default,
+                              (d(dcn["input"]), d(dcn["offset"]), d(dcn["mask"]), *DCN_OP_ARGS))
+        torch.library.opcheck(torch.ops.detkit.dcnv4_core.default,
+                              (d(dcn["input"]), d(dcn["offset_mask"]), *DCN_OP_ARGS))
         report["opcheck"] = True
 
         # ONNX: the TorchScript exporter (symbolics) and the current one (onnxscript).
@@ -157,6 +186,32 @@ def test_ops_without_the_extension(tmp_path):
             program = torch.onnx.export(layer, (x,), dynamo=True, opset_version=19, verbose=False,
                                         custom_translation_table=custom_translation_table(19))
         nodes["conv_dynamo"] = sorted(n.op_type for n in program.model_proto.graph.node)
+
+        # dcnv3_core / dcnv4_core: both exporters, run in onnxruntime against the op.
+        class V3(torch.nn.Module):
+            def forward(self, input, offset, mask):
+                return ops.dcnv3_core(input, offset, mask, *DCN_ARGS)
+
+        class V4(torch.nn.Module):
+            def forward(self, input, offset_mask):
+                return ops.dcnv4_core(input, offset_mask, *DCN_ARGS)
+
+        for name, module, names in [("v3", V3(), ["input", "offset", "mask"]),
+                                    ("v4", V4(), ["input", "offset_mask"])]:
+            args = tuple(dcn[n] for n in names)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = module(*args)
+                buffer = io.BytesIO()
+                torch.onnx.export(module, args, buffer, dynamo=False, opset_version=19, input_names=names)
+                program = torch.onnx.export(module, args, dynamo=True, opset_version=19, verbose=False,
+                                            custom_translation_table=custom_translation_table(19))
+            for kind, model in [("", onnx.load_from_string(buffer.getvalue())), ("_dynamo", program.model_proto)]:
+                nodes[name + kind] = sorted(n.op_type for n in model.graph.node)
+                session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                feeds = {{i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}}
+                (got,) = session.run(None, feeds)
+                errors[name + kind] = float((torch.from_numpy(got) - expected).abs().max() / expected.abs().max())
         report["nodes"], report["errors"] = nodes, errors
         print("REPORT" + json.dumps(report))
         """)
@@ -183,11 +238,16 @@ def test_ops_without_the_extension(tmp_path):
     with _dispatch.set_mode("kernels"):
         conv = torch.ops.detkit.deform_conv2d(x, offset, weight, mask, None, [1, 1], [1, 1], [1, 1])
         pool = torch.ops.detkit.deform_roi_pool(x, rois, roi_offset, roi_mask, 3, 3, 0.5, 2, 0.1)
-    torch.testing.assert_close(outputs["conv"], conv, rtol=2e-6, atol=2e-6 * float(conv.abs().max()))
-    torch.testing.assert_close(outputs["pool"], pool, rtol=2e-6, atol=2e-6 * float(pool.abs().max()))
+        dcn = _dcn_tensors()
+        v3 = torch.ops.detkit.dcnv3_core(dcn["input"], dcn["offset"], dcn["mask"], *DCN_OP_ARGS)
+        v4 = torch.ops.detkit.dcnv4_core(dcn["input"], dcn["offset_mask"], *DCN_OP_ARGS)
+    for name, kernel in [("conv", conv), ("pool", pool), ("v3", v3), ("v4", v4)]:
+        torch.testing.assert_close(outputs[name], kernel, rtol=2e-6, atol=2e-6 * float(kernel.abs().max()), msg=name)
 
     assert "DeformConv" in report["nodes"]["conv"] and "DeformConv" in report["nodes"]["conv_dynamo"]
     assert report["nodes"]["pool"].count("RoiAlign") == 2  # the plain pooling, then the shifted bins
+    for name in ("v3", "v3_dynamo", "v4", "v4_dynamo"):
+        assert report["nodes"][name].count("DeformConv") == 1, name
     assert max(report["errors"].values()) < 1e-5
 
 

@@ -1,7 +1,7 @@
-"""detkit.ops.dcnv3_core / dcnv4_core against the float64 references and the pure-PyTorch version.
+"""detkit.ops.dcnv3_core / dcnv4_core against the float64 references and the grid_sample formulation.
 
 The references (detkit.ops.reference) are written from the official definitions, point by
-point; the pure-PyTorch version (detkit.ops.pure.dcnv3) is an independent grid_sample
+point; the grid_sample formulation (detkit.ops.pure.dcnv3) is an independent
 formulation of the same thing. Every random tensor comes from a seeded generator; outputs
 and all gradients are compared.
 """
@@ -16,7 +16,7 @@ import torch
 import detkit.ops
 from detkit.ops import dcnv3_core, dcnv4_core, deform_conv2d
 from detkit.ops.dcnv3 import dcnv4_packed_width
-from detkit.ops.pure.dcnv3 import dcnv3_core_pure, dcnv4_core_pure
+from detkit.ops.pure.dcnv3 import dcnv3_core_grid_sample, dcnv4_core_grid_sample
 from detkit.ops.reference import (
     dcnv3_core_reference,
     dcnv3_points,
@@ -172,21 +172,21 @@ def test_float32_matches_reference(case: DcnCase):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_pure_pytorch_matches_reference_and_kernel(case: DcnCase):
+def test_grid_sample_formulation_matches_reference_and_kernel(case: DcnCase):
     """The grid_sample formulation agrees with the point-by-point reference (float64), and with
     the kernels in float32 (both ops)."""
     tensors = case.tensors()
-    pure = forward_backward(_v3(dcnv3_core_pure), tensors, grad_seed=case.seed + 3, args=case.args())
+    pure = forward_backward(_v3(dcnv3_core_grid_sample), tensors, grad_seed=case.seed + 3, args=case.args())
     ref = forward_backward(_v3(dcnv3_core_reference), tensors, grad_seed=case.seed + 3, args=case.args())
     assert_results_match(pure, ref, rel=1e-10)
 
     t32 = case.tensors(torch.float32)
     assert_results_match(
-        forward_backward(_v3(dcnv3_core_pure), t32, grad_seed=case.seed + 3, args=case.args()),
+        forward_backward(_v3(dcnv3_core_grid_sample), t32, grad_seed=case.seed + 3, args=case.args()),
         forward_backward(_v3(dcnv3_core), t32, grad_seed=case.seed + 3, args=case.args()), rel=1e-4)
     p32 = case.packed(torch.float32)
     assert_results_match(
-        forward_backward(_v4(dcnv4_core_pure), p32, grad_seed=case.seed + 3, args=case.args()),
+        forward_backward(_v4(dcnv4_core_grid_sample), p32, grad_seed=case.seed + 3, args=case.args()),
         forward_backward(_v4(dcnv4_core), p32, grad_seed=case.seed + 3, args=case.args()), rel=1e-4)
 
 
