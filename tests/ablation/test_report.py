@@ -245,7 +245,7 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 
 
 def test_table_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="known tables: dcnv1_table1, dcnv1_table3, dcnv2_table1, fpn_mmdet"):
+    with pytest.raises(ValueError, match="known tables: dcn_generations, dcnv1_table1, dcnv1_table3, dcnv2_table1, fpn_mmdet"):
         load_table("dcnv3_table9")
     (tmp_path / "t.yaml").write_text(
         "title: t\nbaseline: a\npaper: {source: s, columns: [AP, AP50]}\nrows:\n"
