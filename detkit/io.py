@@ -86,7 +86,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        error = os_error_of(exc) if isinstance(exc, Exception) else None
+        # An OSError, or torch.save's RuntimeError raised while handling one (not, say, a stop
+        # signal's exception that happened to come while an OSError was handled).
+        error = os_error_of(exc) if isinstance(exc, (OSError, RuntimeError)) else None
         if error is None or isinstance(exc, WriteError):
             raise
         kept = f"the previous {path.name} is kept unchanged" if path.is_file() else "nothing was written"

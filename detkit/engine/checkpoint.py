@@ -90,7 +90,8 @@ def _unreadable(path: Path, exc: Exception) -> str:
     try:
         with open(path, "rb") as handle:
             head = handle.read(len(_LEGACY_MAGIC))
-        archive = zipfile.is_zipfile(path) or head == _LEGACY_MAGIC
+        # a zip file, also a truncated one (its first local header), or the legacy format
+        archive = head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path) or head == _LEGACY_MAGIC
     except OSError as error:
         return f"cannot read checkpoint {path}: {error.strerror or error}"
     if not archive:

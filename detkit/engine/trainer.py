@@ -295,11 +295,11 @@ def _train(cfg: DictConfig, run_dir: Path, extra_hooks: HookFactory | None,
             raise
         raise WriteError(error.filename or run_dir, error.strerror or str(error), kept_checkpoint(trainer.state),
                          error.errno) from None
-    except Interrupted as exc:  # a signal during the final evaluation
-        if trainer.state.iteration >= max_iters and "at iteration" not in str(exc):
-            raise Interrupted(exc.signum, f"stopped by {signal_name(exc.signum)} after training, "
-                                          f"{kept_checkpoint(trainer.state)}: resume=true evaluates it and "
-                                          f"writes metrics.json") from None
+    except Interrupted as exc:  # a signal during the final evaluation (StopOnSignal's own say more)
+        if trainer.state.iteration >= max_iters and str(exc) == f"stopped by {signal_name(exc.signum)}":
+            message = (f"stopped by {signal_name(exc.signum)} after training, {kept_checkpoint(trainer.state)}: "
+                       f"resume=true evaluates it and writes metrics.json") if rank == 0 else " "
+            raise Interrupted(exc.signum, message) from None
         raise
     finally:
         stop.close()
