@@ -15,8 +15,9 @@ Clusters stop jobs with a signal before they kill them: SLURM sends SIGTERM (and
 
 The tools report an `Interrupted` as one line on stderr and exit with status `EXIT_STOPPED` (4).
 
-Only the process that installed the handlers acts on them: a forked DataLoader worker, which
-inherits them, ignores the signals and lets its parent shut it down.
+Only the process that installed the handlers acts on them: a forked child (a DataLoader or
+multiprocessing pool worker) gets the handlers of before back (a pool stopping its workers
+with SIGTERM must stop them).
 
 This module loads without torch (the tools install the handlers before torch loads).
 """
@@ -115,7 +116,8 @@ class StopSignals:
         return self._defer > 0
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:       # a forked child (DataLoader worker): its parent decides
+        if os.getpid() != self._pid:       # a forked child that kept the handlers: as without them
+            self._as_before(signum, frame)
             return
         self.count += 1
         if self.received is not None:      # a second signal: already stopping
@@ -125,7 +127,33 @@ class StopSignals:
             raise Interrupted(signum)
 
 
+    def _as_before(self, signum, frame) -> None:
+        """What the handler this one replaced does (a pool worker told to stop by its pool
+        stops; a DataLoader worker interrupted by Ctrl-C raises KeyboardInterrupt, as ever)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def _restore_in_child(self) -> None:
+        """After a fork: the child gets the handlers of before (its parent decides when to stop)."""
+        with contextlib.suppress(ValueError, OSError):   # a fork from a thread other than the main one
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+
 _CURRENT: StopSignals | None = None
+
+
+def _after_fork_in_child() -> None:
+    if _CURRENT is not None and _CURRENT._previous:
+        _CURRENT._restore_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def current() -> StopSignals | None:

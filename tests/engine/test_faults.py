@@ -182,3 +182,19 @@ def test_tools_report_a_stop_in_one_line_with_status_4(capsys):
             tool()
         assert info.value.code == EXIT_STOPPED
         assert capsys.readouterr().err.strip() == expected
+
+
+def _square(x):
+    return x * x
+
+
+def test_forked_pool_workers_stop_as_before_when_their_pool_terminates_them():
+    """multiprocessing.Pool stops its workers with SIGTERM: with the handlers installed in the
+    parent, a forked worker must still stop (the synthetic-data generator uses such a pool)."""
+    import multiprocessing
+
+    with StopSignals():
+        start = time.monotonic()
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            assert pool.map(_square, range(4)) == [0, 1, 4, 9]
+        assert time.monotonic() - start < 30
