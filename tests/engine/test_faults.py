@@ -132,6 +132,7 @@ def test_deferred_signals_are_recorded_and_a_second_one_ignored():
 
 CHILD = """
 import signal, sys, time
+from pathlib import Path
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 def stop(signum, frame):
     (out / "stopped").write_text(signal.Signals(signum).name)
