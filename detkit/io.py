@@ -1,5 +1,11 @@
 """Files detkit writes for people and tools to read: JSON written atomically.
 
+- `atomic_write`: every file detkit writes goes through it (checkpoints, JSON, Markdown,
+  ONNX): a temporary file in the target's folder, flushed and fsynced, renamed over the
+  target. A kill leaves the old file or the new one; a full disk or an unwritable folder
+  raises `WriteError` (an OSError: the tools' one line, exit status 2) naming the path, the
+  reason and what is kept, and leaves no temporary file behind.
+
 - `write_json`: metrics.json, train_stats.json, detections.json, offset_stats.json, ...
   (NaN/inf as null; a temporary file renamed into place, so a killed process never leaves
   half a file).
@@ -16,11 +22,77 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["write_json", "write_text", "write_predictions", "file_lock"]
+__all__ = ["WriteError", "atomic_write", "write_json", "write_text", "write_predictions", "file_lock",
+           "os_error_of"]
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, an unwritable folder, ...). Its message is
+    one line: the path, the reason, and what is kept (the previous file, unchanged, or
+    nothing); no partial file was left. `path`, `reason` and `kept` are its parts, so that a
+    caller can say more about what is kept (`with_kept`)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, kept: str, errno_: int | None = None) -> None:
+        self.path, self.reason, self.kept = str(path), reason, kept
+        super().__init__(errno_, f"cannot write {self.path}: {reason}; {kept}")
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}; {self.kept}"
+
+    def with_kept(self, kept: str) -> "WriteError":
+        """The same error saying `kept` instead."""
+        return WriteError(self.path, self.reason, kept, self.errno)
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The OSError that `exc` is or was raised from or while handling (torch.save reports a
+    failed write as a RuntimeError raised while handling the OSError), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(file)` on a temporary file beside `path` (folders created), flush and fsync
+    it, then rename it over `path`. Nothing is left half-written: on any error the temporary
+    file is removed and `path` is as it was; an OSError underneath (disk full, permission
+    denied, read-only file system), also one that another error was raised from, becomes a
+    `WriteError` naming `path`."""
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # An OSError, or torch.save's RuntimeError raised while handling one (not, say, a stop
+        # signal's exception that happened to come while an OSError was handled).
+        error = os_error_of(exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        if error is None or isinstance(exc, WriteError):
+            raise
+        kept = f"the previous {path.name} is kept unchanged" if path.is_file() else "nothing was written"
+        raise WriteError(path, _reason(error), kept, error.errno) from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -34,12 +106,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) atomically: a temporary file beside `path`, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `text` (UTF-8) atomically (`atomic_write`; `WriteError` when it cannot)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:

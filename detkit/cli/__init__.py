@@ -11,23 +11,35 @@ Every tool is a Hydra app (`key=value` arguments, configs/<tool>.yaml), except t
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from detkit.config import compose
 from detkit.config.schemas import register_configs
+from detkit.engine.preemption import EXIT_STOPPED, Interrupted, StopSignals, signal_name   # no torch
 
 __all__ = ["one_line_errors", "checked_argv", "run_app"]
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix (bad paths, files, arguments) into one line on stderr
-    and exit status 2, instead of a traceback."""
+    """Turn the errors a user can fix (bad paths, files, arguments; a full disk or an
+    unwritable folder: `detkit.io.WriteError`) into one line on stderr and exit status 2,
+    instead of a traceback; and a stop signal (`detkit.engine.preemption.Interrupted`) into
+    its one line (none on the ranks > 0 of a distributed run) and exit status 4
+    (`EXIT_STOPPED`)."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except Interrupted as exc:
+            message = str(exc).strip()
+            if message:
+                if message == f"stopped by {signal_name(exc.signum)}":
+                    message += "; no file was left half-written (detkit writes files atomically)"
+                print(message, file=sys.stderr)
+            sys.exit(EXIT_STOPPED)
         except (ValueError, OSError) as exc:  # CheckpointError and DatasetError are ValueErrors
             # One line even when the message quotes a multi-line one (torch.load's, for a bad checkpoint).
             message = " ".join(str(exc).split()) or type(exc).__name__
@@ -58,7 +70,8 @@ def run_app(job: Callable[[Any], Any], config_name: str, argv: list[str] | None 
     (one line and exit status 2 when bad, before the job's imports); then Hydra composes the
     config, makes the run folder (`hydra.run.dir`, its .hydra/ and <job name>.log as the
     config's hydra node says; sweeps with -m) and calls `job`, whose fixable errors end as one
-    line (`one_line_errors`). The job name is the config's `hydra.job.name`, so the log file is
+    line (`one_line_errors`), and a stop signal ends it with its one line and exit status 4
+    (`detkit.engine.preemption`: the handlers are installed for the app's run). The job name is the config's `hydra.job.name`, so the log file is
     named the same whichever way the tool was started (tools/<tool>.py, a console script,
     python -m)."""
     import hydra  # here, not above: a bad command line is answered before Hydra (and torch) load
@@ -69,4 +82,8 @@ def run_app(job: Callable[[Any], Any], config_name: str, argv: list[str] | None 
         argv = checked_argv(config_name, argv)
     app = hydra.main(config_path=str(compose.CONFIG_DIR), config_name=config_name, version_base="1.3")(one_line_errors(job))
     sys.argv = [sys.argv[0], *argv]     # Hydra reads its command line from sys.argv
-    app()
+    # A log file on a full disk: its lines are lost, without a traceback for each one (the
+    # write that fails next says what happened, in one line).
+    logging.raiseExceptions = False
+    with StopSignals():                 # SIGTERM, SIGINT, SIGUSR1: detkit.engine.preemption
+        app()

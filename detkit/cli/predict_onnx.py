@@ -5,11 +5,13 @@
 (or `detkit-predict-onnx ...`, `python -m detkit.cli.predict_onnx ...`). Writes the JSON of
 tools/predict.py (a list of {"file_name", "category_id", "bbox": [x, y, w, h], "score"},
 boxes in the image's pixels), category ids from the file's metadata. Needs onnxruntime
-(pip install -e ".[export]"), not the checkpoint.
+(pip install -e ".[export]"), not the checkpoint. `skip_unreadable=true` skips unreadable
+images as tools/predict.py does.
 Exit status: 0 written; 2 (one line on stderr) for a bad file, input or argument.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from detkit.cli import run_app
@@ -21,15 +23,19 @@ def job(cfg) -> None:
     except ImportError:
         raise ValueError("tools/predict_onnx.py needs onnxruntime: pip install -e \".[export]\"") from None
     from detkit.export.runtime import OnnxDetector, load_label_map
-    from detkit.evaluation.inference import list_images, predict_files
+    from detkit.evaluation.inference import list_images, predict_files, skipped_summary
     from detkit.io import write_predictions
 
     files = list_images(cfg.input)
     detector = OnnxDetector(cfg.onnx, intra_op_threads=cfg.threads)
     root = Path(cfg.input) if Path(cfg.input).is_dir() else None
-    detections = predict_files(detector, files, load_label_map(detector), "cpu", detector.batch_size, root)
+    skipped: list[Path] | None = [] if cfg.skip_unreadable else None
+    detections = predict_files(detector, files, load_label_map(detector), "cpu", detector.batch_size, root,
+                               skipped)
     count = write_predictions(cfg.output, detections)
-    print(f"{count} detections in {len(files)} images -> {cfg.output}")
+    print(f"{count} detections in {len(files) - len(skipped or [])} images -> {cfg.output}")
+    if skipped:
+        print(skipped_summary(skipped, root), file=sys.stderr)
 
 
 def main() -> None:

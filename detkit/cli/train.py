@@ -13,8 +13,12 @@ broadcast before Hydra starts), and only rank 0 writes into it (logs, TensorBoar
 checkpoints, metrics).
 
 Exit status: 0 done; 2 a mistake in the arguments, config or data (one line on
-stderr, before training starts); 3 the loss became non-finite (the last good
-checkpoint is kept); 1 anything else (a traceback).
+stderr, before training starts), or a file that cannot be written (disk full, unwritable
+folder: one line naming the file and the checkpoint kept); 3 the loss became non-finite
+(the last good checkpoint is kept); 4 stopped by SIGTERM, SIGINT or SIGUSR1 (the step in
+progress finishes, its checkpoint is written, one line names the signal, the iteration and
+the checkpoint; `resume=true` continues exactly: detkit.engine.preemption); 1 anything else
+(a traceback).
 """
 from __future__ import annotations
 

@@ -158,6 +158,29 @@ class AblateConfig:
     record: Optional[str] = MISSING
 
 
+@dataclass
+class PredictConfig:
+    """configs/predict.yaml (tools/predict.py)."""
+
+    checkpoint: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    skip_unreadable: bool = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class PredictOnnxConfig:
+    """configs/predict_onnx.yaml (tools/predict_onnx.py)."""
+
+    onnx: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    skip_unreadable: bool = MISSING
+    threads: Optional[int] = MISSING
+
+
 SCHEMA_GROUP = "schema"
 SCHEMAS: Mapping[str, type] = MappingProxyType({
     "train": TrainConfig,
@@ -165,6 +188,8 @@ SCHEMAS: Mapping[str, type] = MappingProxyType({
     "synthetic_data": SyntheticDataConfig,
     "coco_data": CocoDataConfig,
     "ablate": AblateConfig,
+    "predict": PredictConfig,
+    "predict_onnx": PredictOnnxConfig,
 })
 
 

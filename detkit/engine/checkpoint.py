@@ -21,7 +21,9 @@ importing what a config names.
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from torch import nn
 
 from detkit.config.build import build_model
 from detkit.config.stored import CheckpointError, check_class_names, check_label_map, check_stored_config
+from detkit.io import atomic_write
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_dict_strict",
            "load_model", "export_backbone"]
@@ -50,17 +53,10 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through `detkit.io.atomic_write`: a full disk or an unwritable folder is a
+    one-line `WriteError` naming `path` (not torch's chained RuntimeError), the previous file
+    kept and no temporary file left."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -73,11 +69,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, unsafe contents ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a detkit checkpoint (for torchvision weights use "
                               f"tools/import_torchvision.py)")
     return _check_contents(state, str(path))
+
+
+# What torch.save writes before the pickle in its legacy (pre-zip) format: protocol 2 and the
+# magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """One line saying why torch.load(weights_only=True) refused `path`: not a PyTorch archive,
+    objects other than tensors and plain data (named when torch says which), or a damaged file.
+    Never torch's own advice, which suggests loading the file unsafely."""
+    if isinstance(exc, OSError):
+        return f"cannot read checkpoint {path}: {exc.strerror or exc}"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_LEGACY_MAGIC))
+        # a zip file, also a truncated one (its first local header), or the legacy format
+        archive = head.startswith(b"PK\x03\x04") or zipfile.is_zipfile(path) or head == _LEGACY_MAGIC
+    except OSError as error:
+        return f"cannot read checkpoint {path}: {error.strerror or error}"
+    if not archive:
+        return (f"{path} is not a detkit checkpoint: not a PyTorch archive (the zip file torch.save writes); "
+                f"a detkit checkpoint is a training run's checkpoints/last.pth or tools/import_torchvision.py's output")
+    message = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in message:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", message)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path} is not a detkit checkpoint: it holds objects other than tensors and plain data{what}, "
+                f"refused: loading it could run code from the file")
+    first = message.strip().split(". ")[0].splitlines()[0] if message.strip() else type(exc).__name__
+    return f"cannot read checkpoint {path}: a damaged or truncated PyTorch archive ({first})"
 
 
 # Entries of a checkpoint that are configurations (checked and built only through

@@ -16,6 +16,7 @@ within an iteration):
     EvalHook       periodic evaluation, and the final one after training (detections.json)
     ...            extra hooks (e.g. detkit.vis.hooks: sampling pictures after evaluations)
     ResultsHook    (rank 0) metrics.json and train_stats.json, after the final evaluation
+    StopOnSignal   preemption: after every step, on a stop signal, the checkpoint and a stop
 
 Hooks that run collectives (checkpoints gather RNG states, evaluation gathers detections)
 run on every rank.
@@ -37,12 +38,14 @@ from torch import nn
 
 from detkit.utils import comm as dist
 from detkit.evaluation.evaluate import coco_stats_table, per_class_table
-from detkit.io import write_json
+from detkit.io import WriteError, write_json
 from detkit.engine.loop import Hook, LoopState, diverged
+from detkit.engine.preemption import Interrupted, StopSignals, signal_name
 from detkit.engine.state import save_training_state
 from detkit.ops import offset_branch_parameters
 
-__all__ = ["MetricWriter", "CheckpointHook", "EvalHook", "ResultsHook", "TrainingRun", "train_stats"]
+__all__ = ["MetricWriter", "CheckpointHook", "EvalHook", "ResultsHook", "StopOnSignal", "TrainingRun", "train_stats",
+           "kept_checkpoint"]
 
 logger = logging.getLogger("detkit.train")
 
@@ -132,12 +135,84 @@ class CheckpointHook(Hook):
         completed = state.iteration
         if not (every(self.period, completed) or completed == state.max_iters):
             return
+        self.save(state)
+
+    def save(self, state: LoopState) -> None:
+        """The training state of iteration state.iteration to `path` (collective). A write that
+        fails (disk full, unwritable folder) raises `WriteError` on every rank, saying which
+        checkpoint is kept."""
+        completed = state.iteration
         if not all(bool(torch.isfinite(p).all()) for p in self.params):  # never save a broken model
             raise diverged(state, "weights are")
-        save_training_state(self.path, self.model, self.optimizer, self.scheduler, self.scaler, completed,
-                            self.data_state, self.extra)
+        try:
+            save_training_state(self.path, self.model, self.optimizer, self.scheduler, self.scaler, completed,
+                                self.data_state, self.extra)
+        except WriteError as exc:
+            raise exc.with_kept(kept_checkpoint(state)) from None
         logger.info("saved checkpoint %s (iteration %d)", self.path, completed)
         state.last_saved = completed
+
+
+def kept_checkpoint(state: LoopState) -> str:
+    """What a run that stops now keeps: "the checkpoint of iteration N (PATH) is kept" or "no
+    checkpoint was written"."""
+    if state.last_saved is None or state.checkpoint_path is None:
+        return "no checkpoint was written"
+    return f"the checkpoint of iteration {state.last_saved} ({state.checkpoint_path}) is kept"
+
+
+class StopOnSignal(Hook):
+    """Preemption (`detkit.engine.preemption`): the last hook. From before_train to the last
+    step the loop runs with the stop signals deferred; after every step (and its hooks) the
+    processes agree whether any of them received one (an all_reduce of the signal number:
+    every rank stops at the same iteration). Then the checkpoint of this iteration is written
+    (once, by rank 0, unless the checkpoint hook has just written it and nothing ran since),
+    every rank waits for it, one line (signal, iteration, path) is logged and `Interrupted`
+    raised (the tools exit with status 4). The signals arriving meanwhile are ignored."""
+
+    def __init__(self, signals: StopSignals, checkpoint: CheckpointHook) -> None:
+        self.signals, self.checkpoint = signals, checkpoint
+        self.deferred = False
+
+    def before_train(self, state: LoopState) -> None:
+        if state.iteration < state.max_iters:
+            self._defer(True)
+
+    def _defer(self, on: bool) -> None:
+        if on and not self.deferred:
+            self.signals.enter_deferred()
+        elif not on and self.deferred:
+            self.signals.leave_deferred()
+        self.deferred = on
+
+    def close(self) -> None:
+        """Leave the deferred region (when training raised)."""
+        self._defer(False)
+
+    def agreed_signal(self) -> int:
+        """The signal some process received (the largest number), 0 when none did."""
+        signum = int(self.signals.received or 0)
+        if dist.get_world_size() > 1:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def after_step(self, state: LoopState) -> None:
+        signum = self.agreed_signal()
+        if signum:
+            if state.last_saved != state.iteration or state.evaluated_at == state.iteration:
+                self.checkpoint.save(state)
+            dist.barrier()   # rank 0 has written it before any process exits
+            name = signal_name(signum)
+            message = (f"stopped by {name} at iteration {state.iteration} of {state.max_iters}: checkpoint "
+                       f"{state.checkpoint_path} (iteration {state.iteration}) written; resume=true continues")
+            self._defer(False)
+            if dist.is_main_process():
+                logger.warning("%s", message)
+            raise Interrupted(signum, message if dist.is_main_process() else " ")
+        if state.iteration >= state.max_iters:
+            self._defer(False)    # the final evaluation stops at once on a signal
 
 
 class EvalHook(Hook):

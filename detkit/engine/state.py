@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detkit.io import WriteError
 from detkit.utils import comm as dist
 from detkit.engine.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from detkit.utils.comm import unwrap_model
@@ -71,21 +72,29 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def save_training_state(path: Path, model: nn.Module, optimizer, scheduler, scaler, iteration: int,
                         data_state: dict, extra: dict) -> None:
     """Gather every rank's RNG state (collective: every rank calls it), then rank 0 writes the
-    checkpoint atomically (`save_checkpoint`). `model` may be DDP-wrapped; `extra` holds the
+    checkpoint atomically (`save_checkpoint`); a write that fails raises `WriteError` on every
+    rank (rank 0's error, broadcast). `model` may be DDP-wrapped; `extra` holds the
     checkpoint's metadata (model_config, data_config, label_to_category_id, class_names)."""
     rng = dist.all_gather_object(rng_state())
-    if not dist.is_main_process():
-        return
-    save_checkpoint(path, {
-        "model": unwrap_model(model).state_dict(),
-        **extra,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "iteration": int(iteration),
-        "rng": rng,
-        "data": {**data_state, "next_iteration": int(iteration)},
-    })
+    failure = None
+    if dist.is_main_process():
+        try:
+            save_checkpoint(path, {
+                "model": unwrap_model(model).state_dict(),
+                **extra,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "iteration": int(iteration),
+                "rng": rng,
+                "data": {**data_state, "next_iteration": int(iteration)},
+            })
+        except WriteError as exc:
+            failure = (exc.path, exc.reason, exc.kept, exc.errno)
+    if dist.get_world_size() > 1:   # every rank learns whether rank 0's write failed, and stops with it
+        failure = dist.broadcast_object(failure)
+    if failure is not None:
+        raise WriteError(*failure)
 
 
 def resume_training_state(path: Path, model: nn.Module, optimizer, scheduler, scaler, data_state: dict) -> int:

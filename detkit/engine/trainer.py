@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,10 +50,14 @@ from detkit.config.build import build_data_source, build_from_config, build_mode
 from detkit.config.schemas import check_train_config
 from detkit.config.stored import check_stored_config
 from detkit.data import build_train_loader
-from detkit.engine.hooks import CheckpointHook, EvalHook, MetricWriter, ResultsHook, TrainingRun, train_stats
+from detkit.engine import preemption
+from detkit.engine.hooks import (CheckpointHook, EvalHook, MetricWriter, ResultsHook, StopOnSignal, TrainingRun,
+                                 kept_checkpoint, train_stats)
+from detkit.engine.preemption import Interrupted, signal_name
 from detkit.engine.loop import Hook, LoopState, Trainer, TrainingDiverged
 from detkit.engine.state import resume_training_state, rng_state, seed_all, set_rng_state
 from detkit.evaluation.evaluate import evaluate_detector
+from detkit.io import WriteError, os_error_of, write_text
 from detkit.utils import comm as dist
 from detkit.utils.comm import resolve_device
 
@@ -228,9 +233,22 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
     loop state) and before metrics.json is written.
 
     Raises ValueError (DatasetError, CheckpointError) for problems a user can fix,
-    before training starts, and TrainingDiverged if the loss becomes non-finite.
+    before training starts, TrainingDiverged if the loss becomes non-finite, `WriteError`
+    (an OSError) when a file cannot be written (disk full, unwritable folder: the message
+    says which checkpoint is kept), and `detkit.engine.preemption.Interrupted` on SIGTERM,
+    SIGINT or SIGUSR1 (after the step in progress and a checkpoint of it: `StopOnSignal`).
+    The signal handlers are the caller's `StopSignals` (the tools install them,
+    `detkit.cli.run_app`), else installed here for the call (from the main thread).
     """
-    run_dir = Path(run_dir)
+    signals = preemption.current()
+    if signals is None:   # called as a library function: the caller's handlers are replaced meanwhile
+        with preemption.StopSignals() as signals:
+            return _train(cfg, Path(run_dir), extra_hooks, signals)
+    return _train(cfg, Path(run_dir), extra_hooks, signals)
+
+
+def _train(cfg: DictConfig, run_dir: Path, extra_hooks: HookFactory | None,
+           signals: preemption.StopSignals) -> dict[str, float] | None:
     dist.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank != 0:
@@ -250,9 +268,12 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir), purge_step=start_iter or None)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     hooks = _make_hooks(cfg, run_dir, parts, train_model, device, writer, extra_hooks)
+    checkpoint_hook = next(hook for hook in hooks if isinstance(hook, CheckpointHook))
+    stop = StopOnSignal(signals, checkpoint_hook)
+    hooks.append(stop)    # last: the step's hooks (checkpoint, evaluation, pictures) have run
     sched = cfg.schedule
     max_iters = int(sched.max_iters)
     logger.info("training iterations %d..%d of %d: %d images per iteration (%d per process x %d), device %s%s",
@@ -261,6 +282,27 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
     grad_clip = float(sched.grad_clip) if sched.grad_clip is not None else None
     trainer = Trainer(train_model, parts.optimizer, parts.scheduler, train_loader, device, scaler=parts.scaler,
                       amp_dtype=amp_dtype, grad_clip=grad_clip, hooks=hooks)
-    with writer if writer is not None else contextlib.nullcontext():  # closed also when training diverges
-        state: LoopState = trainer.train(start_iter, max_iters)
+    try:
+        with writer if writer is not None else contextlib.nullcontext():  # closed also when training diverges
+            state: LoopState = trainer.train(start_iter, max_iters)
+    except WriteError as exc:   # a checkpoint, metrics.json, detections.json ...: say what is kept
+        raise exc.with_kept(kept_checkpoint(trainer.state)) from None
+    except OSError as exc:      # TensorBoard's event file
+        error = os_error_of(exc)
+        if error is None or error.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteError(error.filename or run_dir, error.strerror or str(error), kept_checkpoint(trainer.state),
+                         error.errno) from None
+    except Interrupted as exc:  # a signal during the final evaluation (StopOnSignal's own say more)
+        if trainer.state.iteration >= max_iters and str(exc) == f"stopped by {signal_name(exc.signum)}":
+            message = (f"stopped by {signal_name(exc.signum)} after training, {kept_checkpoint(trainer.state)}: "
+                       f"resume=true evaluates it and writes metrics.json") if rank == 0 else " "
+            raise Interrupted(exc.signum, message) from None
+        raise
+    finally:
+        stop.close()
     return state.metrics
+
+
+# The errors of a write that fails for want of room or permission.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM)

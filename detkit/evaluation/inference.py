@@ -6,6 +6,7 @@ detections come back in the image's pixels.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detkit.evaluation.coco_eval import coco_records
+
+logger = logging.getLogger("detkit.predict")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -55,16 +58,36 @@ def to_coco_results(prediction: Mapping[str, Tensor], label_to_category_id: Mapp
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], label_to_category_id: Mapping[int, int],
                   device: torch.device | str = "cpu", batch_size: int = 1,
-                  root: Path | None = None) -> Iterable[dict]:
+                  root: Path | None = None, skipped: list[Path] | None = None) -> Iterable[dict]:
     """Yield COCO-style detections {"file_name", "category_id", "bbox", "score"} for `files`.
-    file_name is relative to `root` when given, else the file's name. Progress: a tqdm bar of
-    the images on stderr, shown only when stderr is a terminal (tqdm's disable=None)."""
+    file_name is relative to `root` when given, else the file's name. An unreadable image
+    raises ValueError naming it; with a `skipped` list it is skipped instead, with a warning,
+    and appended there. Progress: a tqdm bar of the images on stderr, shown only when stderr
+    is a terminal (tqdm's disable=None)."""
     model.eval()
     with tqdm(total=len(files), desc="predicting", unit="img", disable=None) as progress:
         for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            images = [read_image(f).to(device) for f in chunk]
-            for path, prediction in zip(chunk, model(images)):
-                name = str(path.relative_to(root)) if root is not None else path.name
-                yield from to_coco_results(prediction, label_to_category_id, file_name=name)
-            progress.update(len(chunk))
+            chunk, images = [], []
+            for path in files[start:start + batch_size]:
+                try:
+                    image = read_image(path)
+                except ValueError as exc:
+                    if skipped is None:
+                        raise
+                    logger.warning("skipped: %s", exc)
+                    skipped.append(path)
+                    continue
+                chunk.append(path)
+                images.append(image.to(device))
+            if images:
+                for path, prediction in zip(chunk, model(images)):
+                    name = str(path.relative_to(root)) if root is not None else path.name
+                    yield from to_coco_results(prediction, label_to_category_id, file_name=name)
+            progress.update(len(files[start:start + batch_size]))
+
+
+def skipped_summary(skipped: Sequence[Path], root: Path | None = None, shown: int = 20) -> str:
+    """One line listing the images `predict_files` skipped."""
+    names = [str(p.relative_to(root)) if root is not None else str(p) for p in skipped]
+    listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+    return f"skipped {len(names)} unreadable image{'s' if len(names) != 1 else ''}: {listed}"

@@ -37,7 +37,6 @@ import copy
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detkit.io import atomic_write
 from detkit.modeling.detector import FasterRCNN
 from detkit.export.batched import BatchedDetector
 from detkit.export.detector import ExportableDetector
@@ -355,18 +355,9 @@ def _json_default(value):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """`detkit.io.atomic_write`: a full disk or an unwritable folder is a one-line WriteError
+    naming `path`, and no partial file is left."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def read_metadata(model_proto_or_path) -> dict[str, Any]:

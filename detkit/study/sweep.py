@@ -25,6 +25,7 @@ it to every run as `model.backbone.weights`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -32,13 +33,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from detkit.study.records import SweepRecords
 from detkit.study.tables import AblationTable
 from detkit.config.compose import quote_override
+from detkit.engine import preemption
+from detkit.engine.preemption import EXIT_STOPPED, Interrupted
 from detkit.io import file_lock
 
 __all__ = ["RunSpec", "plan_runs", "check_run_folders", "run_overrides", "train_command", "run_sweep", "RUN_RECORD", "RUN_LOCK"]
@@ -124,14 +127,18 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
               on_record: Callable[[RunSpec], None] | None = None) -> dict[RunSpec, str]:
     """Train every unfinished run, `jobs` at a time, each with `threads_per_job` threads
     (default: cores // jobs). Returns {spec: "done" | "skipped" | "recorded" | "busy" |
-    "failed (exit N)"}; a failed run does not stop the others. A run whose folder's lock
+    "stopped" | "failed (exit N)"}; a failed run does not stop the others. A run whose folder's lock
     (RUN_LOCK) another sweep holds is being trained by it and is left to it ("busy"), so two
     sweeps of the same rows started side by side share the runs out between them. Output of
     each run goes to <run folder>/stdout.log.
     With `records` (a records file, `detkit.study.records`), a run without a finished folder
     whose record is there is not trained ("recorded"), and every finished run (found so at the
     start, or finished by this sweep) is recorded there at once, then passed to `on_record`
-    (tools/ablate.py records the rows that share the run there)."""
+    (tools/ablate.py records the rows that share the run there).
+    A stop signal (SIGTERM, SIGINT, SIGUSR1; `detkit.engine.preemption`) starts no more runs,
+    passes the signal on to the running ones, which stop after their current step with a
+    checkpoint ("stopped"), and raises `Interrupted` once they have: the same sweep started
+    again resumes them, as after a kill."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs)
@@ -172,11 +179,24 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
             (spec.run_dir / RUN_RECORD).write_text(json.dumps({"overrides": list(spec.overrides)}, indent=1))
             start = time.perf_counter()
             with open(spec.run_dir / "stdout.log", "ab") as output:
-                code = subprocess.call(train_command(spec), stdout=output, stderr=subprocess.STDOUT, env=env)
+                with lock:
+                    if stopping.is_set():    # a stop signal came before this run started
+                        status[spec] = "not started"
+                        return
+                    process = subprocess.Popen(train_command(spec), stdout=output, stderr=subprocess.STDOUT,
+                                               env=env)
+                    running.add(process)
+                try:
+                    code = process.wait()
+                finally:
+                    with lock:
+                        running.discard(process)
             seconds = time.perf_counter() - start
         if code == 0 and spec.finished:
             ap = json.loads((spec.run_dir / "metrics.json").read_text()).get("bbox/AP")
             result, detail = "done", f"box AP {ap:.2f}" if isinstance(ap, (int, float)) else "no AP"
+        elif code == EXIT_STOPPED:
+            result, detail = "stopped", f"its checkpoint is kept and the next sweep resumes it ({spec.run_dir})"
         else:
             result, detail = f"failed (exit {code})", f"see {spec.run_dir / 'stdout.log'}"
         with lock:
@@ -191,7 +211,36 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, threads_per_job: int | None =
     recorded = sum(result == "recorded" for result in status.values())
     log(f"{len(todo)} runs to train ({len(specs) - len(todo) - recorded} finished"
         f"{f', {recorded} recorded' if recorded else ''}), {jobs} at a time, {threads} thread(s) each")
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(one, spec) for spec in todo]:
-            future.result()
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
+    signals = preemption.current()
+    with signals.deferred() if signals is not None else contextlib.nullcontext():
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(one, spec) for spec in todo]
+            while not all(future.done() for future in futures):
+                wait(futures, timeout=0.2)
+                if signals is not None and signals.received is not None and not stopping.is_set():
+                    _stop_runs(signals.received, stopping, running, lock, log)
+            for future in futures:
+                future.result()
+    if stopping.is_set():
+        stopped = [spec for spec, result in status.items() if result == "stopped"]
+        raise Interrupted(signals.received, (
+            f"stopped by {preemption.signal_name(signals.received)}: {len(stopped)} run(s) stopped with a checkpoint "
+            f"({', '.join(f'{s.experiment} seed {s.seed}' for s in stopped) or 'none'}), "
+            f"{sum(r == 'not started' for r in status.values())} not started; the same command resumes the sweep"))
     return status
+
+
+def _stop_runs(signum: int, stopping: threading.Event, running: set, lock, log) -> None:
+    """A stop signal reached the sweep: start no more runs, and pass the signal on to the
+    running ones (each finishes its step, writes a checkpoint and exits with status 4; a run
+    that got the signal itself, from the terminal's process group, ignores the second one)."""
+    with lock:
+        stopping.set()
+        processes = list(running)
+    log(f"{preemption.signal_name(signum)}: stopping {len(processes)} running run(s) after their current "
+        f"step (each writes a checkpoint), starting no more")
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)

@@ -135,7 +135,7 @@ def test_predict_tool_reports_bad_input_in_one_line(torchvision_setup, tmp_path)
     cv2.imwrite(str(image), np.full((8, 8, 3), 128, np.uint8))
     broken = run_tool("tools/predict.py", f"checkpoint={bad_ckpt}", f"input={image}",
                       f"hydra.run.dir={tmp_path / 'run2'}")
-    assert broken.returncode == 2 and "cannot read checkpoint" in broken.stderr
+    assert broken.returncode == 2 and "is not a detkit checkpoint: not a PyTorch archive" in broken.stderr
     assert "Traceback" not in broken.stderr
     unknown = run_tool("tools/predict.py", f"checkpoint={checkpoint}", f"input={image}", "no_such_key=1",
                        f"hydra.run.dir={tmp_path / 'run3'}")
