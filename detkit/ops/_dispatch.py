@@ -223,7 +223,8 @@ def call(name: str, *args: Any) -> Any:
     """Run op `name` on `args` (the op's arguments, in its schema's order; args[0] is the
     input tensor, whose device decides) on the kernels or the pure path."""
     device = args[0].device
-    if torch.onnx.is_in_onnx_export() or use_kernel(name, device):
+    # Meta tensors (shape-only runs) go to the op's fake kernel, whichever path is in use.
+    if device.type == "meta" or torch.onnx.is_in_onnx_export() or use_kernel(name, device):
         return getattr(torch.ops.detkit, name)(*args)
     fn = pure_function(name)
     if torch.is_autocast_enabled(device.type):
