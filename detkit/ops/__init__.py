@@ -13,9 +13,9 @@
 - `offset_branch_parameters`: finds those branches' parameters for lr multipliers.
 - `detkit.ops.reference`: slow float64-friendly references used by the tests.
 """
-from detkit.ops._dispatch import PureOpsWarning, use_pure_ops
+from detkit.ops._dispatch import PureOpsWarning, require_ops, use_pure_ops
 from detkit.ops._dispatch import path as ops_path
-from detkit.ops._extension import cuda_kernels_built, require_ops
+from detkit.ops._extension import cuda_kernels_built
 from detkit.ops.dcnv3 import dcnv3_core, dcnv4_core
 from detkit.ops.deform_conv import deform_conv2d
 from detkit.ops.deform_roi_pool import deform_roi_pool

@@ -166,6 +166,16 @@ def why_no_kernel(name: str, device: torch.device | str) -> str:
     return f"detkit's extension has no {device_type} kernel of {name}"
 
 
+def require_ops(device: torch.device | str | None = None) -> None:
+    """Raise a RuntimeError explaining how to build the extension if it is unusable, or,
+    given a device, if it has no kernels for that device (a CPU-only build and CUDA
+    tensors, MPS, ...). For callers that need the compiled kernels, not the pure-PyTorch
+    path the ops otherwise fall back to."""
+    _extension.require_loaded()
+    if device is not None and not has_kernel("deform_conv2d", device):
+        raise RuntimeError(f"{why_no_kernel('deform_conv2d', device)}.\n{_extension.BUILD_HINT}")
+
+
 def build_hint() -> str:
     return _extension.BUILD_HINT
 

@@ -38,18 +38,10 @@ def load_problem() -> str:
     return (_load_error or "").split("\n")[0].rstrip(".")
 
 
-def require_ops(device: torch.device | str | None = None) -> None:
-    """Raise a RuntimeError explaining how to build the extension if it is unusable, or,
-    given a device, if it has no kernels for that device (a CPU-only build and CUDA
-    tensors, MPS, ...). For callers that need the compiled kernels, not the pure-PyTorch
-    path the ops otherwise fall back to."""
+def require_loaded() -> None:
+    """Raise a RuntimeError explaining how to build the extension if it is unusable."""
     if _load_error is not None:
         raise RuntimeError(_load_error)
-    if device is not None:
-        from detkit.ops import _dispatch
-
-        if not _dispatch.has_kernel("deform_conv2d", device):
-            raise RuntimeError(f"{_dispatch.why_no_kernel('deform_conv2d', device)}.\n{BUILD_HINT}")
 
 
 def cuda_kernels_built() -> bool:
@@ -61,5 +53,5 @@ def set_cuda_columns_budget(num_bytes: int) -> int:
     """Set how many bytes of im2col columns the CUDA deform_conv2d processes per chunk of
     images (default 256 MiB) and return the previous value. For tests of the chunked path:
     a budget below one image's columns makes every chunk one image. Not a tuning API."""
-    require_ops()
+    require_loaded()
     return int(_C._set_cuda_columns_budget(int(num_bytes)))
