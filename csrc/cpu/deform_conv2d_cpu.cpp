@@ -21,12 +21,23 @@
 #include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <chrono>
+#include <ctime>
+#include <cstdio>
 
-#include "channel_loops.h"
 
 namespace detkit {
 namespace cpu {
 namespace {
+
+
+// TEMP profiling
+static double g_prof[8];
+static const char* g_prof_names[8] = {"pad","im2col","gemm_fwd","gemm_gw","gemm_gc","col2im","offgrad","crop"};
+static double tnow(){ timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts); return ts.tv_sec*1e3+ts.tv_nsec*1e-6; }
+struct PhaseTimer { int i; double t0; PhaseTimer(int i_):i(i_),t0(tnow()){} ~PhaseTimer(){ g_prof[i]+=tnow()-t0; } };
+#define PH(i, stmt) do { PhaseTimer _pt(i); stmt; } while (0)
+static void prof_dump(const char* what) { if (!std::getenv("DETKIT_PROF")) return; std::fprintf(stderr, "%s", what); for (int i=0;i<8;++i){ std::fprintf(stderr," %s=%.1f",g_prof_names[i],g_prof[i]); g_prof[i]=0;} std::fprintf(stderr,"\n"); }
 
 struct DeformConvShape {
   int64_t batch, in_channels, height, width;
@@ -131,7 +142,7 @@ struct PaddedSample {
 };
 
 template <typename T>
-inline PaddedSample<T> locate(T y, T x, const DeformConvShape& s) {
+inline __attribute__((always_inline)) PaddedSample<T> locate(T y, T x, const DeformConvShape& s) {
   // Written as a negated conjunction so NaN coordinates land outside.
   if (!(y > -1 && y < s.height && x > -1 && x < s.width)) return {0, T(0), T(0), false};
   const T y0 = std::floor(y), x0 = std::floor(x);
@@ -143,7 +154,7 @@ inline PaddedSample<T> locate(T y, T x, const DeformConvShape& s) {
 // Calls fn(p, g, k, sample, m) for output positions p in [p_begin, p_end),
 // offset groups g and taps k. offset: [2*G*K, P], mask: [G*K, P] or null.
 template <typename T, typename Fn>
-inline void for_each_sample(const DeformConvShape& s, const T* offset, const T* mask,
+inline __attribute__((always_inline)) void for_each_sample(const DeformConvShape& s, const T* offset, const T* mask,
                             int64_t p_begin, int64_t p_end, Fn&& fn) {
   const int64_t taps = s.taps(), positions = s.positions();
   for (int64_t p = p_begin; p < p_end; ++p) {
@@ -165,7 +176,7 @@ inline void for_each_sample(const DeformConvShape& s, const T* offset, const T* 
 // Calls fn(c0, c1, conv_group) for the channels of offset group g inside
 // [c_lo, c_hi), split where a conv group ends.
 template <typename Fn>
-inline void for_each_channel_run(const DeformConvShape& s, int64_t g, int64_t c_lo,
+inline __attribute__((always_inline)) void for_each_channel_run(const DeformConvShape& s, int64_t g, int64_t c_lo,
                                  int64_t c_hi, Fn&& fn) {
   const int64_t per_offset_group = s.offset_group_in(), per_group = s.group_in();
   int64_t begin = std::max(g * per_offset_group, c_lo);
@@ -186,7 +197,7 @@ struct Tile {
 };
 
 // Index of column element (conv_group, p, k, c) in a tile's [groups, tile, K, Cg] buffer.
-inline int64_t column_index(const DeformConvShape& s, const Tile& tile, int64_t conv_group,
+inline __attribute__((always_inline)) int64_t column_index(const DeformConvShape& s, const Tile& tile, int64_t conv_group,
                             int64_t p, int64_t k, int64_t c) {
   return ((conv_group * tile.size + (p - tile.begin)) * s.taps() + k) * s.group_in() +
          (c - conv_group * s.group_in());
@@ -217,27 +228,163 @@ inline at::Tensor tile_view(const at::Tensor& flat, const DeformConvShape& s, co
   return flat.narrow(0, 0, s.groups * tile.size * width).view({s.groups, tile.size, width});
 }
 
+// The per-sample loops below are compiled for several x86 ISAs and picked at load
+// time (target_clones). The clones are named by ISA level (x86-64-v4: AVX-512,
+// v3: AVX2 + FMA), not by CPU ("arch=haswell" / "arch=skylake-avx512" clones
+// are chosen with __builtin_cpu_is and so never run on AMD CPUs).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DETKIT_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DETKIT_ISA_CLONES
+#endif
+#define DETKIT_INLINE inline __attribute__((always_inline))
+
+// dst[t] = w00*s00[t] + w01*s01[t] + w10*s10[t] + w11*s11[t]; s01 = s00 + step, s10 = s00 + row.
+template <typename T>
+DETKIT_INLINE void gather_run(T* __restrict dst, const T* s00, int64_t step, int64_t row, int64_t n,
+                              T w00, T w01, T w10, T w11) {
+  const T* s01 = s00 + step;
+  const T* s10 = s00 + row;
+  const T* s11 = s10 + step;
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) dst[t] = w00 * s00[t] + w01 * s01[t] + w10 * s10[t] + w11 * s11[t];
+}
+
+template <typename T>
+DETKIT_INLINE void scatter_run(const T* __restrict grad, T* d00, int64_t step, int64_t row, int64_t n,
+                               T w00, T w01, T w10, T w11) {
+  T* d01 = d00 + step;
+  T* d10 = d00 + row;
+  T* d11 = d10 + step;
+  // The four corners are distinct pixels (step, row > 0), so the updates commute.
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) {
+    const T g = grad[t];
+    d00[t] += w00 * g;
+    d01[t] += w01 * g;
+    d10[t] += w10 * g;
+    d11[t] += w11 * g;
+  }
+}
+
+template <typename T>
+DETKIT_INLINE void reduce_run(const T* __restrict grad, const T* s00, int64_t step, int64_t row,
+                              int64_t n, T ly, T lx, T sums[3]) {
+  const T* s01 = s00 + step;
+  const T* s10 = s00 + row;
+  const T* s11 = s10 + step;
+  const T hy = 1 - ly, hx = 1 - lx;
+  const T w00 = hy * hx, w01 = hy * lx, w10 = ly * hx, w11 = ly * lx;
+  T value = 0, d_y = 0, d_x = 0;
+#pragma omp simd reduction(+ : value, d_y, d_x)
+  for (int64_t t = 0; t < n; ++t) {
+    const T g = grad[t];
+    const T v00 = s00[t], v01 = s01[t], v10 = s10[t], v11 = s11[t];
+    value += g * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
+    d_y += g * (hx * (v10 - v00) + lx * (v11 - v01));
+    d_x += g * (hy * (v01 - v00) + ly * (v11 - v10));
+  }
+  sums[0] += value;
+  sums[1] += d_y;
+  sums[2] += d_x;
+}
+
+// One thread's share of each kernel: positions [p0, p1) of im2col and of the
+// offset gradient, channels [c_lo, c_hi) of col2im.
+template <typename T>
+DETKIT_INLINE void im2col_chunk(const DeformConvShape& s, const Tile& tile, const T* in_pad,
+                                const T* offset, const T* mask, T* columns, int64_t p0, int64_t p1) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
+                                               const PaddedSample<T>& at, T m) {
+    for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
+      T* dst = columns + column_index(s, tile, cg, p, k, c0);
+      if (!at.inside) {
+        std::fill(dst, dst + (c1 - c0), T(0));
+        return;
+      }
+      const T hy = 1 - at.ly, hx = 1 - at.lx;
+      gather_run(dst, in_pad + at.corner * channels + c0, channels, row, c1 - c0, m * hy * hx,
+                 m * hy * at.lx, m * at.ly * hx, m * at.ly * at.lx);
+    });
+  });
+}
+
+template <typename T>
+DETKIT_INLINE void col2im_chunk(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
+                                const T* offset, const T* mask, T* grad_in_pad, int64_t c_lo,
+                                int64_t c_hi) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  for_each_sample(s, offset, mask, tile.begin, tile.begin + tile.size, [&](int64_t p, int64_t g, int64_t k,
+                                                         const PaddedSample<T>& at, T m) {
+    if (!at.inside) return;
+    for_each_channel_run(s, g, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t cg) {
+      const T hy = 1 - at.ly, hx = 1 - at.lx;
+      scatter_run(grad_columns + column_index(s, tile, cg, p, k, c0),
+                  grad_in_pad + at.corner * channels + c0, channels, row, c1 - c0, m * hy * hx,
+                  m * hy * at.lx, m * at.ly * hx, m * at.ly * at.lx);
+    });
+  });
+}
+
+template <typename T>
+DETKIT_INLINE void offset_grad_chunk(const DeformConvShape& s, const Tile& tile,
+                                     const T* grad_columns, const T* in_pad, const T* offset,
+                                     const T* mask, T* grad_offset, T* grad_mask, int64_t p0,
+                                     int64_t p1) {
+  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  const int64_t taps = s.taps(), positions = s.positions();
+  for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
+                                               const PaddedSample<T>& at, T m) {
+    T sums[3] = {0, 0, 0};  // value, d/dy, d/dx, each weighted by the column gradient
+    if (at.inside) {
+      for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
+        reduce_run(grad_columns + column_index(s, tile, cg, p, k, c0),
+                   in_pad + at.corner * channels + c0, channels, row, c1 - c0, at.ly, at.lx, sums);
+      });
+    }
+    const int64_t gk = g * taps + k;
+    grad_offset[2 * gk * positions + p] = m * sums[1];
+    grad_offset[(2 * gk + 1) * positions + p] = m * sums[2];
+    if (grad_mask) grad_mask[gk * positions + p] = sums[0];
+  });
+}
+
+}  // namespace
+
+// The ISA-dispatched entry points (outside the anonymous namespace: target_clones
+// makes an ifunc, which wants external linkage).
+#define DETKIT_DEFINE_CHUNKS(T)                                                                  \
+  DETKIT_ISA_CLONES void dcn_im2col_chunk(const DeformConvShape& s, const Tile& tile,            \
+                                          const T* in_pad, const T* offset, const T* mask,       \
+                                          T* columns, int64_t p0, int64_t p1) {                  \
+    im2col_chunk<T>(s, tile, in_pad, offset, mask, columns, p0, p1);                             \
+  }                                                                                              \
+  DETKIT_ISA_CLONES void dcn_col2im_chunk(const DeformConvShape& s, const Tile& tile,            \
+                                          const T* grad_columns, const T* offset, const T* mask, \
+                                          T* grad_in_pad, int64_t c_lo, int64_t c_hi) {          \
+    col2im_chunk<T>(s, tile, grad_columns, offset, mask, grad_in_pad, c_lo, c_hi);               \
+  }                                                                                              \
+  DETKIT_ISA_CLONES void dcn_offset_grad_chunk(const DeformConvShape& s, const Tile& tile,       \
+                                               const T* grad_columns, const T* in_pad,           \
+                                               const T* offset, const T* mask, T* grad_offset,   \
+                                               T* grad_mask, int64_t p0, int64_t p1) {           \
+    offset_grad_chunk<T>(s, tile, grad_columns, in_pad, offset, mask, grad_offset, grad_mask,    \
+                         p0, p1);                                                                \
+  }
+DETKIT_DEFINE_CHUNKS(float)
+DETKIT_DEFINE_CHUNKS(double)
+#undef DETKIT_DEFINE_CHUNKS
+
+namespace {
+
 // columns[groups, tile, K, Cg] = mask * bilinear(input) at the deformed taps.
 // in_pad: [H+2, W+2, C] of one image; offset: [2GK, P]; mask: [GK, P] or null.
 template <typename T>
 void deformable_im2col(const DeformConvShape& s, const Tile& tile, const T* in_pad,
                        const T* offset, const T* mask, T* columns) {
-  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
   at::parallel_for(tile.begin, tile.begin + tile.size, position_grain(s), [&](int64_t p0, int64_t p1) {
-    for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
-                                                 const PaddedSample<T>& at, T m) {
-      for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
-        T* dst = columns + column_index(s, tile, cg, p, k, c0);
-        if (!at.inside) {
-          std::fill(dst, dst + (c1 - c0), T(0));
-          return;
-        }
-        const T* s00 = in_pad + at.corner * channels + c0;
-        const T hy = 1 - at.ly, hx = 1 - at.lx;
-        gather_bilinear(dst, s00, s00 + channels, s00 + row, s00 + row + channels, c1 - c0,
-                        m * hy * hx, m * hy * at.lx, m * at.ly * hx, m * at.ly * at.lx, false);
-      });
-    });
+    dcn_im2col_chunk(s, tile, in_pad, offset, mask, columns, p0, p1);
   });
 }
 
@@ -245,22 +392,11 @@ void deformable_im2col(const DeformConvShape& s, const Tile& tile, const T* in_p
 template <typename T>
 void deformable_col2im(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
                        const T* offset, const T* mask, T* grad_in_pad) {
-  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
   // Threads own disjoint channel ranges, so their scatters never collide.
   const int64_t work_per_channel = tile.size * s.taps();
   const int64_t channel_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, work_per_channel));
-  at::parallel_for(0, channels, channel_grain, [&](int64_t c_lo, int64_t c_hi) {
-    for_each_sample(s, offset, mask, tile.begin, tile.begin + tile.size, [&](int64_t p, int64_t g, int64_t k,
-                                                           const PaddedSample<T>& at, T m) {
-      if (!at.inside) return;
-      for_each_channel_run(s, g, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t cg) {
-        T* d00 = grad_in_pad + at.corner * channels + c0;
-        const T hy = 1 - at.ly, hx = 1 - at.lx;
-        scatter_bilinear(grad_columns + column_index(s, tile, cg, p, k, c0), d00, d00 + channels,
-                         d00 + row, d00 + row + channels, c1 - c0, m * hy * hx, m * hy * at.lx,
-                         m * at.ly * hx, m * at.ly * at.lx);
-      });
-    });
+  at::parallel_for(0, s.in_channels, channel_grain, [&](int64_t c_lo, int64_t c_hi) {
+    dcn_col2im_chunk(s, tile, grad_columns, offset, mask, grad_in_pad, c_lo, c_hi);
   });
 }
 
@@ -269,25 +405,8 @@ template <typename T>
 void deformable_offset_grad(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
                             const T* in_pad, const T* offset, const T* mask, T* grad_offset,
                             T* grad_mask) {
-  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
-  const int64_t taps = s.taps(), positions = s.positions();
   at::parallel_for(tile.begin, tile.begin + tile.size, position_grain(s), [&](int64_t p0, int64_t p1) {
-    for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
-                                                 const PaddedSample<T>& at, T m) {
-      T sums[3] = {0, 0, 0};  // value, d/dy, d/dx, each weighted by the column gradient
-      if (at.inside) {
-        for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
-          const T* s00 = in_pad + at.corner * channels + c0;
-          reduce_bilinear_grad(grad_columns + column_index(s, tile, cg, p, k, c0), s00,
-                               s00 + channels, s00 + row, s00 + row + channels, c1 - c0, at.ly,
-                               at.lx, sums);
-        });
-      }
-      const int64_t gk = g * taps + k;
-      grad_offset[2 * gk * positions + p] = m * sums[1];
-      grad_offset[(2 * gk + 1) * positions + p] = m * sums[2];
-      if (grad_mask) grad_mask[gk * positions + p] = sums[0];
-    });
+    dcn_offset_grad_chunk(s, tile, grad_columns, in_pad, offset, mask, grad_offset, grad_mask, p0, p1);
   });
 }
 
@@ -368,8 +487,8 @@ void transpose_into(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ds
 }
 
 // input [B, C, H, W] -> [B, H+2, W+2, C] with a zero border of one pixel.
-// A blocked transpose, parallel over output rows: ATen's permute + copy is
-// several times slower for this pattern.
+// Parallel over output rows; each thread's interior rows are one ATen copy
+// (its vectorised transpose is about twice as fast as a plain blocked loop).
 at::Tensor padded_channels_last(const at::Tensor& input_any) {
   const at::Tensor input = input_any.contiguous();
   const int64_t batch = input.size(0), channels = input.size(1);
@@ -377,28 +496,27 @@ at::Tensor padded_channels_last(const at::Tensor& input_any) {
   const int64_t padded_h = height + 2, padded_w = width + 2;
   at::Tensor out = at::empty({batch, padded_h, padded_w, channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_channels_last", [&] {
-    const scalar_t* src = input.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    constexpr int64_t kBlock = 16;
     const int64_t row_grain = std::max<int64_t>(1, 32768 / (padded_w * channels));
     at::parallel_for(0, batch * padded_h, row_grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / padded_h, y = r % padded_h;
-        scalar_t* row = dst + r * padded_w * channels;
-        if (y == 0 || y == padded_h - 1) {
-          std::fill(row, row + padded_w * channels, scalar_t(0));
-          continue;
-        }
-        std::fill(row, row + channels, scalar_t(0));
-        std::fill(row + (padded_w - 1) * channels, row + padded_w * channels, scalar_t(0));
-        const scalar_t* plane = src + (b * channels * height + (y - 1)) * width;
-        for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-          const int64_t c1 = std::min(channels, c0 + kBlock);
-          for (int64_t x = 0; x < width; ++x) {
-            scalar_t* out_px = row + (x + 1) * channels;
-            for (int64_t c = c0; c < c1; ++c) out_px[c] = plane[c * height * width + x];
+      for (int64_t r = r0; r < r1;) {
+        const int64_t b = r / padded_h, y0 = r % padded_h;
+        const int64_t y1 = std::min(padded_h, y0 + (r1 - r));  // rows [y0, y1) of image b
+        for (int64_t y = y0; y < y1; ++y) {
+          scalar_t* row = dst + (b * padded_h + y) * padded_w * channels;
+          if (y == 0 || y == padded_h - 1) {
+            std::fill(row, row + padded_w * channels, scalar_t(0));
+          } else {
+            std::fill(row, row + channels, scalar_t(0));
+            std::fill(row + (padded_w - 1) * channels, row + padded_w * channels, scalar_t(0));
           }
         }
+        const int64_t i0 = std::max<int64_t>(y0, 1), i1 = std::min(y1, height + 1);
+        if (i1 > i0 && width > 0 && channels > 0) {
+          out.select(0, b).narrow(0, i0, i1 - i0).narrow(1, 1, width)
+              .copy_(input.select(0, b).narrow(1, i0 - 1, i1 - i0).permute({1, 2, 0}));
+        }
+        r += y1 - y0;
       }
     });
   });
@@ -406,25 +524,15 @@ at::Tensor padded_channels_last(const at::Tensor& input_any) {
 }
 
 // grad_in_pad [H+2, W+2, C] of one image -> grad_input [C, H, W] (drops the border).
-// The inverse of padded_channels_last's layout change, blocked and parallel over rows.
-template <typename T>
-void crop_to_channels_first(const DeformConvShape& s, const T* padded, T* out) {
+// The inverse of padded_channels_last's layout change, parallel over rows.
+void crop_to_channels_first(const DeformConvShape& s, const at::Tensor& padded, const at::Tensor& out) {
   const int64_t channels = s.in_channels, height = s.height, width = s.width;
-  const int64_t padded_w = s.padded_width();
-  constexpr int64_t kBlock = 16;
+  if (width == 0 || channels == 0) return;
   // max(1, ...): a zero-width input with padding still has output positions.
   const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width * channels));
   at::parallel_for(0, height, row_grain, [&](int64_t y0, int64_t y1) {
-    for (int64_t y = y0; y < y1; ++y) {
-      const T* row = padded + ((y + 1) * padded_w + 1) * channels;
-      for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-        const int64_t c1 = std::min(channels, c0 + kBlock);
-        for (int64_t x = 0; x < width; ++x) {
-          const T* px = row + x * channels;
-          for (int64_t c = c0; c < c1; ++c) out[(c * height + y) * width + x] = px[c];
-        }
-      }
-    }
+    out.narrow(1, y0, y1 - y0)
+        .copy_(padded.narrow(0, y0 + 1, y1 - y0).narrow(1, 1, width).permute({2, 0, 1}));
   });
 }
 
@@ -446,7 +554,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
     if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
     return output;
   }
-  const at::Tensor in_pad = padded_channels_last(input);
+  at::Tensor in_pad; PH(0, in_pad = padded_channels_last(input));
   const at::Tensor offset_c = offset.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor weight_rows = weight_as_rows(weight, s);
@@ -472,10 +580,11 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
       for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
         const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
         const at::Tensor cols = tile_view(columns, s, tile);
-        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
+        PH(1, deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>()));
         if (onednn) {
           // out[g, Cout_g, tile] = (cols[g] [tile, K*Cg] @ weight[g]^T + bias)^T
           for (int64_t g = 0; g < s.groups; ++g) {
+            PhaseTimer _pt(2);
             const at::Tensor y = linears[g](cols[g]);
             transpose_into(y.data_ptr<scalar_t>(), tile.size, s.group_out(),
                            out_b[g].data_ptr<scalar_t>() + begin, s.positions());
@@ -489,6 +598,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
     }
   });
   if (bias.has_value() && !onednn) output.add_(bias->view({1, -1, 1, 1}));
+  prof_dump("fwd");
   return output;
 }
 
@@ -510,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     return {grad_input, grad_offset, at::zeros(weight.sizes(), options), grad_mask, grad_bias};
   }
 
-  const at::Tensor in_pad = padded_channels_last(input);
+  at::Tensor in_pad; PH(0, in_pad = padded_channels_last(input));
   const at::Tensor grad_out_c = grad_output.contiguous();
   const at::Tensor offset_c = offset.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -548,14 +658,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         const at::Tensor grad_out_tile = grad_out_b.narrow(2, begin, tile.size);
 
         // Weight gradient: grad_out [groups, Cout_g, tile] @ columns [groups, tile, K*Cg].
-        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
-        grad_weight_rows.baddbmm_(grad_out_tile, cols);
+        PH(1, deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>()));
+        PH(3, grad_weight_rows.baddbmm_(grad_out_tile, cols));
 
         // Column gradient: grad_out^T [groups, tile, Cout_g] @ weight [groups, Cout_g, K*Cg].
         const scalar_t* grad_cols_data = grad_cols.data_ptr<scalar_t>();
         at::Tensor grad_cols_onednn;
         if (onednn) {
           for (int64_t g = 0; g < s.groups; ++g) {
+            PhaseTimer _pt(4);
             at::Tensor y = grad_linears[g](grad_out_rows[g].narrow(0, begin, tile.size));
             if (s.groups == 1) {
               grad_cols_onednn = y;  // already [1, tile, K*Cg]
@@ -567,19 +678,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         } else {
           at::bmm_out(grad_cols, grad_out_tile.transpose(1, 2), weight_rows);
         }
-        deformable_col2im<scalar_t>(s, tile, grad_cols_data, offset_b, mask_b,
-                                    grad_in_pad.data_ptr<scalar_t>());
-        deformable_offset_grad<scalar_t>(s, tile, grad_cols_data, in_pad_b,
-                                         offset_b, mask_b, grad_offset_b, grad_mask_b);
+        PH(5, deformable_col2im<scalar_t>(s, tile, grad_cols_data, offset_b, mask_b,
+                                    grad_in_pad.data_ptr<scalar_t>()));
+        PH(6, deformable_offset_grad<scalar_t>(s, tile, grad_cols_data, in_pad_b,
+                                         offset_b, mask_b, grad_offset_b, grad_mask_b));
       }
-      crop_to_channels_first<scalar_t>(s, grad_in_pad.data_ptr<scalar_t>(),
-                                       grad_input.data_ptr<scalar_t>() + b * grad_input.stride(0));
+      PH(7, crop_to_channels_first(s, grad_in_pad, grad_input.select(0, b)));
     }
   });
   at::Tensor grad_weight = grad_weight_rows.view({s.groups, s.group_out(), s.taps(), s.group_in()})
                                .permute({0, 1, 3, 2})
                                .reshape(weight.sizes())
                                .contiguous();
+  prof_dump("bwd");
   return {grad_input, grad_offset, grad_weight, grad_mask, grad_bias};
 }
 
