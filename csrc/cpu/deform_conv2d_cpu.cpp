@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <vector>
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -250,43 +251,38 @@ DETKIT_INLINE void gather_run(T* __restrict dst, const T* s00, int64_t step, int
   for (int64_t t = 0; t < n; ++t) dst[t] = w00 * s00[t] + w01 * s01[t] + w10 * s10[t] + w11 * s11[t];
 }
 
+// The backward of one sample over a run of n channels, in one pass:
+//   d_XY[t] += w_XY * grad[t]           (the input gradient, scattered to the four corners)
+//   dots[XY] += sum_t grad[t] * s_XY[t] (what the offset and mask gradients need)
+// d00 (grad_in_pad) and s00 (in_pad) are corner 00 of the same sample in two buffers; the
+// four corners are distinct pixels (step, row >= n), so the updates commute.
 template <typename T>
-DETKIT_INLINE void scatter_run(const T* __restrict grad, T* d00, int64_t step, int64_t row, int64_t n,
-                               T w00, T w01, T w10, T w11) {
+DETKIT_INLINE void scatter_dot_run(const T* __restrict grad, const T* __restrict s00,
+                                   T* __restrict d00, int64_t step, int64_t row, int64_t n, T w00,
+                                   T w01, T w10, T w11, T dots[4]) {
+  const T* s01 = s00 + step;
+  const T* s10 = s00 + row;
+  const T* s11 = s10 + step;
   T* d01 = d00 + step;
   T* d10 = d00 + row;
   T* d11 = d10 + step;
-  // The four corners are distinct pixels (step, row > 0), so the updates commute.
-#pragma omp simd
+  T a00 = 0, a01 = 0, a10 = 0, a11 = 0;
+#pragma omp simd reduction(+ : a00, a01, a10, a11)
   for (int64_t t = 0; t < n; ++t) {
     const T g = grad[t];
+    a00 += g * s00[t];
+    a01 += g * s01[t];
+    a10 += g * s10[t];
+    a11 += g * s11[t];
     d00[t] += w00 * g;
     d01[t] += w01 * g;
     d10[t] += w10 * g;
     d11[t] += w11 * g;
   }
-}
-
-template <typename T>
-DETKIT_INLINE void reduce_run(const T* __restrict grad, const T* s00, int64_t step, int64_t row,
-                              int64_t n, T ly, T lx, T sums[3]) {
-  const T* s01 = s00 + step;
-  const T* s10 = s00 + row;
-  const T* s11 = s10 + step;
-  const T hy = 1 - ly, hx = 1 - lx;
-  const T w00 = hy * hx, w01 = hy * lx, w10 = ly * hx, w11 = ly * lx;
-  T value = 0, d_y = 0, d_x = 0;
-#pragma omp simd reduction(+ : value, d_y, d_x)
-  for (int64_t t = 0; t < n; ++t) {
-    const T g = grad[t];
-    const T v00 = s00[t], v01 = s01[t], v10 = s10[t], v11 = s11[t];
-    value += g * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
-    d_y += g * (hx * (v10 - v00) + lx * (v11 - v01));
-    d_x += g * (hy * (v01 - v00) + ly * (v11 - v10));
-  }
-  sums[0] += value;
-  sums[1] += d_y;
-  sums[2] += d_x;
+  dots[0] += a00;
+  dots[1] += a01;
+  dots[2] += a10;
+  dots[3] += a11;
 }
 
 // One thread's share of each kernel: positions [p0, p1) of im2col and of the
@@ -310,43 +306,26 @@ DETKIT_INLINE void im2col_chunk(const DeformConvShape& s, const Tile& tile, cons
   });
 }
 
+// dots: [tile.size, G, K, 4], this channel range's sums grad . corner value of every sample
+// (zero for samples outside the image or without channels in the range).
 template <typename T>
 DETKIT_INLINE void col2im_chunk(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
-                                const T* offset, const T* mask, T* grad_in_pad, int64_t c_lo,
-                                int64_t c_hi) {
+                                const T* in_pad, const T* offset, const T* mask, T* grad_in_pad,
+                                T* dots, int64_t c_lo, int64_t c_hi) {
   const int64_t channels = s.in_channels, row = s.padded_width() * channels;
+  const int64_t taps = s.taps();
   for_each_sample(s, offset, mask, tile.begin, tile.begin + tile.size, [&](int64_t p, int64_t g, int64_t k,
                                                          const PaddedSample<T>& at, T m) {
+    T* sample_dots = dots + (((p - tile.begin) * s.offset_groups + g) * taps + k) * 4;
+    std::fill(sample_dots, sample_dots + 4, T(0));
     if (!at.inside) return;
+    const T hy = 1 - at.ly, hx = 1 - at.lx;
     for_each_channel_run(s, g, c_lo, c_hi, [&](int64_t c0, int64_t c1, int64_t cg) {
-      const T hy = 1 - at.ly, hx = 1 - at.lx;
-      scatter_run(grad_columns + column_index(s, tile, cg, p, k, c0),
-                  grad_in_pad + at.corner * channels + c0, channels, row, c1 - c0, m * hy * hx,
-                  m * hy * at.lx, m * at.ly * hx, m * at.ly * at.lx);
+      scatter_dot_run(grad_columns + column_index(s, tile, cg, p, k, c0),
+                      in_pad + at.corner * channels + c0, grad_in_pad + at.corner * channels + c0,
+                      channels, row, c1 - c0, m * hy * hx, m * hy * at.lx, m * at.ly * hx,
+                      m * at.ly * at.lx, sample_dots);
     });
-  });
-}
-
-template <typename T>
-DETKIT_INLINE void offset_grad_chunk(const DeformConvShape& s, const Tile& tile,
-                                     const T* grad_columns, const T* in_pad, const T* offset,
-                                     const T* mask, T* grad_offset, T* grad_mask, int64_t p0,
-                                     int64_t p1) {
-  const int64_t channels = s.in_channels, row = s.padded_width() * channels;
-  const int64_t taps = s.taps(), positions = s.positions();
-  for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
-                                               const PaddedSample<T>& at, T m) {
-    T sums[3] = {0, 0, 0};  // value, d/dy, d/dx, each weighted by the column gradient
-    if (at.inside) {
-      for_each_channel_run(s, g, 0, channels, [&](int64_t c0, int64_t c1, int64_t cg) {
-        reduce_run(grad_columns + column_index(s, tile, cg, p, k, c0),
-                   in_pad + at.corner * channels + c0, channels, row, c1 - c0, at.ly, at.lx, sums);
-      });
-    }
-    const int64_t gk = g * taps + k;
-    grad_offset[2 * gk * positions + p] = m * sums[1];
-    grad_offset[(2 * gk + 1) * positions + p] = m * sums[2];
-    if (grad_mask) grad_mask[gk * positions + p] = sums[0];
   });
 }
 
@@ -361,16 +340,10 @@ DETKIT_INLINE void offset_grad_chunk(const DeformConvShape& s, const Tile& tile,
     im2col_chunk<T>(s, tile, in_pad, offset, mask, columns, p0, p1);                             \
   }                                                                                              \
   DETKIT_ISA_CLONES void dcn_col2im_chunk(const DeformConvShape& s, const Tile& tile,            \
-                                          const T* grad_columns, const T* offset, const T* mask, \
-                                          T* grad_in_pad, int64_t c_lo, int64_t c_hi) {          \
-    col2im_chunk<T>(s, tile, grad_columns, offset, mask, grad_in_pad, c_lo, c_hi);               \
-  }                                                                                              \
-  DETKIT_ISA_CLONES void dcn_offset_grad_chunk(const DeformConvShape& s, const Tile& tile,       \
-                                               const T* grad_columns, const T* in_pad,           \
-                                               const T* offset, const T* mask, T* grad_offset,   \
-                                               T* grad_mask, int64_t p0, int64_t p1) {           \
-    offset_grad_chunk<T>(s, tile, grad_columns, in_pad, offset, mask, grad_offset, grad_mask,    \
-                         p0, p1);                                                                \
+                                          const T* grad_columns, const T* in_pad,                \
+                                          const T* offset, const T* mask, T* grad_in_pad,        \
+                                          T* dots, int64_t c_lo, int64_t c_hi) {                 \
+    col2im_chunk<T>(s, tile, grad_columns, in_pad, offset, mask, grad_in_pad, dots, c_lo, c_hi); \
   }
 DETKIT_DEFINE_CHUNKS(float)
 DETKIT_DEFINE_CHUNKS(double)
@@ -388,25 +361,59 @@ void deformable_im2col(const DeformConvShape& s, const Tile& tile, const T* in_p
   });
 }
 
-// grad_in_pad[H+2, W+2, C] += scatter of a tile's grad_columns through the bilinear taps.
+// grad_in_pad[H+2, W+2, C] += scatter of a tile's grad_columns through the bilinear taps, and
+// per channel range the sums grad . corner value (dots, [slots, tile, G, K, 4]) that
+// deformable_offset_grad turns into the offset and mask gradients.
 template <typename T>
 void deformable_col2im(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
-                       const T* offset, const T* mask, T* grad_in_pad) {
+                       const T* in_pad, const T* offset, const T* mask, T* grad_in_pad, T* dots,
+                       std::vector<char>& slot_used) {
   // Threads own disjoint channel ranges, so their scatters never collide.
   const int64_t work_per_channel = tile.size * s.taps();
   const int64_t channel_grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, work_per_channel));
+  // Each range keeps its sums in its own slot of dots. at::parallel_for cuts [0, C) into at
+  // most `slots` (the thread count, at most C) ranges of one length, at least ceil(C / slots),
+  // each starting at a multiple of it: c_lo / ceil(C / slots) differs between ranges.
+  const int64_t slots = static_cast<int64_t>(slot_used.size());
+  const int64_t slot_width = (s.in_channels + slots - 1) / slots;
+  const int64_t slot_size = tile.size * s.offset_groups * s.taps() * 4;
+  std::fill(slot_used.begin(), slot_used.end(), 0);
   at::parallel_for(0, s.in_channels, channel_grain, [&](int64_t c_lo, int64_t c_hi) {
-    dcn_col2im_chunk(s, tile, grad_columns, offset, mask, grad_in_pad, c_lo, c_hi);
+    const int64_t slot = c_lo / slot_width;
+    TORCH_INTERNAL_ASSERT(slot < slots && !slot_used[slot], "deform_conv2d_backward: channel range slots");
+    slot_used[slot] = 1;
+    dcn_col2im_chunk(s, tile, grad_columns, in_pad, offset, mask, grad_in_pad, dots + slot * slot_size,
+                     c_lo, c_hi);
   });
 }
 
-// grad_offset[2GK, P] and grad_mask[GK, P] (or null) of one image, for a tile's positions.
+// grad_offset[2GK, P] and grad_mask[GK, P] (or null) of one image, for a tile's positions,
+// from the channel ranges' sums (added in slot order: deterministic for a thread count).
 template <typename T>
-void deformable_offset_grad(const DeformConvShape& s, const Tile& tile, const T* grad_columns,
-                            const T* in_pad, const T* offset, const T* mask, T* grad_offset,
-                            T* grad_mask) {
+void deformable_offset_grad(const DeformConvShape& s, const Tile& tile, const T* dots,
+                            const std::vector<char>& slot_used, const T* offset, const T* mask,
+                            T* grad_offset, T* grad_mask) {
+  const int64_t taps = s.taps(), positions = s.positions();
+  const int64_t slot_size = tile.size * s.offset_groups * taps * 4;
   at::parallel_for(tile.begin, tile.begin + tile.size, position_grain(s), [&](int64_t p0, int64_t p1) {
-    dcn_offset_grad_chunk(s, tile, grad_columns, in_pad, offset, mask, grad_offset, grad_mask, p0, p1);
+    for_each_sample(s, offset, mask, p0, p1, [&](int64_t p, int64_t g, int64_t k,
+                                                 const PaddedSample<T>& at, T m) {
+      const int64_t index = (((p - tile.begin) * s.offset_groups + g) * taps + k) * 4;
+      T a[4] = {0, 0, 0, 0};  // sum over channels of grad * corner 00, 01, 10, 11
+      for (size_t slot = 0; slot < slot_used.size(); ++slot) {
+        if (!slot_used[slot]) continue;
+        for (int i = 0; i < 4; ++i) a[i] += dots[slot * slot_size + index + i];
+      }
+      const T ly = at.inside ? at.ly : T(0), lx = at.inside ? at.lx : T(0);
+      const T hy = 1 - ly, hx = 1 - lx;
+      const T value = hy * hx * a[0] + hy * lx * a[1] + ly * hx * a[2] + ly * lx * a[3];
+      const T d_y = hx * (a[2] - a[0]) + lx * (a[3] - a[1]);
+      const T d_x = hy * (a[1] - a[0]) + ly * (a[3] - a[2]);
+      const int64_t gk = g * taps + k;
+      grad_offset[2 * gk * positions + p] = m * d_y;
+      grad_offset[(2 * gk + 1) * positions + p] = m * d_x;
+      if (grad_mask) grad_mask[gk * positions + p] = value;
+    });
   });
 }
 
@@ -631,6 +638,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor columns = at::empty({s.groups * tile_size * column_width}, options);
   at::Tensor grad_columns = at::empty({s.groups * tile_size * column_width}, options);
   at::Tensor grad_in_pad = at::empty({s.height + 2, s.width + 2, s.in_channels}, options);
+  // col2im's per-thread sums for the offset and mask gradients: [threads, tile, G, K, 4].
+  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.in_channels));
+  at::Tensor dots = at::empty({slots * tile_size * s.offset_groups * s.taps() * 4}, options);
+  std::vector<char> slot_used(slots);
   const bool onednn = use_onednn(input);
   std::vector<PackedLinear> grad_linears;  // per conv group: grad_cols = grad_out^T @ weight
   if (onednn) {
@@ -678,10 +689,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         } else {
           at::bmm_out(grad_cols, grad_out_tile.transpose(1, 2), weight_rows);
         }
-        PH(5, deformable_col2im<scalar_t>(s, tile, grad_cols_data, offset_b, mask_b,
-                                    grad_in_pad.data_ptr<scalar_t>()));
-        PH(6, deformable_offset_grad<scalar_t>(s, tile, grad_cols_data, in_pad_b,
-                                         offset_b, mask_b, grad_offset_b, grad_mask_b));
+        scalar_t* dots_data = dots.data_ptr<scalar_t>();
+        PH(5, deformable_col2im<scalar_t>(s, tile, grad_cols_data, in_pad_b, offset_b, mask_b,
+                                          grad_in_pad.data_ptr<scalar_t>(), dots_data, slot_used));
+        PH(6, deformable_offset_grad<scalar_t>(s, tile, dots_data, slot_used, offset_b, mask_b,
+                                               grad_offset_b, grad_mask_b));
       }
       PH(7, crop_to_channels_first(s, grad_in_pad, grad_input.select(0, b)));
     }
