@@ -21,7 +21,12 @@
 #include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <chrono>
 #include <ctime>
 #include <cstdio>
@@ -477,25 +482,79 @@ class PackedLinear {
   at::Tensor packed_, bias_;
 };
 
-// dst[c * dst_stride + r] = src[r * cols + c] for r < rows, c < cols (a blocked transpose).
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: a transpose
+// between strided matrices, in 8x8 blocks (AVX registers for float where the CPU has AVX).
 template <typename T>
-void transpose_into(const T* src, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+void transpose_scalar(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst,
+                      int64_t dst_stride, int64_t r_begin, int64_t c_begin) {
+  // The edges the 8x8 blocks leave: rows >= r_begin (all columns), columns >= c_begin.
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = (r < r_begin ? c_begin : 0); c < cols; ++c) {
+      dst[c * dst_stride + r] = src[r * src_stride + c];
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx"))) void transpose_avx(const float* src, int64_t src_stride, int64_t rows,
+                                                 int64_t cols, float* dst, int64_t dst_stride) {
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      const float* s = src + r0 * src_stride + c0;
+      const __m256 r_0 = _mm256_loadu_ps(s), r_1 = _mm256_loadu_ps(s + src_stride);
+      const __m256 r_2 = _mm256_loadu_ps(s + 2 * src_stride), r_3 = _mm256_loadu_ps(s + 3 * src_stride);
+      const __m256 r_4 = _mm256_loadu_ps(s + 4 * src_stride), r_5 = _mm256_loadu_ps(s + 5 * src_stride);
+      const __m256 r_6 = _mm256_loadu_ps(s + 6 * src_stride), r_7 = _mm256_loadu_ps(s + 7 * src_stride);
+      const __m256 t0 = _mm256_unpacklo_ps(r_0, r_1), t1 = _mm256_unpackhi_ps(r_0, r_1);
+      const __m256 t2 = _mm256_unpacklo_ps(r_2, r_3), t3 = _mm256_unpackhi_ps(r_2, r_3);
+      const __m256 t4 = _mm256_unpacklo_ps(r_4, r_5), t5 = _mm256_unpackhi_ps(r_4, r_5);
+      const __m256 t6 = _mm256_unpacklo_ps(r_6, r_7), t7 = _mm256_unpackhi_ps(r_6, r_7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+      float* d = dst + c0 * dst_stride + r0;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+  transpose_scalar(src, src_stride, rows, cols, dst, dst_stride, rows8, cols8);
+}
+#endif
+
+template <typename T>
+void transpose_into(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst,
+                    int64_t dst_stride) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool has_avx = __builtin_cpu_supports("avx");
+    if (has_avx) return transpose_avx(src, src_stride, rows, cols, dst, dst_stride);
+  }
+#endif
+  // Blocks of 16 rows: each destination row gets 16 contiguous values at a time.
   constexpr int64_t kBlock = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
     const int64_t r1 = std::min(rows, r0 + kBlock);
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
-      const int64_t c1 = std::min(cols, c0 + kBlock);
-      for (int64_t c = c0; c < c1; ++c) {
-        T* d = dst + c * dst_stride;
-        for (int64_t r = r0; r < r1; ++r) d[r] = src[r * cols + c];
-      }
+    for (int64_t c = 0; c < cols; ++c) {
+      T* d = dst + c * dst_stride;
+      for (int64_t r = r0; r < r1; ++r) d[r] = src[r * src_stride + c];
     }
   }
 }
 
 // input [B, C, H, W] -> [B, H+2, W+2, C] with a zero border of one pixel.
-// Parallel over output rows; each thread's interior rows are one ATen copy
-// (its vectorised transpose is about twice as fast as a plain blocked loop).
+// Parallel over output rows; each row is a transpose in 8x8 blocks (transpose_into).
 at::Tensor padded_channels_last(const at::Tensor& input_any) {
   const at::Tensor input = input_any.contiguous();
   const int64_t batch = input.size(0), channels = input.size(1);
@@ -503,6 +562,7 @@ at::Tensor padded_channels_last(const at::Tensor& input_any) {
   const int64_t padded_h = height + 2, padded_w = width + 2;
   at::Tensor out = at::empty({batch, padded_h, padded_w, channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "padded_channels_last", [&] {
+    const scalar_t* src = input.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t row_grain = std::max<int64_t>(1, 32768 / (padded_w * channels));
     at::parallel_for(0, batch * padded_h, row_grain, [&](int64_t r0, int64_t r1) {
@@ -518,10 +578,10 @@ at::Tensor padded_channels_last(const at::Tensor& input_any) {
             std::fill(row + (padded_w - 1) * channels, row + padded_w * channels, scalar_t(0));
           }
         }
-        const int64_t i0 = std::max<int64_t>(y0, 1), i1 = std::min(y1, height + 1);
-        if (i1 > i0 && width > 0 && channels > 0) {
-          out.select(0, b).narrow(0, i0, i1 - i0).narrow(1, 1, width)
-              .copy_(input.select(0, b).narrow(1, i0 - 1, i1 - i0).permute({1, 2, 0}));
+        // Interior rows: [C, W] (plane stride H*W) -> [W, C] after the left border pixel.
+        for (int64_t y = std::max<int64_t>(y0, 1); y < std::min(y1, height + 1); ++y) {
+          transpose_into(src + (b * channels * height + (y - 1)) * width, height * width, channels,
+                         width, dst + ((b * padded_h + y) * padded_w + 1) * channels, channels);
         }
         r += y1 - y0;
       }
@@ -532,14 +592,18 @@ at::Tensor padded_channels_last(const at::Tensor& input_any) {
 
 // grad_in_pad [H+2, W+2, C] of one image -> grad_input [C, H, W] (drops the border).
 // The inverse of padded_channels_last's layout change, parallel over rows.
-void crop_to_channels_first(const DeformConvShape& s, const at::Tensor& padded, const at::Tensor& out) {
+template <typename T>
+void crop_to_channels_first(const DeformConvShape& s, const T* padded, T* out) {
   const int64_t channels = s.in_channels, height = s.height, width = s.width;
-  if (width == 0 || channels == 0) return;
+  const int64_t padded_w = s.padded_width();
   // max(1, ...): a zero-width input with padding still has output positions.
   const int64_t row_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width * channels));
   at::parallel_for(0, height, row_grain, [&](int64_t y0, int64_t y1) {
-    out.narrow(1, y0, y1 - y0)
-        .copy_(padded.narrow(0, y0 + 1, y1 - y0).narrow(1, 1, width).permute({2, 0, 1}));
+    for (int64_t y = y0; y < y1; ++y) {
+      // [W, C] -> [C, W] (plane stride H*W)
+      transpose_into(padded + ((y + 1) * padded_w + 1) * channels, channels, width, channels,
+                     out + y * width, height * width);
+    }
   });
 }
 
@@ -593,7 +657,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
           for (int64_t g = 0; g < s.groups; ++g) {
             PhaseTimer _pt(2);
             const at::Tensor y = linears[g](cols[g]);
-            transpose_into(y.data_ptr<scalar_t>(), tile.size, s.group_out(),
+            transpose_into(y.data_ptr<scalar_t>(), s.group_out(), tile.size, s.group_out(),
                            out_b[g].data_ptr<scalar_t>() + begin, s.positions());
           }
         } else {
@@ -695,7 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         PH(6, deformable_offset_grad<scalar_t>(s, tile, dots_data, slot_used, offset_b, mask_b,
                                                grad_offset_b, grad_mask_b));
       }
-      PH(7, crop_to_channels_first(s, grad_in_pad, grad_input.select(0, b)));
+      PH(7, crop_to_channels_first<scalar_t>(s, grad_in_pad.data_ptr<scalar_t>(),
+                                             grad_input.data_ptr<scalar_t>() + b * grad_input.stride(0)));
     }
   });
   at::Tensor grad_weight = grad_weight_rows.view({s.groups, s.group_out(), s.taps(), s.group_in()})
