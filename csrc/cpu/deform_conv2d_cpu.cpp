@@ -1,17 +1,24 @@
 // CPU kernels of detkit::deform_conv2d and its backward.
 //
-// Layout choices (why this is fast):
+// A deformable conv is a dense conv's matrix product plus a bilinear gather; the
+// design keeps the gather cheap and hands the product to oneDNN:
 //  * The input is copied once per call into a zero-padded, channels-last
 //    buffer `in_pad` [B, H+2, W+2, C]. Every sample inside (-1, H) x (-1, W)
 //    then has its four bilinear corners inside the buffer (corners that fall
 //    outside the image read the zero border), so there is no per-corner bounds
 //    test, and the four corners are contiguous channel vectors that the inner
-//    loops process with SIMD.
+//    loops process with SIMD (AVX-512 / AVX2 clones, picked at load time).
+//  * One sampling plan per (position, offset group, tap): corner and weights,
+//    mask folded in, computed once and applied to all the group's channels.
 //  * Columns are laid out [groups, P, K, Cg] (P output positions, K = kh*kw
-//    taps, Cg = channels per conv group): one sample writes Cg contiguous
-//    values, and each group's block is a [P, K*Cg] matrix for MKL's GEMM.
-//  * Work is split over output positions (im2col, offset/mask gradients) or
-//    over channel ranges (col2im), so no two threads ever write one element.
+//    taps, Cg = channels per conv group) in tiles of positions: one sample
+//    writes Cg contiguous values, and each group's block is the [tile, K*Cg]
+//    input of a oneDNN inner product (weights packed once per call, bias fused;
+//    float64 and builds without oneDNN use at::mm / at::bmm).
+//  * Backward: the column gradient is one more inner product; one pass per
+//    sample scatters it to the four corners (threads own channel ranges, so no
+//    two write one element) and sums the four dot products that give the
+//    offset and mask gradients (per thread, added in a fixed order).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,7 +26,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -27,23 +33,10 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
-#include <chrono>
-#include <ctime>
-#include <cstdio>
-
 
 namespace detkit {
 namespace cpu {
 namespace {
-
-
-// TEMP profiling
-static double g_prof[8];
-static const char* g_prof_names[8] = {"pad","im2col","gemm_fwd","gemm_gw","gemm_gc","col2im","offgrad","crop"};
-static double tnow(){ timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID,&ts); return ts.tv_sec*1e3+ts.tv_nsec*1e-6; }
-struct PhaseTimer { int i; double t0; PhaseTimer(int i_):i(i_),t0(tnow()){} ~PhaseTimer(){ g_prof[i]+=tnow()-t0; } };
-#define PH(i, stmt) do { PhaseTimer _pt(i); stmt; } while (0)
-static void prof_dump(const char* what) { if (!std::getenv("DETKIT_PROF")) return; std::fprintf(stderr, "%s", what); for (int i=0;i<8;++i){ std::fprintf(stderr," %s=%.1f",g_prof_names[i],g_prof[i]); g_prof[i]=0;} std::fprintf(stderr,"\n"); }
 
 struct DeformConvShape {
   int64_t batch, in_channels, height, width;
@@ -214,14 +207,10 @@ inline int64_t position_grain(const DeformConvShape& s) {
 }
 
 // Positions per tile: about 2 MB of columns (measured against 256 KB and 768 KB
-// tiles: no smaller tile was faster), and at least 128 positions so the GEMMs
-// stay efficient.
+// tiles with MKL; with oneDNN, 256 KB to 1 MB tiles on a 1 MB-L2 EPYC were not
+// consistently faster), and at least 128 positions so the products stay efficient.
 inline int64_t tile_positions(const DeformConvShape& s, size_t element_size) {
   const int64_t row_bytes = s.taps() * s.in_channels * static_cast<int64_t>(element_size);
-  if (const char* e = std::getenv("DETKIT_TILE_KB")) {
-    const int64_t mn = std::getenv("DETKIT_TILE_MIN") ? std::atoll(std::getenv("DETKIT_TILE_MIN")) : 128;
-    return std::min(s.positions(), std::max<int64_t>(mn, (std::atoll(e) << 10) / row_bytes));
-  }
   return std::min(s.positions(), std::max<int64_t>(128, (int64_t{2} << 20) / row_bytes));
 }
 
@@ -448,9 +437,6 @@ const OnednnOps& onednn_ops() {
 
 bool use_onednn(const at::Tensor& like) {
   if (like.scalar_type() != at::kFloat) return false;
-  if (const char* e = std::getenv("DETKIT_NO_ONEDNN")) {
-    if (e[0] == '1') return false;
-  }
   if (!at::globalContext().userEnabledMkldnn() || !at::hasMKLDNN()) return false;
   const OnednnOps& ops = onednn_ops();
   return ops.linear.has_value() && ops.pack.has_value() &&
@@ -625,7 +611,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
     if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
     return output;
   }
-  at::Tensor in_pad; PH(0, in_pad = padded_channels_last(input));
+  const at::Tensor in_pad = padded_channels_last(input);
   const at::Tensor offset_c = offset.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
   const at::Tensor weight_rows = weight_as_rows(weight, s);
@@ -651,11 +637,10 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
       for (int64_t begin = 0; begin < s.positions(); begin += tile_size) {
         const Tile tile{begin, std::min(tile_size, s.positions() - begin)};
         const at::Tensor cols = tile_view(columns, s, tile);
-        PH(1, deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>()));
+        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
         if (onednn) {
           // out[g, Cout_g, tile] = (cols[g] [tile, K*Cg] @ weight[g]^T + bias)^T
           for (int64_t g = 0; g < s.groups; ++g) {
-            PhaseTimer _pt(2);
             const at::Tensor y = linears[g](cols[g]);
             transpose_into(y.data_ptr<scalar_t>(), s.group_out(), tile.size, s.group_out(),
                            out_b[g].data_ptr<scalar_t>() + begin, s.positions());
@@ -669,7 +654,6 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
     }
   });
   if (bias.has_value() && !onednn) output.add_(bias->view({1, -1, 1, 1}));
-  prof_dump("fwd");
   return output;
 }
 
@@ -691,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     return {grad_input, grad_offset, at::zeros(weight.sizes(), options), grad_mask, grad_bias};
   }
 
-  at::Tensor in_pad; PH(0, in_pad = padded_channels_last(input));
+  const at::Tensor in_pad = padded_channels_last(input);
   const at::Tensor grad_out_c = grad_output.contiguous();
   const at::Tensor offset_c = offset.contiguous();
   const at::Tensor mask_c = mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -733,15 +717,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         const at::Tensor grad_out_tile = grad_out_b.narrow(2, begin, tile.size);
 
         // Weight gradient: grad_out [groups, Cout_g, tile] @ columns [groups, tile, K*Cg].
-        PH(1, deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>()));
-        PH(3, grad_weight_rows.baddbmm_(grad_out_tile, cols));
+        deformable_im2col<scalar_t>(s, tile, in_pad_b, offset_b, mask_b, cols.data_ptr<scalar_t>());
+        grad_weight_rows.baddbmm_(grad_out_tile, cols);
 
         // Column gradient: grad_out^T [groups, tile, Cout_g] @ weight [groups, Cout_g, K*Cg].
         const scalar_t* grad_cols_data = grad_cols.data_ptr<scalar_t>();
         at::Tensor grad_cols_onednn;
         if (onednn) {
           for (int64_t g = 0; g < s.groups; ++g) {
-            PhaseTimer _pt(4);
             at::Tensor y = grad_linears[g](grad_out_rows[g].narrow(0, begin, tile.size));
             if (s.groups == 1) {
               grad_cols_onednn = y;  // already [1, tile, K*Cg]
@@ -754,20 +737,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           at::bmm_out(grad_cols, grad_out_tile.transpose(1, 2), weight_rows);
         }
         scalar_t* dots_data = dots.data_ptr<scalar_t>();
-        PH(5, deformable_col2im<scalar_t>(s, tile, grad_cols_data, in_pad_b, offset_b, mask_b,
-                                          grad_in_pad.data_ptr<scalar_t>(), dots_data, slot_used));
-        PH(6, deformable_offset_grad<scalar_t>(s, tile, dots_data, slot_used, offset_b, mask_b,
-                                               grad_offset_b, grad_mask_b));
+        deformable_col2im<scalar_t>(s, tile, grad_cols_data, in_pad_b, offset_b, mask_b,
+                                    grad_in_pad.data_ptr<scalar_t>(), dots_data, slot_used);
+        deformable_offset_grad<scalar_t>(s, tile, dots_data, slot_used, offset_b, mask_b,
+                                         grad_offset_b, grad_mask_b);
       }
-      PH(7, crop_to_channels_first<scalar_t>(s, grad_in_pad.data_ptr<scalar_t>(),
-                                             grad_input.data_ptr<scalar_t>() + b * grad_input.stride(0)));
+      crop_to_channels_first<scalar_t>(s, grad_in_pad.data_ptr<scalar_t>(),
+                                       grad_input.data_ptr<scalar_t>() + b * grad_input.stride(0));
     }
   });
   at::Tensor grad_weight = grad_weight_rows.view({s.groups, s.group_out(), s.taps(), s.group_in()})
                                .permute({0, 1, 3, 2})
                                .reshape(weight.sizes())
                                .contiguous();
-  prof_dump("bwd");
   return {grad_input, grad_offset, grad_weight, grad_mask, grad_bias};
 }
 
