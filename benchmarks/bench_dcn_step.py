@@ -13,7 +13,8 @@ machine; the median step of all rounds is quoted.
 The profile (torch.profiler, --profile-iters steps of each model after the timing) sums self CPU
 time per op into groups: detkit's deformable conv and RoI pooling (forward, backward), dense
 convolutions (the offset/mask branches are dense 3x3 convs: the deformable model's extra dense
-conv time is theirs), matrix products (the box head's fc layers), NMS, the optimizer, the rest.
+conv time is theirs; mdpool's offset branch is fc layers), matrix products (the box head's fc
+layers), NMS, batch norm, in-place elementwise ops (optimizer, gradient accumulation), the rest.
 """
 from __future__ import annotations
 
@@ -27,21 +28,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# First match wins (the backward op's name extends the forward's).
 GROUPS = [
-    ("deform_conv2d forward", ("detkit::deform_conv2d",)),
     ("deform_conv2d backward", ("detkit::deform_conv2d_backward",)),
-    ("deform_roi_pool fwd+bwd", ("detkit::deform_roi_pool",)),
-    ("roi_align fwd+bwd", ("torchvision::roi_align", "torchvision::_roi_align_backward")),
+    ("deform_conv2d forward", ("detkit::deform_conv2d",)),
+    ("detkit RoI pooling fwd+bwd (mdpool; RoIAlign v2 in the plain model)", ("detkit::deform_roi_pool",)),
+    ("torchvision roi_align fwd+bwd", ("torchvision::roi_align", "torchvision::_roi_align_backward")),
     ("dense conv forward", ("aten::mkldnn_convolution", "aten::_convolution", "aten::thnn_conv2d",
                             "aten::_slow_conv2d_forward")),
     ("dense conv backward", ("aten::convolution_backward", "aten::mkldnn_convolution_backward",
                              "aten::_slow_conv2d_backward")),
     ("matrix products (fc layers)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear")),
     ("nms", ("torchvision::nms",)),
-    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::add_", "aten::mul_", "aten::addcmul_",
-                   "aten::lerp_")),
+    ("batch norm fwd+bwd", ("aten::native_batch_norm", "aten::_batch_norm", "aten::batch_norm")),
+    ("in-place elementwise (optimizer, gradient accumulation)", ("Optimizer.step", "aten::_foreach",
+                                                                  "aten::add_", "aten::mul_",
+                                                                  "aten::addcmul_", "aten::lerp_")),
 ]
-
 
 def group_of(name: str) -> str:
     for group, prefixes in GROUPS:
