@@ -606,8 +606,10 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformConvShape s = describe(input, offset, weight, mask, bias, stride, padding, dilation);
-  at::Tensor output = at::zeros({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
+  // Every element is written below (no zero fill), except in the degenerate case.
+  at::Tensor output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
   if (s.batch == 0 || s.out_channels == 0 || s.in_channels == 0) {
+    output.zero_();
     if (bias.has_value()) output.add_(bias->view({1, -1, 1, 1}));
     return output;
   }
@@ -667,11 +669,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.batch, s.out_channels, s.out_h, s.out_w}),
               "deform_conv2d_backward: grad_output has shape ", grad_output.sizes());
   const auto options = input.options();
-  at::Tensor grad_input = at::zeros(input.sizes(), options);
-  at::Tensor grad_offset = at::zeros(offset.sizes(), options);
-  at::Tensor grad_mask = mask.has_value() ? at::zeros(mask->sizes(), options) : at::empty({0}, options);
+  // Every element of these is written below (no zero fill), except in the degenerate case.
+  at::Tensor grad_input = at::empty(input.sizes(), options);
+  at::Tensor grad_offset = at::empty(offset.sizes(), options);
+  at::Tensor grad_mask = mask.has_value() ? at::empty(mask->sizes(), options) : at::empty({0}, options);
   at::Tensor grad_bias = bias.has_value() ? grad_output.sum({0, 2, 3}) : at::empty({0}, options);
   if (s.batch == 0 || s.out_channels == 0 || s.in_channels == 0) {
+    grad_input.zero_();
+    grad_offset.zero_();
+    grad_mask.zero_();
     return {grad_input, grad_offset, at::zeros(weight.sizes(), options), grad_mask, grad_bias};
   }
 
