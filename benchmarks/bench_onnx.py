@@ -46,7 +46,10 @@ class _DenseOp(torch.nn.Module):
         return F.conv2d(x, weight, padding=1)
 
 
-def _session(module, args, names, threads):
+def _session(module, args, names, threads, spinning=False):
+    """An onnxruntime session of `module` exported alone. Its intra-op threads do not spin
+    after a run by default (session.intra_op.allow_spinning = 0): spinning threads would take
+    the cores from the torch runs timed in the same rounds."""
     register_symbolics()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -55,6 +58,8 @@ def _session(module, args, names, threads):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
