@@ -439,8 +439,12 @@ bool use_onednn(const at::Tensor& like) {
   if (like.scalar_type() != at::kFloat) return false;
   if (!at::globalContext().userEnabledMkldnn() || !at::hasMKLDNN()) return false;
   const OnednnOps& ops = onednn_ops();
-  return ops.linear.has_value() && ops.pack.has_value() &&
-         ops.linear->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
+  // These are torch's internal ops: use them only with the argument lists they are called
+  // with below (checked once), so another torch version falls back to at::mm, not an error.
+  static const bool expected_schemas =
+      ops.linear.has_value() && ops.pack.has_value() &&
+      ops.linear->schema().arguments().size() == 6 && ops.pack->schema().arguments().size() == 2;
+  return expected_schemas && ops.linear->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
          ops.pack->hasKernelForDispatchKey(c10::DispatchKey::CPU);
 }
 
