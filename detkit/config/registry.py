@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "RENAMED_TARGETS"]
+__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "RENAMED_TARGETS", "upgrade_config"]
 
 
 @functools.cache
@@ -77,3 +77,45 @@ RENAMED_TARGETS: Mapping[str, str] = MappingProxyType({
     "detkit.engine.optim.build_optimizer": "detkit.solver.optim.build_optimizer",
     "detkit.engine.optim.build_scheduler": "detkit.solver.optim.build_scheduler",
 })
+
+
+_RESNET = "detkit.modeling.build.build_resnet"
+
+
+def upgrade_config(node: Any) -> Any:
+    """A stored config written by an earlier detkit, in today's argument names (a new tree; the
+    input is not changed; anything not recognised is returned as it is, for the builders and
+    checks to judge).
+
+    Before the deformable layer kinds (2026-12), `build_resnet` chose between DCNv1 and DCNv2
+    with `deform_modulated: bool` and took `deform_offset_groups: int`; those are now
+    `deform_kind: dcnv1 | dcnv2` (with dcnv3, dcnv4, offset_sampling beside them),
+    `deform_groups` and `deform_options: {}` (the old layers had no options). Checkpoints
+    (`detkit.engine.checkpoint`) and the records of finished sweeps
+    (`detkit.study.records.check_configs`) are read through this, so a run of before reads as
+    the same run today. A node holding both an old and a new name is left alone."""
+    if isinstance(node, list):
+        return [upgrade_config(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: upgrade_config(value) for key, value in node.items()}
+    old = {"deform_modulated", "deform_offset_groups"} & node.keys()
+    new = {"deform_kind", "deform_groups", "deform_options"} & node.keys()
+    modulated = node.get("deform_modulated", False)
+    groups = node.get("deform_offset_groups", 1)
+    if (node.get("_target_") == _RESNET and old and not new and isinstance(modulated, bool)
+            and isinstance(groups, int) and not isinstance(groups, bool)):
+        upgraded = {}
+        for key, value in node.items():
+            if key == "deform_modulated":
+                upgraded["deform_kind"] = "dcnv2" if value else "dcnv1"
+            elif key == "deform_offset_groups":
+                upgraded["deform_groups"] = value
+            else:
+                upgraded[key] = value
+        upgraded.setdefault("deform_kind", "dcnv1")
+        upgraded.setdefault("deform_groups", 1)
+        upgraded["deform_options"] = {}
+        node = upgraded
+    return node
+

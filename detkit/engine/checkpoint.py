@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from detkit.config.build import build_model
+from detkit.config.registry import upgrade_config
 from detkit.config.stored import CheckpointError, check_class_names, check_label_map, check_stored_config
 from detkit.io import atomic_write
 
@@ -118,7 +119,7 @@ def _check_contents(state: dict[str, Any], source: str) -> dict[str, Any]:
     checked = dict(state)
     for key in CONFIG_ENTRIES:
         if state.get(key) is not None:
-            checked[key] = check_stored_config(state[key], source, root=key)
+            checked[key] = upgrade_config(check_stored_config(state[key], source, root=key))
     if state.get("label_to_category_id") is not None:
         checked["label_to_category_id"] = check_label_map(state["label_to_category_id"], source,
                                                           "label_to_category_id")

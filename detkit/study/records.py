@@ -30,6 +30,8 @@ The record's "config" is what tells a record of the same overrides made with oth
 files apart (a schedule edited and committed between two machines): `check_configs` refuses,
 before a sweep starts anything, a record whose config differs from the one its run would use
 now, and a record without "config" (made before configs were recorded), which cannot be checked.
+A recorded config is read in today's argument names first (`detkit.config.registry.upgrade_config`:
+a backbone recorded with `deform_modulated` is the same run as one with `deform_kind` now).
 
 A records file is data people exchange: it is read as plain JSON (no NaN or Infinity
 constants) and checked field by field (`load_records`: one ValueError naming the file and
@@ -51,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detkit.config.registry import RENAMED_TARGETS
+from detkit.config.registry import RENAMED_TARGETS, upgrade_config
 from detkit.io import file_lock, write_json
 
 __all__ = ["RECORDS_FORMAT", "RECORDS_VERSION", "Records", "SweepRecords", "record_of", "pretrain_entry",
@@ -422,7 +424,7 @@ def check_configs(path: str | os.PathLike, records: Records, specs: Sequence, fr
             if "config" not in record:
                 unchecked.append(record)
                 continue
-            differences = config_differences(record["config"], current_config(spec))
+            differences = config_differences(upgrade_config(record["config"]), current_config(spec))
             if differences:
                 changed.append((record, differences))
     remedy = f"use another record= file, or delete those records from {path}"
