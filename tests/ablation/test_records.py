@@ -498,6 +498,28 @@ def test_config_differences_read_recorded_builders_under_their_names_now():
     assert config_differences(other, new)[0][0] == "schedule.optimizer._target_"
 
 
+def test_records_made_before_the_layer_kinds_match_todays_configs():
+    """Records of sweeps run before deform_kind existed hold deform_modulated and
+    deform_offset_groups: the same backbones, so check_configs accepts them; a recorded DCNv2
+    row still differs from a DCNv1 config."""
+    from types import SimpleNamespace
+    from detkit.config.registry import upgrade_config
+    from detkit.study.records import Records, check_configs
+    target = "detkit.modeling.build.build_resnet"
+    old = {"model": {"backbone": {"_target_": target, "deform_modulated": True, "deform_offset_groups": 1,
+                                  "deform_blocks": {"res5": "all"}}}}
+    now = {"model": {"backbone": {"_target_": target, "deform_kind": "dcnv2", "deform_groups": 1,
+                                  "deform_options": {}, "deform_blocks": {"res5": "all"}}}}
+    assert config_differences(upgrade_config(old), now) == []
+    spec = SimpleNamespace(experiment="fpn/mdconv", seed=0, overrides=["experiment=fpn/mdconv", "data=d", "seed=0"])
+    record = {"experiment": "fpn/mdconv", "seed": 0, "data": "d", "overrides": spec.overrides, "config": old}
+    check_configs("r.json", Records([record], {}), [spec], False, lambda s: now)
+    dcnv1 = copy.deepcopy(now)
+    dcnv1["model"]["backbone"]["deform_kind"] = "dcnv1"
+    with pytest.raises(ValueError, match=r'deform_kind: recorded "dcnv2", now "dcnv1"'):
+        check_configs("r.json", Records([record], {}), [spec], False, lambda s: dcnv1)
+
+
 # Runs the real training tool (detkit.cli.train: Hydra's app, the real `train`) with the parts
 # that build data, model and loop replaced, so that the trainer writes its config.yaml and stops.
 CONFIG_ONLY_TRAIN = '''

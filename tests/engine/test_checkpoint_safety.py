@@ -215,6 +215,35 @@ def test_old_detkit_checkpoint_layout_loads(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_checkpoint_written_before_the_layer_kinds_loads_as_the_same_model(tmp_path):
+    """A checkpoint whose backbone config names DCNv2 the old way (deform_modulated: true,
+    deform_offset_groups: 2) loads into today's deform_kind: dcnv2, deform_groups: 2 model,
+    the same weights and the same detections."""
+    from detkit.config.registry import upgrade_config
+    new_backbone = {"deform_blocks": {"res4": "all"}, "deform_kind": "dcnv2", "deform_groups": 2,
+                    "deform_options": {}}
+    model = build_tiny(seed=3, backbone=new_backbone)
+    old_config = tiny_config(backbone={"deform_blocks": {"res4": "all"}})
+    for key in ("deform_kind", "deform_groups", "deform_options"):
+        old_config["backbone"].pop(key, None)
+    old_config["backbone"].update(deform_modulated=True, deform_offset_groups=2)
+    assert upgrade_config(old_config) == tiny_config(backbone=new_backbone)
+    save_checkpoint(tmp_path / "old.pth", {**good_state(), "model": model.state_dict(), "model_config": old_config})
+    loaded, checkpoint = load_model(tmp_path / "old.pth")
+    assert checkpoint["model_config"]["backbone"]["deform_kind"] == "dcnv2"
+    image = smooth_image(80, 100, seed=2)
+    with torch.inference_mode():
+        expected, got = model([image])[0], loaded([image])[0]
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # Old and new names together are not guessed at: the builder refuses the old one.
+    both = {**old_config, "backbone": {**old_config["backbone"], "deform_kind": "dcnv2"}}
+    assert upgrade_config(both) == both
+    save_checkpoint(tmp_path / "both.pth", {**good_state(), "model": model.state_dict(), "model_config": both})
+    with pytest.raises(Exception, match="deform_modulated"):
+        load_model(tmp_path / "both.pth")
+
+
 def test_checkpoint_model_config_is_checked_at_training_time():
     cfg = OmegaConf.create(tiny_config())
     cfg.backbone.weights = "/somewhere/resnet18.pth"
