@@ -24,6 +24,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import clip_boxes_to_image
 
 
 def clip_targets_to_image(boxes: Tensor, labels: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -168,8 +169,9 @@ class FasterRCNN(nn.Module):
                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """The network on a transformed batch: backbone -> neck -> RPN -> RoI heads ->
         (detections in the batch's network-input pixels, {loss name: scalar} in training, else
-        empty). `forward` runs it between the transform and its postprocessing; the ONNX export
-        (`detkit.export.ExportableDetector`) runs the same."""
+        empty). `forward` runs it between the transform and `postprocess`; the ONNX export's
+        per-image forward runs the same between `detkit.modeling.transform.transform_images`
+        and `postprocess`."""
         features = self.features(batch.tensors)
         missing = [n for n in self.rpn_in_features if n not in features]
         if missing:
@@ -188,10 +190,16 @@ class FasterRCNN(nn.Module):
         detections, losses = self.detect(batch, model_targets)
         if self.training:
             return losses
-        detections = self.transform.postprocess(detections, batch.image_sizes, input_sizes)
-        for det, (height, width) in zip(detections, input_sizes):
-            # Mapping back to input pixels can overshoot the border by a rounding error.
-            boxes = det["boxes"]
-            det["boxes"] = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-                                        boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1)
+        return self.postprocess(detections, batch.image_sizes, input_sizes)
+
+    def postprocess(self, detections: list[dict[str, Tensor]], image_sizes: Sequence[tuple[int, int]],
+                    input_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Eval detections in the pixels of the transformed images (of `image_sizes`) -> in those
+        of the input images (of `input_sizes`), clamped to them: the transform's postprocess,
+        then the clamp (mapping back can overshoot the border by a rounding error). `forward`
+        runs it after `detect`; the ONNX export's per-image forward runs the same with sizes
+        read from tensor shapes (`clip_boxes_to_image` keeps them dynamic in a trace)."""
+        detections = self.transform.postprocess(detections, list(image_sizes), list(input_sizes))
+        for det, size in zip(detections, input_sizes):
+            det["boxes"] = clip_boxes_to_image(det["boxes"], size)
         return detections

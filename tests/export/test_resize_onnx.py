@@ -5,7 +5,7 @@ import onnxruntime  # noqa: F401  (a test dependency, pyproject.toml [test]: nev
 import torch
 from torchvision.models.detection.transform import _resize_image_and_masks
 
-from detkit.export.detector import resize_like_eager
+from detkit.modeling.transform import resize_like_eager
 from tests.export.onnx_helpers import export_module, run_onnx
 from tests.helpers import generator
 
