@@ -78,12 +78,11 @@ def transform_images(transform: GeneralizedRCNNTransform, images: list[Tensor]) 
 
 
 def transform_batch(transform: GeneralizedRCNNTransform, images: Tensor) -> tuple[Tensor, Tensor]:
-    """`transform`'s eval forward on a batch of one size: images [B, 3, H, W] ->
+    """`transform`'s eval forward on a batch of one size (its own normalise, `resize_like_eager`,
+    padding to a multiple of size_divisible): images [B, 3, H, W] ->
     (the normalised, resized, zero-padded batch [B, 3, H', W'], the resized size (h, w) as an
     int64 tensor [2]), sizes computed from tensor shapes (B, H and W stay free in a trace)."""
-    mean = torch.as_tensor(transform.image_mean, dtype=images.dtype)[None, :, None, None]
-    std = torch.as_tensor(transform.image_std, dtype=images.dtype)[None, :, None, None]
-    x = resize_like_eager((images - mean) / std, *_eval_sizes(transform))
+    x = resize_like_eager(transform.normalize(images), *_eval_sizes(transform))    # [3, 1, 1] broadcast
     resized = torch._shape_as_tensor(x)[2:]
     stride = transform.size_divisible
     padded = (torch.ceil(resized.to(torch.float32) / stride) * stride).to(torch.int64)

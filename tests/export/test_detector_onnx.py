@@ -49,7 +49,7 @@ def synthetic_val_images(count: int | list[int]) -> list[torch.Tensor]:
 
 
 # Val images 11 (227 x 227), 31 (147 x 211) and 34 (213 x 183) are sizes whose resized side a
-# float32 computation gets one pixel short (see detkit.export.detector); 0 is 229 x 197.
+# float32 computation gets one pixel short (see detkit.modeling.transform); 0 is 229 x 197.
 VAL_INDICES = [0, 11, 31, 34]
 
 
@@ -246,6 +246,34 @@ def test_image_without_detections(val_images, tmp_path):
     assert len(expected["scores"]) == 0
     actual = OnnxDetector(path)([blank])[0]
     assert actual["boxes"].shape == (0, 4) and actual["scores"].shape == (0,)
+
+
+def test_settings_changed_on_the_model_reach_the_file(val_images, tmp_path):
+    """The export reads the RPN's and RoI heads' settings from the model's own modules: changed
+    there after building (nothing else), they change the exported file's detections, which still
+    match PyTorch eval's, in the dynamic-batch and the per-image forms."""
+    torch.manual_seed(6)
+    model = make_trained_like(build_faster_rcnn(tiny_resnet(), 9, "fpn", "align", **SMALL))
+    images = val_images[:2]
+    detector = export_and_compare(model, images, tmp_path / "before.onnx")
+    assert [len(d["scores"]) for d in detector(images)] == [50, 50]     # SMALL's detections_per_img
+    model.roi_heads.score_thresh = 0.12
+    with torch.no_grad():
+        many = [len(d["scores"]) for d in model(images)]                # from 100 proposals per image
+    model.rpn._post_nms_top_n["testing"] = 3
+    for dynamic_batch in (True, False):
+        detector = export_and_compare(model, images, tmp_path / f"rpn_{dynamic_batch}.onnx",
+                                      dynamic_batch=dynamic_batch)
+        detections = detector(images)
+        counts = [len(d["scores"]) for d in detections]
+        # At most 8 classes of each of 3 proposals, fewer than from 100; all above the threshold.
+        assert all(0 < n <= 3 * 8 and n < m for n, m in zip(counts, many)), (counts, many)
+        assert min(float(d["scores"].min()) for d in detections) > 0.12
+    model.roi_heads.detections_per_img = 2
+    for dynamic_batch in (True, False):
+        detector = export_and_compare(model, images, tmp_path / f"heads_{dynamic_batch}.onnx",
+                                      dynamic_batch=dynamic_batch)
+        assert [len(d["scores"]) for d in detector(images)] == [2, 2]
 
 
 class _Cummax(nn.Module):
