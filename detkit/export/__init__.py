@@ -6,7 +6,10 @@
 - `OnnxDetector(path)`: the exported file in onnxruntime, called like the PyTorch model.
 - `BatchedDetector(model)`: the traced forward of the default export ([B, 3, H, W] of one
   size, B free -> flat detections with their image index); `ExportableDetector(model)`: the
-  per-image one (dynamic_batch=False, B fixed).
+  per-image one (dynamic_batch=False, B fixed). Both only drive the model's own modules; the
+  forms of a computation that a trace needs (the transform's resize, the batched proposal
+  filter and post-processing, the pooler's gathers) sit beside that computation in
+  `detkit.modeling` (`transform.py`, `heads/rpn.py`, `heads/roi_heads.py`, `heads/poolers.py`).
 
 Needs the "export" extra (onnx, onnxscript, onnxruntime); importing detkit never does.
 """

@@ -14,9 +14,11 @@ heads (pytorch/vision #9306, #9462; with torch 2.14, GuardOnDataDependentSymNode
 `boxes.numel() == 0` test of torchvision's batched NMS), while a trace records the NMS as
 `NonMaxSuppression` with dynamic output sizes, and torchvision's detection parts (anchor
 generator, box clamps, batching, top-k) have tracing code paths computing sizes from tensor
-shapes. Two traced forwards: `detkit.export.batched.BatchedDetector` (the default: batch,
-height and width dynamic) and `detkit.export.detector.ExportableDetector` (torchvision's
-per-image loops unrolled: batch fixed). The TorchScript exporter's newest opset is 20,
+shapes. Two traced forwards, both driving the model's own modules (and, where a trace needs
+another form of a step, the form that sits beside that step in `detkit.modeling`):
+`detkit.export.batched.BatchedDetector` (the default: batch, height and width dynamic) and
+`detkit.export.detector.ExportableDetector` (torchvision's per-image loops unrolled: batch
+fixed). The TorchScript exporter's newest opset is 20,
 which has `DeformConv` (opset 19). The current exporter is used for single layers
 (`detkit.ops.onnx.custom_translation_table`, opsets 19-22).
 
@@ -272,9 +274,10 @@ def export_onnx(model: FasterRCNN, path: str | os.PathLike, *, opset: int = MIN_
     """Write `model` (a detkit FasterRCNN, in eval mode) to `path` as one standard ONNX file.
 
     The file's input is "images" [B, 3, H, W] float32 RGB in [0, 1], a batch of images of
-    one size: B is free with dynamic_batch=True (`detkit.export.batched.BatchedDetector`, the
-    per-image selections as index arithmetic), else fixed at batch_size (the per-image
-    forward `ExportableDetector`, torchvision's loops unrolled); H and W are free unless
+    one size: B is free with dynamic_batch=True (`detkit.export.batched.BatchedDetector`: the
+    batched forms of the transform, RPN and RoI heads, with the per-image selections as index
+    arithmetic), else fixed at batch_size (the per-image forward `ExportableDetector`,
+    torchvision's loops unrolled); H and W are free unless
     dynamic_size=False (then fixed at input_size). Its outputs are "boxes" [D, 4] (x1, y1,
     x2, y2 in the input image's pixels), "scores" [D], "labels" [D] int64 and "image_index"
     [D] int64, the detections of all images in image order. batch_size and input_size

@@ -11,7 +11,12 @@ from plain arguments.
 What this module adds: input checks with errors naming the image, the clipping of
 ground-truth boxes to their image (see `clip_targets_to_image`), feature routing (the
 RPN sees only `rpn_in_features`; the RoI pooler picks its own maps from all features),
-and detections clamped to the input image.
+and detections clamped to the input image (`postprocess`).
+
+The forms of these steps that a trace needs (the ONNX export) sit beside the parts they
+mirror: the transform's in `detkit.modeling.transform`, the RPN's batched proposal filter in
+`detkit.modeling.heads.rpn`, the RoI heads' batched post-processing in
+`detkit.modeling.heads.roi_heads`.
 """
 from __future__ import annotations
 
