@@ -129,8 +129,10 @@ SETTINGS = [
     ("rpn post_nms_top_n", _set_post_nms_top_n, 7, 100),
     ("rpn pre_nms_top_n", _set_pre_nms_top_n, 20, 200),
     ("rpn nms_thresh", lambda m, v: setattr(m.rpn, "nms_thresh", v), 0.3, 0.7),
-    ("rpn score_thresh", lambda m, v: setattr(m.rpn, "score_thresh", v), 0.505, 0.0),
-    ("rpn box coder", lambda m, v: setattr(m.rpn, "box_coder", BoxCoder(v)), (2.0, 2.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0)),
+    ("rpn min_size", lambda m, v: setattr(m.rpn, "min_size", v), 24.0, 1e-3),
+    ("rpn score_thresh", lambda m, v: setattr(m.rpn, "score_thresh", v), 0.505, 0.0),   # fresh head: ~sigmoid(0)
+    ("rpn box coder", lambda m, v: setattr(m.rpn, "box_coder", BoxCoder(v)),
+     (2.0, 2.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0)),
     ("roi_heads score_thresh", lambda m, v: setattr(m.roi_heads, "score_thresh", v), 0.21, 0.05),
     ("roi_heads nms_thresh", lambda m, v: setattr(m.roi_heads, "nms_thresh", v), 0.1, 0.5),
     ("roi_heads detections_per_img", lambda m, v: setattr(m.roi_heads, "detections_per_img", v), 3, 50),
@@ -154,8 +156,10 @@ def test_batched_forms_follow_the_modules_settings(model, images, name, change, 
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after)), name
     if name == "rpn post_nms_top_n":
         assert per_image_counts(rois[:, 0], 2) == [7, 7]
-    if name == "rpn score_thresh":
+    if name in ("rpn score_thresh", "rpn min_size"):
         assert len(rois) < len(before[0])
+    if name == "rpn min_size":
+        assert float((rois[:, 3:] - rois[:, 1:3]).min()) >= 24
     if name == "roi_heads score_thresh":
         assert len(scores) and float(scores.min()) > 0.21 and len(scores) < len(before[2])
     if name == "roi_heads detections_per_img":
