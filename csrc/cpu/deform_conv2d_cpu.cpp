@@ -448,6 +448,18 @@ bool use_onednn(const at::Tensor& like) {
          ops.pack->hasKernelForDispatchKey(c10::DispatchKey::CPU);
 }
 
+// Whether the column products of a call go to oneDNN: float32 with the ops above, and
+// per-group products large enough to pay for oneDNN's fixed cost per primitive call
+// (about 20-150 us: a weight pack per group, a product per group and tile). Below the
+// threshold one at::bmm over all groups is far cheaper: a depthwise 3x3 call (512
+// groups of one 9-wide row) took 83 ms on oneDNN against 4 ms on at::bmm (2-core EPYC,
+// 2x512x7x7). The detector's deformable convs (groups of 64-512 channels) are far above it.
+constexpr int64_t kOnednnMinGroupWeight = 4096;  // Cout/groups * K * Cin/groups
+
+bool use_onednn(const at::Tensor& like, const DeformConvShape& s) {
+  return s.group_out() * s.taps() * s.group_in() >= kOnednnMinGroupWeight && use_onednn(like);
+}
+
 // Y[M, N] = X[M, K] @ W^T (+ bias), W: [N, K] packed once for about `rows` rows of X.
 class PackedLinear {
  public:
@@ -623,7 +635,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset,
   const at::Tensor weight_rows = weight_as_rows(weight, s);
   const int64_t tile_size = tile_positions(s, input.element_size());
   at::Tensor columns = at::empty({s.groups * tile_size * s.taps() * s.group_in()}, input.options());
-  const bool onednn = use_onednn(input);
+  const bool onednn = use_onednn(input, s);
   std::vector<PackedLinear> linears;
   if (onednn) {
     for (int64_t g = 0; g < s.groups; ++g) {
@@ -700,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.in_channels));
   at::Tensor dots = at::empty({slots * tile_size * s.offset_groups * s.taps() * 4}, options);
   std::vector<char> slot_used(slots);
-  const bool onednn = use_onednn(input);
+  const bool onednn = use_onednn(input, s);
   std::vector<PackedLinear> grad_linears;  // per conv group: grad_cols = grad_out^T @ weight
   if (onednn) {
     for (int64_t g = 0; g < s.groups; ++g) grad_linears.emplace_back(weight_rows[g].t(), tile_size, c10::nullopt);
