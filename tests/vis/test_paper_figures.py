@@ -22,7 +22,7 @@ from detkit.vis import draw_points
 from detkit.vis.draw import POINT_COLOR, UNIT_COLOR
 from detkit.study.figures import PANEL_GAP, TITLE_HEIGHT
 from tests.vis.builders import build_tiny, smooth_image, write_coco_folder
-from tests.vis.test_tools import write_checkpoint
+from tests.vis.test_tools import NEWER_KINDS, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = str(REPO / "tools" / "paper_figures.py")
@@ -215,6 +215,8 @@ def runs(tmp_path_factory):
     write_checkpoint(dcn)
     write_checkpoint(align, pooler_kind="align")
     write_checkpoint(plain, backbone={"deform_blocks": {}}, pooler_kind="align")
+    kinds = {kind: tmp / f"{kind}.pth" for kind in NEWER_KINDS}
+    kind_layers = {kind: write_checkpoint(path, backbone=NEWER_KINDS[kind]) for kind, path in kinds.items()}
     images, annotations = write_coco(tmp)
     data = [f"images={images}", f"annotations={annotations}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "DETKIT_CACHE": str(tmp / "cache")}
@@ -224,6 +226,7 @@ def runs(tmp_path_factory):
         "no_deformable": [f"checkpoint={plain}", *data],
         "no_image_with_both": [f"checkpoint={dcn}", *data, "max_images=1"],
         "image_without_large": [f"checkpoint={dcn}", *data, "image_index=0"],
+        **{f"kind_{kind}": [f"checkpoint={path}", *data, f"top_k={TOP_K}"] for kind, path in kinds.items()},
     }
     processes = {key: subprocess.Popen([sys.executable, TOOL, *args, f"hydra.run.dir={tmp / 'runs' / key}"],
                                        cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -232,7 +235,7 @@ def runs(tmp_path_factory):
     for key, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         results[key] = (process.returncode, stdout, stderr)
-    return {"results": results, "tmp": tmp}
+    return {"results": results, "tmp": tmp, "kind_layers": kind_layers}
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -301,3 +304,26 @@ def test_tool_errors_are_one_line_with_exit_status_2(runs, key, message):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
     assert not (runs["tmp"] / "runs" / key / "fig5_sampling.png").exists()
+
+
+# The sampling points each newer kind's layer follows per level: DCNv3 and DCNv4 place k*k taps
+# (with remove_center the centre is followed too, with weight 0: the geometry of the
+# layer's sampling_offsets), the offset sampling layer one (a 1x1 filter).
+POINTS_PER_LAYER = {"dcnv3": 9, "dcnv4": 9, "offset_sampling": 1}
+
+
+@pytest.mark.parametrize("kind", sorted(NEWER_KINDS))
+def test_tool_draws_and_measures_every_newer_kind(runs, kind):
+    code, _, stderr = runs["results"][f"kind_{kind}"]
+    assert code == 0, stderr
+    out = runs["tmp"] / "runs" / f"kind_{kind}"
+    summary = json.loads((out / "figures.json").read_text())
+    followed = runs["kind_layers"][kind][-3:]
+    assert summary["layers"] == followed, (summary["layers"], followed)
+    points = POINTS_PER_LAYER[kind] ** 3
+    assert summary["num_points"] == points
+    assert [unit["bucket"] for unit in summary["units"]] == ["background", "small", "large"]
+    assert all(unit["num_points"] == points and np.isfinite(unit["mean_distance"]) for unit in summary["units"])
+    assert (out / "fig5_sampling.png").is_file() and (out / "fig7_roi_bins.png").is_file()
+    assert len(summary["roi_bins"]) == TOP_K
+
