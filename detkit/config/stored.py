@@ -9,14 +9,15 @@ tree to Hydra's `instantiate` or to OmegaConf:
   called* and returns a plain copy (dicts, lists, str, int, float, bool, None). It refuses,
   with a one-line `CheckpointError` naming the key path and the offending value:
   a `_target_` that is not a name of detkit's registry of config targets
-  (`detkit.config.registry.targets()`: model, box head, data and schedule builders; at any
+  (`detkit.config.registry.targets()`: model, backbone, data and schedule builders; at any
   depth: nested nodes, lists, `_args_`); any other Hydra option key (`_partial_`, `_recursive_`,
   `_convert_`, and any `_name_` key a later Hydra may add); `_args_` that is not a list or
-  sits on a node without `_target_`; a string holding `${` (an interpolation: `${oc.env:..}`,
-  `${now:..}`, any resolver; stored configs are resolved when written, so nothing is
-  resolved when reading); a builder argument that names a file to read
-  (`detkit.config.registry.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
-  bytes, sets ...); nesting deeper than `MAX_DEPTH`.
+  sits on a node without `_target_`; an argument its builder no longer takes
+  (`detkit.config.registry.REMOVED_ARGUMENTS`: the message says what configures that part
+  now); a string holding `${` (an interpolation: `${oc.env:..}`, `${now:..}`, any resolver;
+  stored configs are resolved when written, so nothing is resolved when reading); a builder
+  argument that names a file to read (`detkit.config.registry.FILE_ARGUMENTS`, unless
+  `allow_files`); any other type (tensors, bytes, sets ...); nesting deeper than `MAX_DEPTH`.
 - `build_stored(node, source)` checks, then builds: every `_target_` is looked up in
   the registry by its exact name (a dict lookup: no import by name, no Hydra), children first
   in key order, `_args_` as positional arguments, dicts and lists passed as plain dicts and
@@ -36,7 +37,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from detkit.config.registry import FILE_ARGUMENTS, targets
+from detkit.config.registry import FILE_ARGUMENTS, REMOVED_ARGUMENTS, targets
 
 __all__ = ["CheckpointError", "MAX_DEPTH", "check_stored_config", "build_stored",
            "build_partial", "check_label_map", "check_class_names"]
@@ -116,6 +117,10 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
         bad_key = next((k for k in node if not isinstance(k, str) or not k.isidentifier()), None)
         if bad_key is not None:
             raise _refuse(source, _join(path, bad_key), f"{_short(bad_key)} cannot be an argument of {target}")
+        removed = REMOVED_ARGUMENTS.get(target, {})
+        gone = next((k for k in node if k in removed), None)
+        if gone is not None:
+            raise _refuse(source, _join(path, gone), f"{target} has no {gone!r} option any more: {removed[gone]}")
     for key in node:
         if isinstance(key, str) and _HYDRA_KEY.match(key) and key != "_target_":
             if key != "_args_":

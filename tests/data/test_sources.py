@@ -112,8 +112,8 @@ def test_a_data_target_outside_the_registry_is_refused_unimported(tmp_path):
         build_data_source({"_target_": "os.system", "command": f"touch {tmp_path / 'marker'}"})
     assert not (tmp_path / "marker").exists()
     # A registered target that is no data source is refused after building (no side effects).
-    with pytest.raises(ValueError, match="built a FastRCNNPredictorBuilder, not a data source"):
-        build_data_source({"_target_": "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder"})
+    with pytest.raises(ValueError, match="built a ResNet, not a data source"):
+        build_data_source({"_target_": "detkit.modeling.build.build_resnet", "depth": 18, "width": 8})
 
 
 def test_coco_source_checks_its_root(tmp_path):
