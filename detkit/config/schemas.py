@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["register_configs", "check_train_config",
+from detkit.config.stored import CheckedConfig, check_node, check_partial_node
+
+__all__ = ["register_configs", "check_train_config", "CheckedTrainConfig",
            "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
            "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
 
@@ -203,41 +205,83 @@ def register_configs() -> None:
         store.store(group=SCHEMA_GROUP, name=name, node=node, provider="detkit")
 
 
-# ------------------------------------------------------------------ rules types cannot express
+# ------------------------------------------------------------------ the one check of a training run
 
 AMP_CHOICES = (None, "bf16", "fp16")
 
 
-def check_train_config(cfg: Any, world_size: int) -> None:
-    """Check a composed configs/train.yaml before any work: the ranges and choices its schema's
-    types cannot say, and the rules across fields (one-line ValueErrors). Types and unknown keys
-    were checked when it was composed (`TrainConfig`, `ScheduleConfig`)."""
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be null, bf16 or fp16; got {cfg.amp!r}")
+@dataclass(frozen=True)
+class CheckedTrainConfig:
+    """A composed configs/train.yaml after `check_train_config`, what a training run works from:
+    `plain`, the whole config resolved to plain data (dicts, lists, scalars), and its four
+    nodes that build something, checked against the registry of config targets
+    (`detkit.config.stored.CheckedConfig`, built without a second check): `data` (the data
+    source; as checkpoints store it), `model` (with its backbone.weights file; a checkpoint
+    stores `detkit.config.stored.without_files(model.tree)`), and the schedule's `optimizer`
+    and `scheduler` (`_partial_` nodes, called with the model and the optimizer)."""
+
+    plain: dict[str, Any]
+    data: CheckedConfig
+    model: CheckedConfig
+    optimizer: CheckedConfig
+    scheduler: CheckedConfig
+
+
+def check_train_config(cfg: DictConfig, world_size: int) -> CheckedTrainConfig:
+    """The one check of a composed configs/train.yaml, before any work, and its one conversion
+    to plain data: the ranges and choices its schema's types cannot say and the rules across
+    fields (one-line ValueErrors; types and unknown keys were checked when it was composed:
+    `TrainConfig`, `ScheduleConfig`), then its data, model and schedule nodes against the
+    registry of config targets (one-line `CheckpointError`s naming the node: "the data config",
+    "the model config", "the schedule config"), in the order a run builds them."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    _check_ranges(plain, world_size)
+    _check_frozen_layers_have_weights(plain)
+    schedule = plain["schedule"]
+    return CheckedTrainConfig(
+        plain,
+        data=check_node(plain["data"], "the data config", root="data"),
+        model=check_node(plain["model"], "the model config", root="model", allow_files=True),
+        optimizer=check_partial_node(schedule.get("optimizer"), "the schedule config", root="schedule.optimizer"),
+        scheduler=check_partial_node(schedule.get("scheduler"), "the schedule config", root="schedule.scheduler"))
+
+
+def _select(plain: Mapping[str, Any], key: str) -> Any:
+    """The value at the dotted `key` of `plain`, None where a part of it is missing."""
+    node: Any = plain
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_ranges(plain: Mapping[str, Any], world_size: int) -> None:
+    if plain.get("amp") not in AMP_CHOICES:
+        raise ValueError(f"amp must be null, bf16 or fp16; got {plain.get('amp')!r}")
     minimum = {"model.num_classes": 2, "seed": 0, "num_workers": 0, "eval_batch_size": 1,
                "eval_period": 0, "checkpoint_period": 0, "log_period": 0,  # 0 or null: only at the end
                "schedule.max_iters": 1, "schedule.batch_size": 1, "schedule.warmup_iters": 0,
                "schedule.base_lr": 0, "schedule.momentum": 0, "schedule.weight_decay": 0,
                "schedule.weight_decay_norm": 0, "schedule.warmup_factor": 0, "schedule.gamma": 0,
                "schedule.grad_clip": 0}
-    minimum.update({f"schedule.lr_mult.{kind}": 0 for kind in (cfg.schedule.get("lr_mult") or {})})
+    minimum.update({f"schedule.lr_mult.{kind}": 0 for kind in (plain["schedule"].get("lr_mult") or {})})
     for key, least in minimum.items():
-        value = OmegaConf.select(cfg, key)
+        value = _select(plain, key)
         if value is None and key in ("eval_period", "checkpoint_period", "log_period", "schedule.grad_clip"):
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
             raise ValueError(f"{key} must be a number >= {least}; got {value!r}")
-    batch_size = int(cfg.schedule.batch_size)
+    batch_size = int(plain["schedule"]["batch_size"])
     if batch_size % world_size:
         raise ValueError(f"schedule.batch_size ({batch_size}, images per iteration over all processes) "
                          f"must be a multiple of the number of processes ({world_size})")
-    _check_frozen_layers_have_weights(cfg)
 
 
-def _check_frozen_layers_have_weights(cfg: Any) -> None:
-    backbone = cfg.model.get("backbone") or {}
+def _check_frozen_layers_have_weights(plain: Mapping[str, Any]) -> None:
+    backbone = plain["model"].get("backbone") or {}
     frozen = int(backbone.get("freeze_at", 0) or 0) > 0 or backbone.get("norm") == "frozen_bn"
-    if frozen and not backbone.get("weights") and not cfg.resume:
+    if frozen and not backbone.get("weights") and not plain["resume"]:
         # Frozen layers (or frozen BN statistics) that were never trained: the run would
         # train a detector on random features without any error.
         raise ValueError(

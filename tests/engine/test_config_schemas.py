@@ -223,6 +223,38 @@ def test_good_configs_and_cross_field_rules():
     check_train_config(composed(["model=faster_rcnn_r50_fpn", "resume=true"]), world_size=1)
 
 
+def test_a_run_checks_its_config_once_and_converts_it_once(tmp_path, monkeypatch):
+    """check_train_config turns the composed config into plain data once and checks each node
+    that builds something once; the parts are built from that, neither checked nor converted
+    again, and the checkpoints store the checked trees (the model's without its weights file)."""
+    import torch
+
+    from detkit.config import stored
+    from detkit.engine import trainer
+
+    checked, converted = [], []
+    check, to_container = stored.check_stored_config, OmegaConf.to_container
+
+    def counted_check(node, source, *, root="", allow_files=False):
+        checked.append(root)
+        return check(node, source, root=root, allow_files=allow_files)
+
+    def counted_conversion(*args, **kwargs):
+        converted.append(args[0])
+        return to_container(*args, **kwargs)
+
+    cfg = composed(["experiment=smoke", f"data.root={tmp_path}"])
+    monkeypatch.setattr(stored, "check_stored_config", counted_check)
+    monkeypatch.setattr(OmegaConf, "to_container", staticmethod(counted_conversion))
+    run = check_train_config(cfg, world_size=1)
+    parts = trainer.build_training_parts(run, torch.device("cpu"), rank=0, world=1)
+    assert checked == ["data", "model", "schedule.optimizer", "schedule.scheduler"]
+    assert converted == [cfg]
+    assert parts.data_config == run.data.tree == run.plain["data"]
+    assert parts.model_config == stored.without_files(run.model.tree)
+    assert run.model.tree == run.plain["model"]
+
+
 def test_a_preset_generator_composes_with_coco_and_is_still_typed():
     """experiment=smoke shrinks data.generator whatever the data choice; with data=coco the
     options are kept (typed) and unused, as before the data nodes had schemas."""

@@ -86,3 +86,17 @@ def test_anchor_sizes_need_one_group_per_rpn_map():
     with pytest.raises(ValueError, match=r"anchor_sizes needs one group per RPN feature map \['p2', 'p3', 'p4', "
                                          r"'p5', 'p6'\], got \[\[32\], \[64\]\]"):
         build_faster_rcnn(TinyBackbone(), NUM_CLASSES, "fpn", anchor_sizes=[[32], [64]])
+
+
+def test_a_training_config_giving_a_part_node_is_refused_before_any_work():
+    from hydra import compose, initialize_config_dir
+
+    from detkit.config.schemas import check_train_config, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["+model.neck.out_channels=16"])
+    with pytest.raises(CheckpointError, match=r"^the model config: refused model\.neck: detkit\.modeling\.build\."
+                                              r"build_faster_rcnn has no 'neck' option any more: the FPN neck is "
+                                              r"configured by the model's flat key fpn_channels$"):
+        check_train_config(cfg, world_size=1)
