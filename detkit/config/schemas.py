@@ -12,9 +12,9 @@ config as schema" pattern), e.g. configs/schedule/synthetic_cpu.yaml:
 so that an unknown key or a value of the wrong type fails when the config is composed,
 naming the key. Entries: `schema/train` (`TrainConfig`, the top-level keys of
 configs/train.yaml), `schema/schedule` (`ScheduleConfig`), `schema/synthetic_data` and
-`schema/coco_data` (the data nodes, `SyntheticDataConfig` with its `generator` typed by
-`SyntheticGeneratorConfig`, the fields of `detkit.data.SyntheticConfig`, and
-`CocoDataConfig`), `schema/ablate` (`AblateConfig`, configs/ablate.yaml). Every program
+`schema/coco_data` (the data nodes: `SyntheticDataConfig`, whose `generator` is typed by the
+generator's own options, `detkit.data.synthetic_config.SyntheticConfig`, and
+`CocoDataConfig`, both on `DataConfig`, the keys every data node has), `schema/ablate` (`AblateConfig`, configs/ablate.yaml). Every program
 that composes detkit's configs calls `register_configs()` first (the CLI does; it is
 idempotent). Importing this module imports neither torch nor detkit's data and model code.
 """
@@ -28,9 +28,10 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from detkit.config.stored import CheckedConfig, check_node, check_partial_node
+from detkit.data.synthetic_config import SyntheticConfig
 
 __all__ = ["register_configs", "check_train_config", "CheckedTrainConfig",
-           "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
+           "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig",
            "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
 
 
@@ -62,32 +63,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class SyntheticGeneratorConfig:
-    """The fields of `detkit.data.SyntheticConfig` with its defaults, in types OmegaConf can
-    check (image_size: an int or [height, width]; size_bands: a list).
-    tests/engine/test_config_schemas.py keeps the two in step."""
-
-    num_train: int = 2500
-    num_val: int = 250
-    image_size: Any = 256
-    seed: int = 0
-    size_jitter: float = 0.25
-    min_objects: int = 2
-    max_objects: int = 9
-    min_object_size: float = 8.0
-    max_object_size: float = 90.0
-    max_stretch: float = 1.8
-    deformation: float = 0.12
-    perspective: float = 0.25
-    min_visible_fraction: float = 0.3
-    clutter: float = 1.0
-    image_format: str = "jpg"
-    size_distribution: str = "sqrt"
-    max_bend: float = 0.0
-    size_bands: List[float] = field(default_factory=list)
-
-
-@dataclass
 class DataConfig:
     """The keys of every data node (configs/data/*.yaml): the arguments of
     `detkit.data.sources.DataSource`, which every data source takes."""
@@ -102,7 +77,7 @@ class DataConfig:
     aspect_grouping: bool = MISSING
     # Typed on every data node so that a preset's generator options (experiment=smoke) are
     # still checked when the data is not synthetic (CocoFolder does not use them).
-    generator: Optional[SyntheticGeneratorConfig] = None
+    generator: Optional[SyntheticConfig] = None
 
 
 @dataclass
@@ -111,7 +86,7 @@ class SyntheticDataConfig(DataConfig):
 
     _target_: str = "detkit.data.sources.SyntheticShapes"
     kind: str = "synthetic"
-    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
+    generator: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass

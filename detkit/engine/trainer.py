@@ -25,7 +25,7 @@ Run folder (`run_dir`, written by rank 0 only):
 Resuming (`resume=true`, same run_dir): the checkpoint holds the model, optimizer,
 scheduler and GradScaler states, the iteration, every rank's RNG states and the
 data-stream position. The training stream is a pure function of (seed, rank,
-world size, batch size, iteration) (`detkit.data.build_train_loader`: epoch
+world size, batch size, iteration) (`detkit.data.loader.build_train_loader`: epoch
 permutations seeded by (seed, epoch), per-sample augmentation seeds from (seed,
 rank, iteration, position)), so restarting it at the saved iteration replays
 exactly the batches an uninterrupted run would have seen. With the RNG states
@@ -49,7 +49,7 @@ from torch import nn
 from detkit.config.build import build_data_source, build_model
 from detkit.config.schemas import CheckedTrainConfig, check_train_config
 from detkit.config.stored import without_files
-from detkit.data import build_train_loader
+from detkit.data.loader import build_train_loader
 from detkit.engine import preemption
 from detkit.engine.hooks import (CheckpointHook, EvalHook, MetricWriter, ResultsHook, StopOnSignal, TrainingRun,
                                  kept_checkpoint, train_stats)

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detkit.data import CocoFolder, DatasetError, SyntheticConfig, SyntheticShapes
+from detkit.data.coco import DatasetError
+from detkit.data.sources import CocoFolder, SyntheticShapes
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 from detkit.config.schemas import register_configs
 from detkit.config.build import build_data_source, data_config_for_checkpoint

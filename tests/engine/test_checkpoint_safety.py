@@ -316,7 +316,7 @@ def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
         refused(excinfo, key_path, names)
     from hydra import compose, initialize_config_dir
 
-    from detkit.data import SyntheticShapes
+    from detkit.data.sources import SyntheticShapes
     from detkit.config.build import build_data_source
 
     config_schemas.register_configs()

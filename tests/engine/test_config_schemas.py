@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -15,12 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from detkit.config.compose import check_config
-from detkit.data.synthetic import SyntheticConfig
-from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
-                                  SyntheticDataConfig, SyntheticGeneratorConfig, TrainConfig, check_train_config,
-                                  register_configs)
+from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, DataConfig, ScheduleConfig,
+                                  SyntheticDataConfig, TrainConfig, check_train_config, register_configs)
+from detkit.data.synthetic_config import SyntheticConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
 SCHEDULES = sorted(str(p.relative_to(CONFIGS / "schedule"))[:-5] for p in (CONFIGS / "schedule").rglob("*.yaml"))
 DATA = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 TRAIN_SCHEMA_ENTRY = "  - /schema/train@_here_"
@@ -89,22 +91,20 @@ def test_register_configs_is_idempotent():
     assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in SCHEMAS.items())
 
 
-def test_generator_schema_mirrors_synthetic_config():
-    """The same fields, in the same order, with the same defaults; the types OmegaConf checks
-    are SyntheticConfig's (a tuple of floats as a list, int-or-pair as Any)."""
-    ours, theirs = dataclasses.fields(SyntheticGeneratorConfig), dataclasses.fields(SyntheticConfig)
-    assert [f.name for f in ours] == [f.name for f in theirs]
-    hints, schema_hints = typing.get_type_hints(SyntheticConfig), typing.get_type_hints(SyntheticGeneratorConfig)
-    for mine, field in zip(ours, theirs):
-        default = mine.default_factory() if mine.default is dataclasses.MISSING else mine.default
-        expected = list(field.default) if isinstance(field.default, tuple) else field.default
-        assert default == expected and type(default) is type(expected), field.name
-        if hints[field.name] in (int, float, str, bool):
-            assert schema_hints[field.name] is hints[field.name], field.name
-        elif hints[field.name] == tuple[float, ...]:
-            assert schema_hints[field.name] == typing.List[float], field.name
-        else:
-            assert schema_hints[field.name] is typing.Any, field.name
+def test_the_generator_schema_is_the_generators_own_options():
+    """One definition: the data schemas type `generator` with the generator's SyntheticConfig."""
+    hints = {cls: typing.get_type_hints(cls) for cls in (DataConfig, SyntheticDataConfig)}
+    assert hints[DataConfig]["generator"] == typing.Optional[SyntheticConfig]
+    assert hints[SyntheticDataConfig]["generator"] is SyntheticConfig
+
+
+def test_schemas_load_without_torch():
+    """The tools compose and check configs before torch loads: the schemas, the generator's
+    options they use and the composition helpers import no torch (nor numpy)."""
+    code = ("import sys, detkit.config.schemas, detkit.config.compose, detkit.data.synthetic_config; "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -123,7 +123,7 @@ def test_every_data_config_is_typed(name):
     assert OmegaConf.get_type(cfg.data) is expected
     assert cfg.data._target_ == expected._target_ and cfg.data.kind == expected.kind
     if expected is SyntheticDataConfig:
-        assert OmegaConf.get_type(cfg.data.generator) is SyntheticGeneratorConfig
+        assert OmegaConf.get_type(cfg.data.generator) is SyntheticConfig
         assert isinstance(cfg.data.generator.min_object_size, float)   # 16 in the yaml, a float field
 
 
@@ -146,7 +146,7 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, key):
 @pytest.mark.parametrize("experiment, key, kind", [
     ("schedule_key", "schedule.max_iter", "not in 'ScheduleConfig'"),
     ("schedule_type", "schedule.warmup_iters", "could not be converted to Integer"),
-    ("generator_key", "data.generator.num_trian", "not in 'SyntheticGeneratorConfig'"),
+    ("generator_key", "data.generator.num_trian", "not in 'SyntheticConfig'"),
     ("generator_type", "data.generator.clutter", "could not be converted to Float"),
     ("top_key", "eval_perod", "not in 'TrainConfig'"),
     ("top_type", "num_workers", "could not be converted to Integer"),
