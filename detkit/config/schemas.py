@@ -1,5 +1,6 @@
-"""What detkit's configs must look like (the typed schemas) and the rules types cannot express
-(`check_train_config`). What a `_target_` may name is `detkit.config.registry`.
+"""What detkit's configs must look like (the typed schemas) and the one check of a training
+run's config (`check_train_config`: the rules types cannot express, and its nodes against the
+registry of config targets, `detkit.config.registry`).
 
 **The schemas** (`register_configs()`): dataclasses stored in Hydra's ConfigStore under the
 group `schema`, which the yaml files pull in with a defaults-list entry (Hydra's "structured
@@ -14,9 +15,14 @@ naming the key. Entries: `schema/train` (`TrainConfig`, the top-level keys of
 configs/train.yaml), `schema/schedule` (`ScheduleConfig`), `schema/synthetic_data` and
 `schema/coco_data` (the data nodes: `SyntheticDataConfig`, whose `generator` is typed by the
 generator's own options, `detkit.data.synthetic_config.SyntheticConfig`, and
-`CocoDataConfig`, both on `DataConfig`, the keys every data node has), `schema/ablate` (`AblateConfig`, configs/ablate.yaml). Every program
-that composes detkit's configs calls `register_configs()` first (the CLI does; it is
-idempotent). Importing this module imports neither torch nor detkit's data and model code.
+`CocoDataConfig`, both on `DataConfig`, the keys every data node has), `schema/predict` and
+`schema/predict_onnx` (`PredictConfig`, `PredictOnnxConfig`: configs/predict*.yaml). Every
+program that composes detkit's configs calls `register_configs()` first (the CLI does; it is
+idempotent). The study's tools keep their schemas in `detkit.study.schemas`, registered the
+same way (`register_schemas`).
+
+Importing this module imports neither torch nor detkit's model code (from the data package
+only the torch-free `detkit.data.synthetic_config`).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from detkit.data.synthetic_config import SyntheticConfig
 
 __all__ = ["register_configs", "check_train_config", "CheckedTrainConfig",
            "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig",
-           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
+           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "PredictConfig", "PredictOnnxConfig",
+           "register_schemas"]
 
 
 # ------------------------------------------------------------------ the schemas
@@ -119,23 +126,6 @@ class TrainConfig:
 
 
 @dataclass
-class AblateConfig:
-    """configs/ablate.yaml (tools/ablate.py). `table` is a name, `all` or a list of names;
-    `rows` null or a list of the tables' experiments; `seeds` an int or a list of ints
-    (detkit.study.cli.ablate reads them)."""
-
-    table: Any = MISSING
-    rows: Any = MISSING
-    data: str = MISSING
-    seeds: Any = MISSING
-    jobs: int = MISSING
-    threads_per_job: Optional[int] = MISSING
-    out: str = MISSING
-    pretrain: Optional[str] = MISSING
-    record: Optional[str] = MISSING
-
-
-@dataclass
 class PredictConfig:
     """configs/predict.yaml (tools/predict.py)."""
 
@@ -164,19 +154,25 @@ SCHEMAS: Mapping[str, type] = MappingProxyType({
     "schedule": ScheduleConfig,
     "synthetic_data": SyntheticDataConfig,
     "coco_data": CocoDataConfig,
-    "ablate": AblateConfig,
     "predict": PredictConfig,
     "predict_onnx": PredictOnnxConfig,
 })
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore as `schema/<name>` (storing again replaces an
-    entry with itself: calling this twice is harmless)."""
+    """Store the library's schemas (`SCHEMAS`) in Hydra's ConfigStore as `schema/<name>`
+    (storing again replaces an entry with itself: calling this twice is harmless)."""
+    register_schemas(SCHEMAS)
+
+
+def register_schemas(schemas: Mapping[str, type]) -> None:
+    """Store the dataclasses `schemas` ({name: schema}) in Hydra's ConfigStore as
+    `schema/<name>`, for the defaults lists of the yaml files to name (the library's:
+    `register_configs`; the study's tools register theirs, `detkit.study.schemas`)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for name, node in SCHEMAS.items():
+    for name, node in schemas.items():
         store.store(group=SCHEMA_GROUP, name=name, node=node, provider="detkit")
 
 

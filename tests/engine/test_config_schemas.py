@@ -17,9 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from detkit.config.compose import check_config
-from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, DataConfig, ScheduleConfig,
+from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, CocoDataConfig, DataConfig, ScheduleConfig,
                                   SyntheticDataConfig, TrainConfig, check_train_config, register_configs)
 from detkit.data.synthetic_config import SyntheticConfig
+from detkit.study.schemas import STUDY_SCHEMAS, AblateConfig, register_study_configs
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -29,6 +30,7 @@ TRAIN_SCHEMA_ENTRY = "  - /schema/train@_here_"
 ABLATE_SCHEMA_DEFAULTS = "defaults:\n  - /schema/ablate@_here_\n  - _self_\n"
 
 register_configs()  # what the CLI does before composing (the tests compose in-process)
+register_study_configs()  # what the study's ablate tool does before composing configs/ablate.yaml
 
 
 def composed(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
@@ -84,11 +86,16 @@ def untyped_configs(tmp_path_factory) -> Path:
 
 
 def test_register_configs_is_idempotent():
+    """The library's schemas and the study's, each stored once under its own name; the
+    study's tool schema lives in the study (nothing in the library names it)."""
     register_configs()
     register_configs()
+    register_study_configs()
     repo = ConfigStore.instance().repo[SCHEMA_GROUP]
-    assert set(repo) == {f"{name}.yaml" for name in SCHEMAS}
-    assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in SCHEMAS.items())
+    schemas = {**SCHEMAS, **STUDY_SCHEMAS}
+    assert len(schemas) == len(SCHEMAS) + len(STUDY_SCHEMAS) and "ablate" not in SCHEMAS
+    assert set(repo) == {f"{name}.yaml" for name in schemas}
+    assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in schemas.items())
 
 
 def test_the_generator_schema_is_the_generators_own_options():
