@@ -128,7 +128,8 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
         removed = REMOVED_ARGUMENTS.get(target, {})
         gone = next((k for k in node if k in removed), None)
         if gone is not None:
-            raise _refuse(source, _join(path, gone), f"{target} has no {gone!r} option any more: {removed[gone]}")
+            raise _refuse(source, _join(path, gone),
+                          f"{target} has no {gone!r} option any more: {removed[gone]}")
     for key in node:
         if isinstance(key, str) and _HYDRA_KEY.match(key) and key != "_target_":
             if key != "_args_":

@@ -2,10 +2,10 @@
 
 `train` checks the config once and converts it to plain data once
 (`detkit.config.schemas.check_train_config` -> `CheckedTrainConfig`), builds the parts from
-that (`build_training_parts`: data, model, optimizer, schedule), resumes, makes the hooks and runs the loop
-(`detkit.engine.loop.Trainer`; one iteration: next batch -> losses (a dict) -> their
-sum -> finite check (on the average over processes) -> backward -> optional gradient
-clipping -> SGD step -> learning-rate schedule step). The hooks (`detkit.engine.hooks`),
+that (`build_training_parts`: data, model, optimizer, schedule), resumes, makes the hooks
+and runs the loop (`detkit.engine.loop.Trainer`; one iteration: next batch -> losses (a
+dict) -> their sum -> finite check (on the average over processes) -> backward -> optional
+gradient clipping -> SGD step -> learning-rate schedule step). The hooks (`detkit.engine.hooks`),
 in this order: progress lines and TensorBoard scalars, periodic checkpoints and the
 final one, periodic evaluation; after the loop the final evaluation (detections.json),
 the caller's `extra_hooks` (e.g. `detkit.vis.hooks.sampling_picture_hooks`), and
@@ -215,8 +215,9 @@ def train(cfg: DictConfig, run_dir: str | Path, extra_hooks: HookFactory | None 
     writing into `run_dir`. Returns the final metrics on rank 0, None on other ranks.
 
     extra_hooks: `extra_hooks(config, run: TrainingRun) -> list[Hook]`, called once the parts
-    are built with the run's config as plain data (`CheckedTrainConfig.plain`); its hooks run after the evaluation hook (they see each evaluation in the
-    loop state) and before metrics.json is written.
+    are built, with the run's config as plain data (`CheckedTrainConfig.plain`); its hooks run
+    after the evaluation hook (they see each evaluation in the loop state) and before
+    metrics.json is written.
 
     Raises ValueError (DatasetError, CheckpointError) for problems a user can fix,
     before training starts, TrainingDiverged if the loss becomes non-finite, `WriteError`
