@@ -204,8 +204,11 @@ def check_train_config(cfg: DictConfig, world_size: int) -> CheckedTrainConfig:
     fields (one-line ValueErrors; types and unknown keys were checked when it was composed:
     `TrainConfig`, `ScheduleConfig`), then its data, model and schedule nodes against the
     registry of config targets (one-line `CheckpointError`s naming the node: "the data config",
-    "the model config", "the schedule config"), in the order a run builds them."""
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    "the model config", "the schedule config"), in the order a run builds them. A config
+    composed with its `hydra` node (`detkit.config.compose.check_config`'s) is checked without
+    it, as the training job gets it."""
+    body = cfg if "hydra" not in cfg else OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    plain = OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
     _check_ranges(plain, world_size)
     _check_frozen_layers_have_weights(plain)
     schedule = plain["schedule"]
