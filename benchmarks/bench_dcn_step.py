@@ -61,7 +61,7 @@ def profile(cfg, parts, iters: int) -> tuple[dict[str, float], dict[str, float],
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from detkit.engine.cost import time_training_iterations
+    from detkit.study.cost import time_training_iterations
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         steps = time_training_iterations(cfg, iters=iters, warmup=0, parts=parts)
@@ -92,12 +92,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from detkit.engine.cost import compose_train_config, time_training_iterations
     from detkit.engine.trainer import build_training_parts, resolve_device
+    from detkit.study.cost import check_for_timing, compose_train_config, time_training_iterations
 
     names = {"plain": "control/plain", "deformable": "control/deformable"}
-    cfgs = {k: compose_train_config(e, args.data, ["num_workers=1", *args.overrides]) for k, e in names.items()}
-    parts = {k: build_training_parts(c, resolve_device(c.device), rank=0, world=1) for k, c in cfgs.items()}
+    cfgs = {k: check_for_timing(compose_train_config(e, args.data, ["num_workers=1", *args.overrides]))
+            for k, e in names.items()}
+    parts = {k: build_training_parts(c, resolve_device(c.plain["device"]), rank=0, world=1) for k, c in cfgs.items()}
     steps: dict[str, list[float]] = {k: [] for k in names}
     for k in names:
         time_training_iterations(cfgs[k], iters=1, warmup=args.warmup, parts=parts[k])

@@ -98,7 +98,8 @@ def bench_detector(repeats: int, threads: int) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
+    from detkit.data.synthetic import render_synthetic_image
+    from detkit.data.synthetic_config import SyntheticConfig
     from detkit.export import OnnxDetector, export_onnx
     from detkit.ops import DeformConv2d, DeformRoIPool
 

@@ -1,15 +1,18 @@
 """The registry of config targets: THE allowlist of what a `_target_` may name.
 
-`targets()` maps every `_target_` of a detkit config (the model, backbone, neck, RPN, RoI
-pooler, box head and predictor builders, the data sources, the optimizer and schedule
-builders) to the callable it builds with. A target is looked up here by its exact dotted
-name, never imported by name: `detkit.config.stored` refuses any other name before anything
-is called, for configs read back from checkpoints and for the training run's own
-(`detkit.config.build`), so a config naming anything else fails before training rather than
-when its checkpoint is loaded. A new part (a head, a dataset) is its class plus one line here
-plus a config file; tests/engine/test_checkpoint_safety.py checks that every `_target_` under
-configs/ is listed and that each name is the import path of what it maps to.
-`FILE_ARGUMENTS` names arguments that read a file (a stored config must leave them null).
+`targets()` maps every `_target_` of a detkit config (the model and backbone builders, the
+data sources, the optimizer and schedule builders) to the callable it builds with. A target
+is looked up here by its exact dotted name, never imported by name: `detkit.config.stored`
+refuses any other name before anything is called, for configs read back from checkpoints and
+for the training run's own (`detkit.config.build`), so a config naming anything else fails
+before training rather than when its checkpoint is loaded. A new dataset is its class plus
+one line here plus a config file (a model part is configured by flat keys of
+`build_faster_rcnn`: no model config names a builder of a part);
+tests/engine/test_checkpoint_safety.py checks that the names listed are exactly the
+`_target_`s under configs/ and that each name is the import path of what it maps to.
+`FILE_ARGUMENTS` names arguments that read a file (a stored config must leave them null), and
+`REMOVED_ARGUMENTS` the arguments a builder no longer takes, with what configures their part
+now (a config giving one is refused, saying so).
 
 Importing this module imports neither torch nor detkit's data and model code: `targets()`
 imports the builders when first called (the reason for the imports inside it: readers of
@@ -23,7 +26,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "RENAMED_TARGETS", "upgrade_config"]
+__all__ = ["targets", "allowed_targets", "file_arguments", "FILE_ARGUMENTS", "REMOVED_ARGUMENTS", "RENAMED_TARGETS",
+           "upgrade_config"]
 
 
 @functools.cache
@@ -32,19 +36,10 @@ def targets() -> Mapping[str, Callable[..., Any]]:
     from detkit.data.sources import CocoFolder, SyntheticShapes
     from detkit.solver.optim import build_optimizer, build_scheduler
     from detkit.modeling.build import build_faster_rcnn, build_resnet
-    from detkit.modeling.heads.box_head import FastRCNNPredictorBuilder, TwoMLPHeadBuilder
-    from detkit.modeling.heads.poolers import RoIPoolerBuilder
-    from detkit.modeling.heads.rpn import RPNBuilder
-    from detkit.modeling.neck.fpn import FPNBuilder
 
     return MappingProxyType({
         "detkit.modeling.build.build_faster_rcnn": build_faster_rcnn,
         "detkit.modeling.build.build_resnet": build_resnet,
-        "detkit.modeling.heads.box_head.TwoMLPHeadBuilder": TwoMLPHeadBuilder,
-        "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder": FastRCNNPredictorBuilder,
-        "detkit.modeling.heads.poolers.RoIPoolerBuilder": RoIPoolerBuilder,
-        "detkit.modeling.heads.rpn.RPNBuilder": RPNBuilder,
-        "detkit.modeling.neck.fpn.FPNBuilder": FPNBuilder,
         "detkit.data.sources.SyntheticShapes": SyntheticShapes,
         "detkit.data.sources.CocoFolder": CocoFolder,
         "detkit.solver.optim.build_optimizer": build_optimizer,
@@ -56,6 +51,24 @@ def targets() -> Mapping[str, Callable[..., Any]]:
 # leaves them null (the checkpoint holds the weights; training stores `backbone.weights: null`).
 FILE_ARGUMENTS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "detkit.modeling.build.build_resnet": ("weights",),
+})
+
+
+_FASTER_RCNN = "detkit.modeling.build.build_faster_rcnn"
+_POOLER_KEYS = "pooler_kind, pooler_output_size, pooler_sampling_ratio, deform_gamma, deform_hidden_dim"
+
+# Arguments the targets above no longer take -> what configures their part now. Until 2026-12
+# `build_faster_rcnn` also took its parts as nodes naming a builder (a second spelling of the
+# flat keys); a config that still gives one is refused with this, before anything is built.
+REMOVED_ARGUMENTS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    _FASTER_RCNN: MappingProxyType({
+        "pooler": f"the RoI pooler is configured by the model's flat keys {_POOLER_KEYS}",
+        "neck": "the FPN neck is configured by the model's flat key fpn_channels",
+        "rpn": "the RPN is configured by the model's flat keys anchor_sizes, aspect_ratios and rpn_options",
+        "box_head": "the 2fc box head is configured by the model's flat key representation_size",
+        "box_predictor": "the box predictor (linear) has no options; the box head's width is the model's flat "
+                         "key representation_size",
+    }),
 })
 
 

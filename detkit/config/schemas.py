@@ -1,5 +1,6 @@
-"""What detkit's configs must look like (the typed schemas) and the rules types cannot express
-(`check_train_config`). What a `_target_` may name is `detkit.config.registry`.
+"""What detkit's configs must look like (the typed schemas) and the one check of a training
+run's config (`check_train_config`: the rules types cannot express, and its nodes against the
+registry of config targets, `detkit.config.registry`).
 
 **The schemas** (`register_configs()`): dataclasses stored in Hydra's ConfigStore under the
 group `schema`, which the yaml files pull in with a defaults-list entry (Hydra's "structured
@@ -12,11 +13,16 @@ config as schema" pattern), e.g. configs/schedule/synthetic_cpu.yaml:
 so that an unknown key or a value of the wrong type fails when the config is composed,
 naming the key. Entries: `schema/train` (`TrainConfig`, the top-level keys of
 configs/train.yaml), `schema/schedule` (`ScheduleConfig`), `schema/synthetic_data` and
-`schema/coco_data` (the data nodes, `SyntheticDataConfig` with its `generator` typed by
-`SyntheticGeneratorConfig`, the fields of `detkit.data.SyntheticConfig`, and
-`CocoDataConfig`), `schema/ablate` (`AblateConfig`, configs/ablate.yaml). Every program
-that composes detkit's configs calls `register_configs()` first (the CLI does; it is
-idempotent). Importing this module imports neither torch nor detkit's data and model code.
+`schema/coco_data` (the data nodes: `SyntheticDataConfig`, whose `generator` is typed by the
+generator's own options, `detkit.data.synthetic_config.SyntheticConfig`, and
+`CocoDataConfig`, both on `DataConfig`, the keys every data node has), `schema/predict` and
+`schema/predict_onnx` (`PredictConfig`, `PredictOnnxConfig`: configs/predict*.yaml). Every
+program that composes detkit's configs calls `register_configs()` first (the CLI does; it is
+idempotent). The study's tools keep their schemas in `detkit.study.schemas`, registered the
+same way (`register_schemas`).
+
+Importing this module imports neither torch nor detkit's model code (from the data package
+only the torch-free `detkit.data.synthetic_config`).
 """
 from __future__ import annotations
 
@@ -25,11 +31,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["register_configs", "check_train_config",
-           "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig", "SyntheticGeneratorConfig",
-           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "AblateConfig"]
+from detkit.config.stored import CheckedConfig, check_node, check_partial_node
+from detkit.data.synthetic_config import SyntheticConfig
+
+__all__ = ["register_configs", "check_train_config", "CheckedTrainConfig",
+           "SCHEMA_GROUP", "SCHEMAS", "TrainConfig", "ScheduleConfig",
+           "DataConfig", "SyntheticDataConfig", "CocoDataConfig", "PredictConfig", "PredictOnnxConfig",
+           "register_schemas"]
 
 
 # ------------------------------------------------------------------ the schemas
@@ -60,32 +70,6 @@ class ScheduleConfig:
 
 
 @dataclass
-class SyntheticGeneratorConfig:
-    """The fields of `detkit.data.SyntheticConfig` with its defaults, in types OmegaConf can
-    check (image_size: an int or [height, width]; size_bands: a list).
-    tests/engine/test_config_schemas.py keeps the two in step."""
-
-    num_train: int = 2500
-    num_val: int = 250
-    image_size: Any = 256
-    seed: int = 0
-    size_jitter: float = 0.25
-    min_objects: int = 2
-    max_objects: int = 9
-    min_object_size: float = 8.0
-    max_object_size: float = 90.0
-    max_stretch: float = 1.8
-    deformation: float = 0.12
-    perspective: float = 0.25
-    min_visible_fraction: float = 0.3
-    clutter: float = 1.0
-    image_format: str = "jpg"
-    size_distribution: str = "sqrt"
-    max_bend: float = 0.0
-    size_bands: List[float] = field(default_factory=list)
-
-
-@dataclass
 class DataConfig:
     """The keys of every data node (configs/data/*.yaml): the arguments of
     `detkit.data.sources.DataSource`, which every data source takes."""
@@ -100,7 +84,7 @@ class DataConfig:
     aspect_grouping: bool = MISSING
     # Typed on every data node so that a preset's generator options (experiment=smoke) are
     # still checked when the data is not synthetic (CocoFolder does not use them).
-    generator: Optional[SyntheticGeneratorConfig] = None
+    generator: Optional[SyntheticConfig] = None
 
 
 @dataclass
@@ -109,7 +93,7 @@ class SyntheticDataConfig(DataConfig):
 
     _target_: str = "detkit.data.sources.SyntheticShapes"
     kind: str = "synthetic"
-    generator: SyntheticGeneratorConfig = field(default_factory=SyntheticGeneratorConfig)
+    generator: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -142,23 +126,6 @@ class TrainConfig:
 
 
 @dataclass
-class AblateConfig:
-    """configs/ablate.yaml (tools/ablate.py). `table` is a name, `all` or a list of names;
-    `rows` null or a list of the tables' experiments; `seeds` an int or a list of ints
-    (detkit.study.cli.ablate reads them)."""
-
-    table: Any = MISSING
-    rows: Any = MISSING
-    data: str = MISSING
-    seeds: Any = MISSING
-    jobs: int = MISSING
-    threads_per_job: Optional[int] = MISSING
-    out: str = MISSING
-    pretrain: Optional[str] = MISSING
-    record: Optional[str] = MISSING
-
-
-@dataclass
 class PredictConfig:
     """configs/predict.yaml (tools/predict.py)."""
 
@@ -187,57 +154,108 @@ SCHEMAS: Mapping[str, type] = MappingProxyType({
     "schedule": ScheduleConfig,
     "synthetic_data": SyntheticDataConfig,
     "coco_data": CocoDataConfig,
-    "ablate": AblateConfig,
     "predict": PredictConfig,
     "predict_onnx": PredictOnnxConfig,
 })
 
 
 def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore as `schema/<name>` (storing again replaces an
-    entry with itself: calling this twice is harmless)."""
+    """Store the library's schemas (`SCHEMAS`) in Hydra's ConfigStore as `schema/<name>`
+    (storing again replaces an entry with itself: calling this twice is harmless)."""
+    register_schemas(SCHEMAS)
+
+
+def register_schemas(schemas: Mapping[str, type]) -> None:
+    """Store the dataclasses `schemas` ({name: schema}) in Hydra's ConfigStore as
+    `schema/<name>`, for the defaults lists of the yaml files to name (the library's:
+    `register_configs`; the study's tools register theirs, `detkit.study.schemas`)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    for name, node in SCHEMAS.items():
+    for name, node in schemas.items():
         store.store(group=SCHEMA_GROUP, name=name, node=node, provider="detkit")
 
 
-# ------------------------------------------------------------------ rules types cannot express
+# ------------------------------------------------------------------ the one check of a training run
 
 AMP_CHOICES = (None, "bf16", "fp16")
 
 
-def check_train_config(cfg: Any, world_size: int) -> None:
-    """Check a composed configs/train.yaml before any work: the ranges and choices its schema's
-    types cannot say, and the rules across fields (one-line ValueErrors). Types and unknown keys
-    were checked when it was composed (`TrainConfig`, `ScheduleConfig`)."""
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be null, bf16 or fp16; got {cfg.amp!r}")
+@dataclass(frozen=True)
+class CheckedTrainConfig:
+    """A composed configs/train.yaml after `check_train_config`, what a training run works from:
+    `plain`, the whole config resolved to plain data (dicts, lists, scalars), and its four
+    nodes that build something, checked against the registry of config targets
+    (`detkit.config.stored.CheckedConfig`, built without a second check): `data` (the data
+    source; as checkpoints store it), `model` (with its backbone.weights file; a checkpoint
+    stores `detkit.config.stored.without_files(model.tree)`), and the schedule's `optimizer`
+    and `scheduler` (`_partial_` nodes, called with the model and the optimizer)."""
+
+    plain: dict[str, Any]
+    data: CheckedConfig
+    model: CheckedConfig
+    optimizer: CheckedConfig
+    scheduler: CheckedConfig
+
+
+def check_train_config(cfg: DictConfig, world_size: int) -> CheckedTrainConfig:
+    """The one check of a composed configs/train.yaml, before any work, and its one conversion
+    to plain data: the ranges and choices its schema's types cannot say and the rules across
+    fields (one-line ValueErrors; types and unknown keys were checked when it was composed:
+    `TrainConfig`, `ScheduleConfig`), then its data, model and schedule nodes against the
+    registry of config targets (one-line `CheckpointError`s naming the node: "the data config",
+    "the model config", "the schedule config"), in the order a run builds them. A config
+    composed with its `hydra` node (`detkit.config.compose.check_config`'s) is checked without
+    it, as the training job gets it."""
+    body = cfg if "hydra" not in cfg else OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    plain = OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+    _check_ranges(plain, world_size)
+    _check_frozen_layers_have_weights(plain)
+    schedule = plain["schedule"]
+    return CheckedTrainConfig(
+        plain,
+        data=check_node(plain["data"], "the data config", root="data"),
+        model=check_node(plain["model"], "the model config", root="model", allow_files=True),
+        optimizer=check_partial_node(schedule.get("optimizer"), "the schedule config", root="schedule.optimizer"),
+        scheduler=check_partial_node(schedule.get("scheduler"), "the schedule config", root="schedule.scheduler"))
+
+
+def _select(plain: Mapping[str, Any], key: str) -> Any:
+    """The value at the dotted `key` of `plain`, None where a part of it is missing."""
+    node: Any = plain
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_ranges(plain: Mapping[str, Any], world_size: int) -> None:
+    if plain.get("amp") not in AMP_CHOICES:
+        raise ValueError(f"amp must be null, bf16 or fp16; got {plain.get('amp')!r}")
     minimum = {"model.num_classes": 2, "seed": 0, "num_workers": 0, "eval_batch_size": 1,
                "eval_period": 0, "checkpoint_period": 0, "log_period": 0,  # 0 or null: only at the end
                "schedule.max_iters": 1, "schedule.batch_size": 1, "schedule.warmup_iters": 0,
                "schedule.base_lr": 0, "schedule.momentum": 0, "schedule.weight_decay": 0,
                "schedule.weight_decay_norm": 0, "schedule.warmup_factor": 0, "schedule.gamma": 0,
                "schedule.grad_clip": 0}
-    minimum.update({f"schedule.lr_mult.{kind}": 0 for kind in (cfg.schedule.get("lr_mult") or {})})
+    minimum.update({f"schedule.lr_mult.{kind}": 0 for kind in (plain["schedule"].get("lr_mult") or {})})
     for key, least in minimum.items():
-        value = OmegaConf.select(cfg, key)
+        value = _select(plain, key)
         if value is None and key in ("eval_period", "checkpoint_period", "log_period", "schedule.grad_clip"):
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least:
             raise ValueError(f"{key} must be a number >= {least}; got {value!r}")
-    batch_size = int(cfg.schedule.batch_size)
+    batch_size = int(plain["schedule"]["batch_size"])
     if batch_size % world_size:
         raise ValueError(f"schedule.batch_size ({batch_size}, images per iteration over all processes) "
                          f"must be a multiple of the number of processes ({world_size})")
-    _check_frozen_layers_have_weights(cfg)
 
 
-def _check_frozen_layers_have_weights(cfg: Any) -> None:
-    backbone = cfg.model.get("backbone") or {}
+def _check_frozen_layers_have_weights(plain: Mapping[str, Any]) -> None:
+    backbone = plain["model"].get("backbone") or {}
     frozen = int(backbone.get("freeze_at", 0) or 0) > 0 or backbone.get("norm") == "frozen_bn"
-    if frozen and not backbone.get("weights") and not cfg.resume:
+    if frozen and not backbone.get("weights") and not plain["resume"]:
         # Frozen layers (or frozen BN statistics) that were never trained: the run would
         # train a detector on random features without any error.
         raise ValueError(

@@ -9,24 +9,31 @@ tree to Hydra's `instantiate` or to OmegaConf:
   called* and returns a plain copy (dicts, lists, str, int, float, bool, None). It refuses,
   with a one-line `CheckpointError` naming the key path and the offending value:
   a `_target_` that is not a name of detkit's registry of config targets
-  (`detkit.config.registry.targets()`: model, box head, data and schedule builders; at any
+  (`detkit.config.registry.targets()`: model, backbone, data and schedule builders; at any
   depth: nested nodes, lists, `_args_`); any other Hydra option key (`_partial_`, `_recursive_`,
   `_convert_`, and any `_name_` key a later Hydra may add); `_args_` that is not a list or
-  sits on a node without `_target_`; a string holding `${` (an interpolation: `${oc.env:..}`,
-  `${now:..}`, any resolver; stored configs are resolved when written, so nothing is
-  resolved when reading); a builder argument that names a file to read
-  (`detkit.config.registry.FILE_ARGUMENTS`, unless `allow_files`); any other type (tensors,
-  bytes, sets ...); nesting deeper than `MAX_DEPTH`.
-- `build_stored(node, source)` checks, then builds: every `_target_` is looked up in
-  the registry by its exact name (a dict lookup: no import by name, no Hydra), children first
-  in key order, `_args_` as positional arguments, dicts and lists passed as plain dicts and
-  lists. That is what `hydra.utils.instantiate(node, _convert_="all")` does for the configs
-  detkit ships (tests/engine/test_checkpoint_safety.py compares the two), without a second
-  parser of the tree whose reading could differ from this check's.
-- `build_partial(node, source, *args)`: the same for a `_partial_: true` node of a run's own
-  config (never a stored one: those refuse `_partial_`), called with `args` first, as
-  `hydra.utils.instantiate(node)(*args)` would (the optimizer with the model, the LR
-  schedule with the optimizer: `detkit.config.build.build_from_config`).
+  sits on a node without `_target_`; an argument its builder no longer takes
+  (`detkit.config.registry.REMOVED_ARGUMENTS`: the message says what configures that part
+  now); a string holding `${` (an interpolation: `${oc.env:..}`, `${now:..}`, any resolver;
+  stored configs are resolved when written, so nothing is resolved when reading); a builder
+  argument that names a file to read (`detkit.config.registry.FILE_ARGUMENTS`, unless
+  `allow_files`); any other type (tensors, bytes, sets ...); nesting deeper than `MAX_DEPTH`.
+- `check_node(node, source)`: the same check, its result held as a `CheckedConfig` (the plain
+  tree, where it came from), which `CheckedConfig.build()` builds without checking it again:
+  every `_target_` is looked up in the registry by its exact name (a dict lookup: no import by
+  name, no Hydra), children first in key order, `_args_` as positional arguments, dicts and
+  lists passed as plain dicts and lists. That is what `hydra.utils.instantiate(node,
+  _convert_="all")` does for the configs detkit ships (tests/engine/test_checkpoint_safety.py
+  compares the two), without a second parser of the tree whose reading could differ from
+  this check's. A training run checks its config's nodes once this way
+  (`detkit.config.schemas.check_train_config`) and builds from what it got.
+- `check_partial_node(node, source)`: the same for a `_partial_: true` node of a run's own
+  config (never a stored one: those refuse `_partial_`), whose `build(*args)` calls it with
+  `args` first, as `hydra.utils.instantiate(node)(*args)` would (the optimizer with the model,
+  the LR schedule with the optimizer).
+- `build_stored(node, source)` and `build_partial(node, source, *args)`: check, then build.
+- `without_files(tree)`: a checked tree as a checkpoint stores it, every argument naming a
+  file set to null (the checkpoint holds the weights).
 - `check_label_map` / `check_class_names`: the class mappings (int -> int, int -> str).
 """
 from __future__ import annotations
@@ -34,12 +41,14 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from detkit.config.registry import FILE_ARGUMENTS, targets
+from detkit.config.registry import FILE_ARGUMENTS, REMOVED_ARGUMENTS, targets
 
-__all__ = ["CheckpointError", "MAX_DEPTH", "check_stored_config", "build_stored",
-           "build_partial", "check_label_map", "check_class_names"]
+__all__ = ["CheckpointError", "MAX_DEPTH", "CheckedConfig", "check_stored_config", "check_node",
+           "check_partial_node", "build_stored", "build_partial", "without_files", "check_label_map",
+           "check_class_names"]
 
 MAX_DEPTH = 32
 _HYDRA_KEY = re.compile(r"^_.+_$")      # _target_, _args_, _partial_, _recursive_, _convert_, ...
@@ -116,6 +125,11 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
         bad_key = next((k for k in node if not isinstance(k, str) or not k.isidentifier()), None)
         if bad_key is not None:
             raise _refuse(source, _join(path, bad_key), f"{_short(bad_key)} cannot be an argument of {target}")
+        removed = REMOVED_ARGUMENTS.get(target, {})
+        gone = next((k for k in node if k in removed), None)
+        if gone is not None:
+            raise _refuse(source, _join(path, gone),
+                          f"{target} has no {gone!r} option any more: {removed[gone]}")
     for key in node:
         if isinstance(key, str) and _HYDRA_KEY.match(key) and key != "_target_":
             if key != "_args_":
@@ -134,24 +148,75 @@ def _check(node: Any, source: str, path: str, allow_files: bool, depth: int) -> 
     return {key: _check(value, source, _join(path, key), allow_files, depth + 1) for key, value in node.items()}
 
 
+@dataclass(frozen=True)
+class CheckedConfig:
+    """A config node that passed `check_stored_config`: its plain copy (`tree`: dicts, lists,
+    strings, numbers, booleans, null; every `_target_` a name of the registry), the file or
+    config it came from (`source`) and its key path there (`root`), which name it in errors,
+    and whether it is a `_partial_` node (`partial`: built called with arguments first; the
+    tree without `_partial_`). Made by `check_node` / `check_partial_node`; `build` builds it
+    without a second check."""
+
+    tree: Any
+    source: str
+    root: str = ""
+    partial: bool = False
+
+    def build(self, *first_args: Any) -> Any:
+        """The object the tree describes, built with the registry's builders (module
+        docstring); a partial node is called with `first_args` before its own arguments. A
+        builder that rejects its arguments (TypeError, ValueError) gives a one-line
+        CheckpointError naming the node."""
+        if first_args and not self.partial:
+            raise TypeError(f"{self.root or '<root>'} of {self.source} is not a _partial_ node: it is built "
+                            f"without arguments, got {len(first_args)}")
+        return _build(self.tree, self.source, self.root, first_args)
+
+
+def check_node(node: Any, source: str, *, root: str = "", allow_files: bool = False) -> CheckedConfig:
+    """`check_stored_config(node, source, root=root, allow_files=allow_files)`, as a
+    `CheckedConfig` to build."""
+    return CheckedConfig(check_stored_config(node, source, root=root, allow_files=allow_files), str(source), root)
+
+
+def check_partial_node(node: Any, source: str, *, root: str = "", arguments: int = 1) -> CheckedConfig:
+    """A `_partial_: true` node of a run's own config, resolved plain data, checked as a stored
+    config is (files allowed) without its `_partial_` key: a `CheckedConfig` whose `build` is
+    called with the `arguments` objects it is made for (the model, the optimizer)."""
+    if not isinstance(node, dict) or node.get("_partial_") is not True or "_target_" not in node:
+        raise _refuse(str(source), root, f"{_short(node)} is not a node with a _target_ and _partial_: true "
+                                         f"(it is called with {arguments} more argument(s))")
+    plain = check_stored_config({k: v for k, v in node.items() if k != "_partial_"}, source, root=root,
+                                allow_files=True)
+    return CheckedConfig(plain, str(source), root, partial=True)
+
+
 def build_stored(node: Any, source: str, *, root: str = "", allow_files: bool = False) -> Any:
-    """`check_stored_config`, then build the tree with the registry's builders (module
-    docstring). A builder that rejects its arguments (TypeError, ValueError) gives a one-line
-    CheckpointError naming the node."""
-    plain = check_stored_config(node, source, root=root, allow_files=allow_files)
-    return _build(plain, str(source), root)
+    """`check_node`, then build the tree (`CheckedConfig.build`)."""
+    return check_node(node, source, root=root, allow_files=allow_files).build()
 
 
 def build_partial(node: Any, source: str, *args: Any, root: str = "") -> Any:
-    """Build a `_partial_: true` node of a run's own config, resolved plain data, called with
-    `args` before its keyword arguments: `hydra.utils.instantiate(node)(*args)` through the
-    registry. The node minus `_partial_` is checked as a stored config is (files allowed)."""
-    if not isinstance(node, dict) or node.get("_partial_") is not True or "_target_" not in node:
-        raise _refuse(str(source), root, f"{_short(node)} is not a node with a _target_ and _partial_: true "
-                                         f"(it is called with {len(args)} more argument(s))")
-    plain = check_stored_config({k: v for k, v in node.items() if k != "_partial_"}, source, root=root,
-                                allow_files=True)
-    return _build(plain, str(source), root, args)
+    """Build a `_partial_: true` node of a run's own config, called with `args` before its
+    keyword arguments: `hydra.utils.instantiate(node)(*args)` through the registry
+    (`check_partial_node`, then `CheckedConfig.build`)."""
+    return check_partial_node(node, source, root=root, arguments=len(args)).build(*args)
+
+
+def without_files(tree: Any) -> Any:
+    """A copy of the checked plain `tree` with every argument that names a file to read
+    (`detkit.config.registry.FILE_ARGUMENTS` of its node's `_target_`, at any depth) set to
+    null: what a checkpoint stores (it holds the weights), which passes `check_stored_config`
+    without `allow_files`."""
+    if isinstance(tree, list):
+        return [without_files(item) for item in tree]
+    if not isinstance(tree, dict):
+        return tree
+    copy = {key: without_files(value) for key, value in tree.items()}
+    for argument in FILE_ARGUMENTS.get(copy.get("_target_"), ()):
+        if argument in copy:
+            copy[argument] = None
+    return copy
 
 
 def _build(node: Any, source: str, path: str, first_args: tuple = ()) -> Any:

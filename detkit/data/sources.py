@@ -9,7 +9,7 @@ arguments:
       kind: synthetic
       root: ~/.cache/detkit/synthetic_shapes
       num_classes: 9
-      generator: {num_train: 2500, ...}       # detkit.data.SyntheticConfig fields
+      generator: {num_train: 2500, ...}       # detkit.data.synthetic_config.SyntheticConfig fields
       min_size: 192
       ...
 
@@ -21,7 +21,7 @@ registry and a config file; nothing switches on a kind string):
 - `CocoFolder`: the COCO 2017 layout under `root` (root/train2017, root/val2017,
   root/annotations/instances_{train,val}2017.json); `train_split`/`val_split` name them.
 
-Both give `detkit.data.CocoDetection` datasets resized by `ResizeShortestSide(min_size,
+Both give `detkit.data.coco.CocoDetection` datasets resized by `ResizeShortestSide(min_size,
 max_size)` (flipped with `flip_prob` in training). Problems with the data on disk raise
 `DatasetError` (a ValueError) with a one-line message.
 
@@ -41,7 +41,8 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.data.coco import CocoDetection, DatasetError, coco_paths
-from detkit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset, synthetic_paths
+from detkit.data.synthetic import ensure_synthetic_dataset, synthetic_paths
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.data.transforms import build_transforms
 from detkit.utils import comm as dist
 

@@ -53,7 +53,8 @@ logger = logging.getLogger("detkit.train")
 @dataclass(frozen=True)
 class TrainingRun:
     """What `train(cfg, run_dir, extra_hooks=...)` gives an extra-hook factory
-    (`extra_hooks(cfg, run) -> list[Hook]`) to build its hooks from."""
+    (`extra_hooks(config, run) -> list[Hook]`, config: the run's config as plain data) to build
+    its hooks from."""
     run_dir: Path
     model: nn.Module                  # the trained model, not DDP-wrapped
     val_set: Any                      # the evaluation dataset: val_set[i] -> (image [3, H, W], target)

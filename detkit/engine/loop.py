@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from detkit.data import targets_to_device
+from detkit.data.loader import targets_to_device
 from detkit.utils import comm as dist
 
 __all__ = ["TrainingDiverged", "Hook", "LoopState", "Trainer", "diverged"]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from detkit.data import CocoDetection, build_test_loader
+from detkit.data.coco import CocoDetection
+from detkit.data.loader import build_test_loader
 from detkit.utils import comm as dist
 from detkit.evaluation.coco_eval import COCOEvaluator
 

@@ -3,4 +3,5 @@ detkit imports: ablation tables (`tables`), the sweep that trains every row for 
 (`sweep`) and its records (`records`), the report beside the papers' numbers (`report`) and
 the papers' claims (`claims`), the cost of each experiment (`cost`), the eval-noise bootstrap
 (`bootstrap`), the RoI-pooling probes (`probes`), the paper figures (`figures`), the offset
-statistics (`offset_stats`) and their tools (`detkit.study.cli`)."""
+statistics (`offset_stats`) and their tools (`detkit.study.cli`, their config schemas in
+`schemas`)."""

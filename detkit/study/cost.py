@@ -13,7 +13,8 @@ What benchmarks/ablation_cost.py reports for each row of the ablation tables (do
   its convolution plus its bilinear sampling (`deform_conv2d_flop_count`) and a RoI pooler
   its bilinear samples (`deform_roi_pool_flop_count`). Only the forward ops have formulas: a
   count of a backward pass would leave their backward out.
-- `compose_train_config(experiment, data, overrides)`, `time_training_iterations(cfg, ...)`:
+- `compose_train_config(experiment, data, overrides)`, `check_for_timing(cfg)`,
+  `time_training_iterations(cfg, ...)`:
   the training run tools/train.py would make for `experiment=... data=...` (the config composed
   with Hydra's compose API, the parts built by `detkit.engine.trainer.build_training_parts` on
   the real training data stream), timed as the trainer times its steps (data loading
@@ -41,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from detkit.config.compose import check_config
-from detkit.config.schemas import check_train_config
+from detkit.config.schemas import CheckedTrainConfig, check_train_config
 from detkit.engine.hooks import train_stats
 from detkit.engine.loop import Trainer
 from detkit.engine.trainer import AMP_DTYPES, build_training_parts, build_training_stream, resolve_device
@@ -51,7 +52,8 @@ from detkit.ops.reference import MAX_ADAPTIVE_GRID
 __all__ = ["BILINEAR_FLOPS", "register_flop_formulas", "deform_conv2d_flop_count", "deform_roi_pool_flop_count",
            "dcn_core_flop_count",
            "FlopCount", "count_flops", "InferenceFlops", "fixed_proposals", "inference_flops", "parameter_counts",
-           "compose_train_config", "time_training_iterations", "ExperimentCost", "measure_experiment"]
+           "compose_train_config", "check_for_timing", "time_training_iterations", "ExperimentCost",
+           "measure_experiment"]
 
 BILINEAR_FLOPS = 7  # one channel's bilinear sample: 4 neighbour x weight products + 3 sums
 
@@ -291,23 +293,27 @@ def compose_train_config(experiment: str | None, data: str | None = None, overri
     return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
 
 
-def _check_for_timing(cfg: Any) -> None:
+def check_for_timing(cfg: Any) -> CheckedTrainConfig:
     """`check_train_config` for one process, except its refusal of frozen layers without
     backbone.weights: the weights decide what training learns, not what an iteration costs
-    (frozen layers cost the same with random weights)."""
+    (frozen layers cost the same with random weights). A `CheckedTrainConfig` (checked so
+    already) is returned as it is."""
+    if isinstance(cfg, CheckedTrainConfig):
+        return cfg
     # resume=true is that rule's one exemption (a checkpoint would bring the weights); a copy.
-    check_train_config(OmegaConf.merge(cfg, {"resume": True}), world_size=1)
+    return check_train_config(OmegaConf.merge(cfg, {"resume": True}), world_size=1)
 
 
 def time_training_iterations(cfg: Any, iters: int, warmup: int, parts: Any = None) -> list[float]:
     """Seconds of each of `iters` training iterations after `warmup` untimed ones, of the run
-    tools/train.py would make for the composed config `cfg` (`compose_train_config`), in this
-    process, on one device (cfg.device), with the threads torch has now.
+    tools/train.py would make for the composed config `cfg` (`compose_train_config`; or the
+    `CheckedTrainConfig` of one), in this process, on one device (its device), with the threads
+    torch has now.
 
     The parts are `detkit.engine.trainer.build_training_parts` (dataset prepared, model,
-    optimizer and schedule as configured, global RNGs seeded with cfg.seed), or `parts` when
-    given (built from the same cfg); the batches come from its training stream
-    (`build_training_stream`: cfg.num_workers loader processes); the steps are the trainer's
+    optimizer and schedule as configured, global RNGs seeded with the config's seed), or
+    `parts` when given (built from the same config); the batches come from its training
+    stream (`build_training_stream`: num_workers loader processes); the steps are the trainer's
     (`detkit.engine.loop.Trainer.run_step`, without hooks: no logging, checkpoints or
     evaluation). A step's time excludes waiting for its batch, as train_stats.json's
     sec_per_iter does. The model ends in the state those iterations leave it in.
@@ -315,17 +321,18 @@ def time_training_iterations(cfg: Any, iters: int, warmup: int, parts: Any = Non
     On CUDA the steps are timed as the trainer times them (no synchronisation at their end)."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0; got iters={iters}, warmup={warmup}")
-    _check_for_timing(cfg)
-    device = resolve_device(cfg.device)
-    amp_dtype = AMP_DTYPES[cfg.amp]
+    run = check_for_timing(cfg)
+    config = run.plain
+    device = resolve_device(config["device"])
+    amp_dtype = AMP_DTYPES[config["amp"]]
     if amp_dtype is not None and device.type != "cuda":
-        raise ValueError(f"amp={cfg.amp} needs a CUDA device (device is {device}); use amp=null on CPU")
+        raise ValueError(f"amp={config['amp']} needs a CUDA device (device is {device}); use amp=null on CPU")
     if parts is None:
-        parts = build_training_parts(cfg, device, rank=0, world=1)
-    stream = build_training_stream(cfg, parts, 0, device)
-    grad_clip = float(cfg.schedule.grad_clip) if cfg.schedule.grad_clip is not None else None
+        parts = build_training_parts(run, device, rank=0, world=1)
+    stream = build_training_stream(run, parts, 0, device)
+    grad_clip = config["schedule"]["grad_clip"]
     trainer = Trainer(parts.model, parts.optimizer, parts.scheduler, stream, device, scaler=parts.scaler,
-                      amp_dtype=amp_dtype, grad_clip=grad_clip)
+                      amp_dtype=amp_dtype, grad_clip=None if grad_clip is None else float(grad_clip))
     state = trainer.train(0, warmup + iters)
     return list(state.step_times[warmup:])
 
@@ -365,16 +372,16 @@ def measure_experiment(cfg: Any, height: int, width: int, iters: int, warmup: in
     once (`build_training_parts`); parameters and FLOPs are counted on the freshly initialised
     model (offset branches at zero; the FLOPs do not depend on the weights), then
     `time_training_iterations` trains it for warmup + iters."""
-    _check_for_timing(cfg)
-    device = resolve_device(cfg.device)
-    parts = build_training_parts(cfg, device, rank=0, world=1)
+    run = check_for_timing(cfg)
+    config = run.plain
+    device = resolve_device(config["device"])
+    parts = build_training_parts(run, device, rank=0, world=1)
     counts = parameter_counts(parts.model)
-    flops = inference_flops(parts.model, height, width, seed=int(cfg.seed))
-    steps = time_training_iterations(cfg, iters, warmup, parts=parts)
+    flops = inference_flops(parts.model, height, width, seed=int(config["seed"]))
+    steps = time_training_iterations(run, iters, warmup, parts=parts)
     if not all(math.isfinite(s) and s > 0 for s in steps):
         raise RuntimeError(f"non-positive or non-finite step times {steps}")
     return ExperimentCost(counts["parameters"], counts["trainable"], counts["offset_parameters"], flops, steps,
                           torch.get_num_threads(), str(device),
-                          notes={"batch_size": int(cfg.schedule.batch_size), "num_workers": int(cfg.num_workers),
-                                 "warmup_iterations": warmup})
-
+                          notes={"batch_size": int(config["schedule"]["batch_size"]),
+                                 "num_workers": int(config["num_workers"]), "warmup_iterations": warmup})

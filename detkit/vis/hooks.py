@@ -67,10 +67,10 @@ class SamplingPictures(Hook):
             self.add_image(f"sampling/val_{index}", picture, iteration)
 
 
-def sampling_picture_hooks(cfg, run: TrainingRun) -> list[Hook]:
-    """The extra hooks of `train(cfg, run_dir, extra_hooks=sampling_picture_hooks)`: a
-    `SamplingPictures` of cfg.tensorboard_sampling_images val images written to rank 0's
-    TensorBoard writer (none on other ranks)."""
+def sampling_picture_hooks(config: Mapping[str, Any], run: TrainingRun) -> list[Hook]:
+    """The extra hooks of `train(cfg, run_dir, extra_hooks=sampling_picture_hooks)`, given the
+    run's config as plain data: a `SamplingPictures` of its tensorboard_sampling_images val
+    images written to rank 0's TensorBoard writer (none on other ranks)."""
     writer = run.writer
     if writer is None:
         return []
@@ -79,4 +79,4 @@ def sampling_picture_hooks(cfg, run: TrainingRun) -> list[Hook]:
         writer.add_image(tag, picture, iteration, dataformats="HWC")
 
     return [SamplingPictures(add_image, run.model, run.val_set, run.class_names,
-                             int(cfg.tensorboard_sampling_images))]
+                             int(config["tensorboard_sampling_images"]))]

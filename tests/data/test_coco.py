@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from detkit.data import CocoDetection, DatasetError, build_transforms, coco_paths
+from detkit.data.coco import CocoDetection, DatasetError, coco_paths
+from detkit.data.transforms import build_transforms
 
 CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 11, "name": "bird"}]
 # (id, file name, height, width)

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detkit.data import CocoFolder, DatasetError, SyntheticConfig, SyntheticShapes
+from detkit.data.coco import DatasetError
+from detkit.data.sources import CocoFolder, SyntheticShapes
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 from detkit.config.schemas import register_configs
 from detkit.config.build import build_data_source, data_config_for_checkpoint
@@ -112,8 +114,8 @@ def test_a_data_target_outside_the_registry_is_refused_unimported(tmp_path):
         build_data_source({"_target_": "os.system", "command": f"touch {tmp_path / 'marker'}"})
     assert not (tmp_path / "marker").exists()
     # A registered target that is no data source is refused after building (no side effects).
-    with pytest.raises(ValueError, match="built a FastRCNNPredictorBuilder, not a data source"):
-        build_data_source({"_target_": "detkit.modeling.heads.box_head.FastRCNNPredictorBuilder"})
+    with pytest.raises(ValueError, match="built a ResNet, not a data source"):
+        build_data_source({"_target_": "detkit.modeling.build.build_resnet", "depth": 18, "width": 8})
 
 
 def test_coco_source_checks_its_root(tmp_path):

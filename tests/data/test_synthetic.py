@@ -13,13 +13,13 @@ from pycocotools.coco import COCO
 import detkit.data.synthetic as synthetic
 from detkit.data.synthetic import (
     SYNTHETIC_CLASSES,
-    SyntheticConfig,
     ensure_synthetic_dataset,
     generate_synthetic_coco,
     render_synthetic_image,
     synthetic_paths,
     visible_annotations,
 )
+from detkit.data.synthetic_config import SyntheticConfig
 
 from tests.helpers import FakeTerminal
 

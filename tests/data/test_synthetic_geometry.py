@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 
 import detkit.data.synthetic as synthetic
 from detkit.config.compose import CONFIG_DIR, check_config
-from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
+from detkit.data.synthetic import render_synthetic_image
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.config.build import build_data_source
 from detkit.data.sources import synthetic_generator_config
 

@@ -22,8 +22,8 @@ from detkit.config import registry as config_registry
 from detkit.config import schemas as config_schemas
 from detkit.config.build import build_model
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from detkit.config.stored import MAX_DEPTH, build_stored, check_class_names, check_label_map, check_stored_config
-from detkit.engine.trainer import checkpoint_model_config
+from detkit.config.stored import (MAX_DEPTH, build_stored, check_class_names, check_label_map, check_stored_config,
+                                  without_files)
 from tests.engine.crafted import VARIANTS, good_state, marker_payload, write_raw, write_variant
 from tests.vis.builders import build_tiny, smooth_image, tiny_config
 
@@ -244,14 +244,25 @@ def test_checkpoint_written_before_the_layer_kinds_loads_as_the_same_model(tmp_p
         load_model(tmp_path / "both.pth")
 
 
-def test_checkpoint_model_config_is_checked_at_training_time():
-    cfg = OmegaConf.create(tiny_config())
-    cfg.backbone.weights = "/somewhere/resnet18.pth"
-    stored = checkpoint_model_config(cfg)
+def test_the_model_config_is_checked_at_training_time():
+    """The run's model node is checked as a checkpoint's is when loaded, before any work
+    (`check_train_config`); the checkpoints store that checked tree without its weights file."""
+    from hydra import compose, initialize_config_dir
+
+    config_schemas.register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["model.backbone.weights=/somewhere/resnet18.pth"])
+    run = config_schemas.check_train_config(cfg, world_size=1)
+    assert run.model.tree["backbone"]["weights"] == "/somewhere/resnet18.pth"       # the run loads it
+    stored = without_files(run.model.tree)
     assert stored["backbone"]["weights"] is None and stored["_target_"] == "detkit.modeling.build.build_faster_rcnn"
-    cfg.backbone._target_ = "mypackage.MyBackbone"
-    with pytest.raises(ValueError, match=r"refused model\.backbone\._target_: _target_ 'mypackage.MyBackbone'"):
-        checkpoint_model_config(cfg)
+    assert check_stored_config(stored, "f.pth", root="model_config") == stored      # tools load it without files
+    assert {k: v for k, v in stored.items() if k != "backbone"} == {
+        k: v for k, v in run.model.tree.items() if k != "backbone"}
+    cfg.model.backbone._target_ = "mypackage.MyBackbone"
+    with pytest.raises(ValueError, match=r"^the model config: refused model\.backbone\._target_: _target_ "
+                                         r"'mypackage.MyBackbone'"):
+        config_schemas.check_train_config(cfg, world_size=1)
 
 
 # ---------------------------------------------------------------------------- the allowlist
@@ -278,7 +289,7 @@ def test_every_shipped_target_is_allowed_and_nothing_more():
     targets = shipped_targets()
     assert targets, "no _target_ found under configs/"
     allowed = config_registry.allowed_targets()
-    assert targets <= allowed
+    assert targets == allowed    # no target that no config names (a second spelling of a flat key)
     assert allowed == set(config_registry.targets())
     assert all(name.startswith("detkit.") for name in allowed)
     # One registry for every config: the model's builders, the data sources, the schedule's.
@@ -305,7 +316,7 @@ def test_data_config_targets_are_checked_like_the_model_configs(tmp_path):
         refused(excinfo, key_path, names)
     from hydra import compose, initialize_config_dir
 
-    from detkit.data import SyntheticShapes
+    from detkit.data.sources import SyntheticShapes
     from detkit.config.build import build_data_source
 
     config_schemas.register_configs()

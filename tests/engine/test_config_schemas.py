@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -15,18 +17,20 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from detkit.config.compose import check_config
-from detkit.data.synthetic import SyntheticConfig
-from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, AblateConfig, CocoDataConfig, ScheduleConfig,
-                                  SyntheticDataConfig, SyntheticGeneratorConfig, TrainConfig, check_train_config,
-                                  register_configs)
+from detkit.config.schemas import (SCHEMA_GROUP, SCHEMAS, CocoDataConfig, DataConfig, ScheduleConfig,
+                                  SyntheticDataConfig, TrainConfig, check_train_config, register_configs)
+from detkit.data.synthetic_config import SyntheticConfig
+from detkit.study.schemas import STUDY_SCHEMAS, AblateConfig, register_study_configs
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
 SCHEDULES = sorted(str(p.relative_to(CONFIGS / "schedule"))[:-5] for p in (CONFIGS / "schedule").rglob("*.yaml"))
 DATA = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 TRAIN_SCHEMA_ENTRY = "  - /schema/train@_here_"
 ABLATE_SCHEMA_DEFAULTS = "defaults:\n  - /schema/ablate@_here_\n  - _self_\n"
 
 register_configs()  # what the CLI does before composing (the tests compose in-process)
+register_study_configs()  # what the study's ablate tool does before composing configs/ablate.yaml
 
 
 def composed(overrides: list[str], config_dir: Path = CONFIGS, name: str = "train"):
@@ -82,29 +86,32 @@ def untyped_configs(tmp_path_factory) -> Path:
 
 
 def test_register_configs_is_idempotent():
+    """The library's schemas and the study's, each stored once under its own name; the
+    study's tool schema lives in the study (nothing in the library names it)."""
     register_configs()
     register_configs()
+    register_study_configs()
     repo = ConfigStore.instance().repo[SCHEMA_GROUP]
-    assert set(repo) == {f"{name}.yaml" for name in SCHEMAS}
-    assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in SCHEMAS.items())
+    schemas = {**SCHEMAS, **STUDY_SCHEMAS}
+    assert len(schemas) == len(SCHEMAS) + len(STUDY_SCHEMAS) and "ablate" not in SCHEMAS
+    assert set(repo) == {f"{name}.yaml" for name in schemas}
+    assert all(repo[f"{name}.yaml"].node._metadata.object_type is node for name, node in schemas.items())
 
 
-def test_generator_schema_mirrors_synthetic_config():
-    """The same fields, in the same order, with the same defaults; the types OmegaConf checks
-    are SyntheticConfig's (a tuple of floats as a list, int-or-pair as Any)."""
-    ours, theirs = dataclasses.fields(SyntheticGeneratorConfig), dataclasses.fields(SyntheticConfig)
-    assert [f.name for f in ours] == [f.name for f in theirs]
-    hints, schema_hints = typing.get_type_hints(SyntheticConfig), typing.get_type_hints(SyntheticGeneratorConfig)
-    for mine, field in zip(ours, theirs):
-        default = mine.default_factory() if mine.default is dataclasses.MISSING else mine.default
-        expected = list(field.default) if isinstance(field.default, tuple) else field.default
-        assert default == expected and type(default) is type(expected), field.name
-        if hints[field.name] in (int, float, str, bool):
-            assert schema_hints[field.name] is hints[field.name], field.name
-        elif hints[field.name] == tuple[float, ...]:
-            assert schema_hints[field.name] == typing.List[float], field.name
-        else:
-            assert schema_hints[field.name] is typing.Any, field.name
+def test_the_generator_schema_is_the_generators_own_options():
+    """One definition: the data schemas type `generator` with the generator's SyntheticConfig."""
+    hints = {cls: typing.get_type_hints(cls) for cls in (DataConfig, SyntheticDataConfig)}
+    assert hints[DataConfig]["generator"] == typing.Optional[SyntheticConfig]
+    assert hints[SyntheticDataConfig]["generator"] is SyntheticConfig
+
+
+def test_schemas_load_without_torch():
+    """The tools compose and check configs before torch loads: the schemas, the generator's
+    options they use and the composition helpers import no torch (nor numpy)."""
+    code = ("import sys, detkit.config.schemas, detkit.config.compose, detkit.data.synthetic_config; "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -123,7 +130,7 @@ def test_every_data_config_is_typed(name):
     assert OmegaConf.get_type(cfg.data) is expected
     assert cfg.data._target_ == expected._target_ and cfg.data.kind == expected.kind
     if expected is SyntheticDataConfig:
-        assert OmegaConf.get_type(cfg.data.generator) is SyntheticGeneratorConfig
+        assert OmegaConf.get_type(cfg.data.generator) is SyntheticConfig
         assert isinstance(cfg.data.generator.min_object_size, float)   # 16 in the yaml, a float field
 
 
@@ -146,7 +153,7 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, key):
 @pytest.mark.parametrize("experiment, key, kind", [
     ("schedule_key", "schedule.max_iter", "not in 'ScheduleConfig'"),
     ("schedule_type", "schedule.warmup_iters", "could not be converted to Integer"),
-    ("generator_key", "data.generator.num_trian", "not in 'SyntheticGeneratorConfig'"),
+    ("generator_key", "data.generator.num_trian", "not in 'SyntheticConfig'"),
     ("generator_type", "data.generator.clutter", "could not be converted to Float"),
     ("top_key", "eval_perod", "not in 'TrainConfig'"),
     ("top_type", "num_workers", "could not be converted to Integer"),
@@ -221,6 +228,38 @@ def test_good_configs_and_cross_field_rules():
         check_train_config(frozen, world_size=1)
     check_train_config(composed(["model=faster_rcnn_r50_fpn", "model.backbone.weights=/w/r50.pth"]), world_size=1)
     check_train_config(composed(["model=faster_rcnn_r50_fpn", "resume=true"]), world_size=1)
+
+
+def test_a_run_checks_its_config_once_and_converts_it_once(tmp_path, monkeypatch):
+    """check_train_config turns the composed config into plain data once and checks each node
+    that builds something once; the parts are built from that, neither checked nor converted
+    again, and the checkpoints store the checked trees (the model's without its weights file)."""
+    import torch
+
+    from detkit.config import stored
+    from detkit.engine import trainer
+
+    checked, converted = [], []
+    check, to_container = stored.check_stored_config, OmegaConf.to_container
+
+    def counted_check(node, source, *, root="", allow_files=False):
+        checked.append(root)
+        return check(node, source, root=root, allow_files=allow_files)
+
+    def counted_conversion(*args, **kwargs):
+        converted.append(args[0])
+        return to_container(*args, **kwargs)
+
+    cfg = composed(["experiment=smoke", f"data.root={tmp_path}"])
+    monkeypatch.setattr(stored, "check_stored_config", counted_check)
+    monkeypatch.setattr(OmegaConf, "to_container", staticmethod(counted_conversion))
+    run = check_train_config(cfg, world_size=1)
+    parts = trainer.build_training_parts(run, torch.device("cpu"), rank=0, world=1)
+    assert checked == ["data", "model", "schedule.optimizer", "schedule.scheduler"]
+    assert converted == [cfg]
+    assert parts.data_config == run.data.tree == run.plain["data"]
+    assert parts.model_config == stored.without_files(run.model.tree)
+    assert run.model.tree == run.plain["model"]
 
 
 def test_a_preset_generator_composes_with_coco_and_is_still_typed():

@@ -11,7 +11,6 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -305,7 +304,7 @@ def test_sampling_pictures_after_each_evaluation_once(deformable_model, monkeypa
     monkeypatch.setattr(vis_hooks, "sampling_figure", figure)
     writer = FakeWriter()
     run = TrainingRun(Path("."), deformable_model, VAL[:2], {1: "a", 2: "b"}, writer)
-    [hook] = sampling_picture_hooks(SimpleNamespace(tensorboard_sampling_images=5), run)  # 5 > the 2 images
+    [hook] = sampling_picture_hooks({"tensorboard_sampling_images": 5}, run)  # 5 > the 2 images
     state = LoopState(start_iter=0, max_iters=4)
     hook.after_step(step(state, 1, {"a": 1.0}, 0.1, 0.0, 0.0))  # no evaluation yet
     assert writer.images == []
@@ -342,7 +341,7 @@ def test_no_sampling_pictures_without_metrics_count_or_deformable_layers(deforma
     SamplingPictures(add_image, deformable_model, VAL, None, 2).after_train(
         evaluated(LoopState(0, 1, iteration=1), 1, None))  # ranks > 0 have no metrics
     assert images == []
-    assert sampling_picture_hooks(SimpleNamespace(tensorboard_sampling_images=2),
+    assert sampling_picture_hooks({"tensorboard_sampling_images": 2},
                                   TrainingRun(Path("."), deformable_model, VAL, {}, None)) == []
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
+from detkit.data.synthetic import render_synthetic_image
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.engine.loop import Hook, Trainer
 from detkit.solver.optim import build_optimizer, build_scheduler
 from detkit.evaluation.coco_eval import COCOEvaluator

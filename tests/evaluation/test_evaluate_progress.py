@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from detkit.data import CocoDetection, generate_synthetic_coco
+from detkit.data.coco import CocoDetection
+from detkit.data.synthetic import generate_synthetic_coco
 from detkit.data.transforms import ToTensor
 from detkit.utils import comm as dist
 from detkit.evaluation.evaluate import evaluate_detector

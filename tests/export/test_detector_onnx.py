@@ -17,7 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from detkit.data.synthetic import SyntheticConfig, render_synthetic_image
+from detkit.data.synthetic import render_synthetic_image
+from detkit.data.synthetic_config import SyntheticConfig
 from detkit.export import (
     OnnxDetector,
     OnnxExportError,

@@ -1,8 +1,6 @@
-"""RoI heads: feature pooling (plain or deformable) and the box head; the RPN."""
-from detkit.modeling.heads.box_head import (FastRCNNPredictor, FastRCNNPredictorBuilder, TwoMLPHead,
-                                            TwoMLPHeadBuilder)
-from detkit.modeling.heads.poolers import POOLER_KINDS, RoIPooler, RoIPoolerBuilder, boxes_to_rois, fpn_levels
-from detkit.modeling.heads.rpn import RPNBuilder, build_rpn
+"""RoI heads: feature pooling (plain or deformable); the RPN. The box head and predictor are
+torchvision's (`detkit.modeling.build.build_roi_heads`)."""
+from detkit.modeling.heads.poolers import POOLER_KINDS, RoIPooler, boxes_to_rois, fpn_levels
+from detkit.modeling.heads.rpn import build_rpn
 
-__all__ = ["POOLER_KINDS", "FastRCNNPredictor", "FastRCNNPredictorBuilder", "RPNBuilder", "RoIPooler",
-           "RoIPoolerBuilder", "TwoMLPHead", "TwoMLPHeadBuilder", "boxes_to_rois", "build_rpn", "fpn_levels"]
+__all__ = ["POOLER_KINDS", "RoIPooler", "boxes_to_rois", "build_rpn", "fpn_levels"]

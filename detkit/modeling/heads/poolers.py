@@ -29,20 +29,14 @@ For the deformable kinds all levels share ONE offset branch (the submodule
 mmdetection instead builds one deformable RoI pooling layer, with its own branch,
 per level.
 
-`RoIPoolerBuilder` holds a pooler's options (no parameters, so making it draws no random
-numbers): what a model config's optional `pooler` node builds, e.g.
-
-    pooler: {_target_: detkit.modeling.heads.poolers.RoIPoolerBuilder, kind: mdeform, sampling_ratio: 2,
-             output_size: 7, gamma: 0.1, hidden_dim: 256}
-
-`detkit.modeling.build.build_faster_rcnn` calls it with the maps it pools from (names,
-strides, channels); without the node its flat pooler_* / deform_* keys make the same builder.
+`detkit.modeling.build.build_faster_rcnn` makes the detector's pooler from the model config's flat
+`pooler_kind`, `pooler_output_size`, `pooler_sampling_ratio`, `deform_gamma` and
+`deform_hidden_dim` keys, with the maps it pools from (names, strides, channels).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -273,27 +267,3 @@ class GatherRoIPooler(nn.Module):
 
     def forward(self, features, proposals, image_shapes=None) -> Tensor:
         return self.pool_rois(features, boxes_to_rois(proposals))
-
-
-@dataclass(frozen=True)
-class RoIPoolerBuilder:
-    """The options of `RoIPooler` but the maps; defaults are `build_faster_rcnn`'s flat ones
-    (RoIAlign, 7 x 7 bins, sampling ratio 2, gamma 0.1, a 1024-d offset branch)."""
-
-    kind: str = "align"
-    output_size: int = 7
-    sampling_ratio: int = 2
-    gamma: float = 0.1
-    hidden_dim: int = 1024
-    num_hidden: int = 2
-    canonical_scale: float = 224
-    canonical_level: int = 4
-
-    def __call__(self, feature_names: Sequence[str], strides: Sequence[int], in_channels: int) -> RoIPooler:
-        """A pooler over the maps `feature_names` of `strides` and `in_channels` channels:
-        features {name: [B, C, H, W]} and (x1, y1, x2, y2) proposals in network-input pixels
-        -> [K, C, output_size, output_size]."""
-        return RoIPooler(self.kind, feature_names, strides, in_channels, output_size=self.output_size,
-                         sampling_ratio=self.sampling_ratio, gamma=self.gamma,
-                         canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
-                         hidden_dim=self.hidden_dim, num_hidden=self.num_hidden)

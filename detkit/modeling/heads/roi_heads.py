@@ -1,7 +1,7 @@
 """The RoI heads' eval forward for a batch with every image in the same tensors.
 
 The RoI heads are torchvision's `RoIHeads` (built by `detkit.modeling.build.build_roi_heads`
-around detkit's `RoIPooler` and the box head of `detkit.modeling.heads.box_head`); in eval
+around detkit's `RoIPooler`, torchvision's 2fc box head and linear predictor); in eval
 they pool the proposals, run the box head and predictor, then post-process each image in a
 Python loop (`RoIHeads.postprocess_detections`), which a trace unrolls.
 `batched_detections` is that forward with the loop as index arithmetic

@@ -1,28 +1,21 @@
-"""The region proposal network: torchvision's RPN built from plain options, and the builder
-a model config's optional `rpn` node names.
+"""The region proposal network: torchvision's RPN built from plain options.
 
-- `build_rpn(in_channels, anchor_sizes, aspect_ratios, ...)`: an `AnchorGenerator` with one
-  group of sizes per feature map, one shared `RPNHead` and a `RegionProposalNetwork`.
-- `RPNBuilder`: the same options held by a builder (no parameters, so making it draws no
-  random numbers); `detkit.modeling.build.build_faster_rcnn` calls it with the channels of
-  the maps the RPN runs on:
+`build_rpn(in_channels, anchor_sizes, aspect_ratios, ...)`: an `AnchorGenerator` with one
+group of sizes per feature map, one shared `RPNHead` and a `RegionProposalNetwork`.
+`detkit.modeling.build.build_faster_rcnn` calls it with the model config's flat
+`anchor_sizes` (null: the layout's default), `aspect_ratios` and `rpn_options` (the keyword
+arguments after them).
 
-      rpn: {_target_: detkit.modeling.heads.rpn.RPNBuilder, anchor_sizes: [[32], [64], [128], [256], [512]],
-            aspect_ratios: [0.5, 1.0, 2.0], pre_nms_top_n_train: 2000, post_nms_top_n_test: 1000}
-
-  Without the node, the model's flat `anchor_sizes`, `aspect_ratios` and `rpn_options` make
-  the same builder. `anchor_sizes` null means the layout's default.
-- `batched_proposals(rpn, images, image_size, features)`: the eval forward of a built RPN for
-  a batch of images of one size with every image in the same tensors (its proposal filter's
-  loop over the images as index arithmetic, `detkit.modeling.heads.per_image`), which a trace
-  keeps free in the batch size: the ONNX export's form. It runs the RPN's own head, anchor
-  generator and box coder and reads its settings (pre/post-NMS top-n, min size, score and NMS
-  thresholds) from it.
+`batched_proposals(rpn, images, image_size, features)`: the eval forward of a built RPN for
+a batch of images of one size with every image in the same tensors (its proposal filter's
+loop over the images as index arithmetic, `detkit.modeling.heads.per_image`), which a trace
+keeps free in the batch size: the ONNX export's form. It runs the RPN's own head, anchor
+generator and box coder and reads its settings (pre/post-NMS top-n, min size, score and NMS
+thresholds) from it.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -33,7 +26,7 @@ from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from detkit.modeling.heads.per_image import nms_first_per_image, take
 
-__all__ = ["ASPECT_RATIOS", "RPNBuilder", "batched_proposals", "build_rpn"]
+__all__ = ["ASPECT_RATIOS", "batched_proposals", "build_rpn"]
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -66,39 +59,6 @@ def build_rpn(in_channels: int, anchor_sizes: Sequence[Sequence[int]], aspect_ra
         pre_nms_top_n={"training": int(pre_nms_top_n_train), "testing": int(pre_nms_top_n_test)},
         post_nms_top_n={"training": int(post_nms_top_n_train), "testing": int(post_nms_top_n_test)},
         nms_thresh=nms_thresh, score_thresh=score_thresh)
-
-
-@dataclass(frozen=True)
-class RPNBuilder:
-    """The options of `build_rpn` but `in_channels`; anchor_sizes None: the layout's default."""
-
-    anchor_sizes: Sequence[Sequence[int]] | None = None
-    aspect_ratios: Sequence[float] = ASPECT_RATIOS
-    pre_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_train: int = 2000
-    post_nms_top_n_test: int = 1000
-    nms_thresh: float = 0.7
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    score_thresh: float = 0.0
-
-    def __call__(self, in_channels: int, feature_names: Sequence[str],
-                 default_anchor_sizes: Sequence[Sequence[int]]) -> RegionProposalNetwork:
-        """The RPN over the maps `feature_names` (all of `in_channels` channels), with one
-        anchor size group per map (`default_anchor_sizes` when this builder's are None)."""
-        sizes = default_anchor_sizes if self.anchor_sizes is None else self.anchor_sizes
-        if len(sizes) != len(feature_names):
-            raise ValueError(f"anchor_sizes needs one group per RPN feature map {list(feature_names)}, "
-                             f"got {sizes}")
-        return build_rpn(in_channels, sizes, self.aspect_ratios, **self.options())
-
-    def options(self) -> dict:
-        """The keyword arguments of `build_rpn` after the aspect ratios (the flat rpn_options)."""
-        return {f.name: getattr(self, f.name) for f in fields(RPNBuilder)
-                if f.name not in ("anchor_sizes", "aspect_ratios")}
 
 
 def batched_proposals(rpn: RegionProposalNetwork, images: Tensor, image_size: tuple[Tensor, Tensor],

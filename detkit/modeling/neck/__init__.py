@@ -1,4 +1,4 @@
 """Necks: modules between the backbone and the heads (the FPN)."""
-from detkit.modeling.neck.fpn import FPN, FPNBuilder, level_name
+from detkit.modeling.neck.fpn import FPN, level_name
 
-__all__ = ["FPN", "FPNBuilder", "level_name"]
+__all__ = ["FPN", "level_name"]

@@ -7,18 +7,14 @@ the submodule `fpn`, so parameter names are torchvision's own below that prefix
 (`fpn.inner_blocks.0.0.weight`, `fpn.layer_blocks.3.0.bias`, ...): torchvision's
 fasterrcnn_resnet50_fpn calls the same tensors `backbone.fpn.inner_blocks.0.0.weight`.
 
-`FPNBuilder` holds the neck's options (no parameters, so making it draws no random numbers):
-what a model config's optional `neck` node builds (fpn layout),
-`{_target_: detkit.modeling.neck.fpn.FPNBuilder, out_channels: 256}`;
-`detkit.modeling.build.build_faster_rcnn` calls it with the backbone's channels and strides,
-and without the node its flat `fpn_channels` makes the same builder.
+`detkit.modeling.build.build_faster_rcnn` makes the fpn layout's neck from the model config's
+flat `fpn_channels` key.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -84,16 +80,3 @@ class FPN(nn.Module):
                              f"(got {list(features)})")
         outputs = self.fpn(OrderedDict((n, features[n]) for n in self.in_features))
         return OrderedDict(zip(self.strides, outputs.values()))
-
-
-@dataclass(frozen=True)
-class FPNBuilder:
-    """The options of `FPN` but its inputs: `out_channels` per level, and the extra max-pooled
-    level (p6 for the RPN)."""
-
-    out_channels: int = 256
-    extra_max_pool: bool = True
-
-    def __call__(self, in_channels: Mapping[str, int], in_strides: Mapping[str, int]) -> FPN:
-        """An FPN over the backbone maps named in `in_channels` (finest first; see `FPN`)."""
-        return FPN(in_channels, in_strides, self.out_channels, extra_max_pool=self.extra_max_pool)

@@ -59,6 +59,7 @@ from detkit.config.compose import check_config
 from detkit.study.records import (SweepRecords, check_configs, config_differences, file_sha256, load_records,
                                   portable_config, pretrain_entry)
 from detkit.study.report import collect_runs, runs_from_records, write_report
+from detkit.study.schemas import register_study_configs
 from detkit.study.sweep import (check_run_folders, plan_pretrain, plan_runs, pretrained_backbone, run_overrides,
                                 run_sweep, weights_override)
 from detkit.study.tables import load_table, paper_table_names
@@ -113,6 +114,7 @@ def read_options(argv: list[str]) -> dict:
     # `data` group, so Hydra would read data=NAME as a group override ("No match in the
     # defaults list"): it is set after composition instead (`out` interpolates it lazily).
     data = [arg.split("=", 1)[1] for arg in argv if arg.startswith("data=")]
+    register_study_configs()   # schema/ablate, which configs/ablate.yaml's defaults list names
     cfg = check_config("ablate", [arg for arg in argv if not arg.startswith("data=")])
     if data:
         cfg.data = data[-1]

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from detkit.cli import run_app
-from detkit.data import CocoDetection
+from detkit.data.coco import CocoDetection
 from detkit.engine.checkpoint import load_model
 from detkit.utils.comm import resolve_device
 from detkit.io import write_json, write_text
