@@ -1,6 +1,7 @@
-// RoI checks shared by every backend of detkit::deform_roi_pool, so that the
-// CPU and CUDA kernels, eager calls, direct torch.ops calls and compiled
-// graphs refuse the same inputs with the same message.
+// Shared by every backend of detkit::deform_roi_pool: the shape of a call
+// (RoiPoolShape), and the RoI checks, so that the CPU and CUDA kernels, eager
+// calls, direct torch.ops calls and compiled graphs refuse the same inputs
+// with the same message.
 //
 // rois [K, 5] = (batch_index, x1, y1, x2, y2). Refused: a non-finite value
 // (in float16 that includes coordinates above 65504), and a batch index
@@ -22,6 +23,24 @@ namespace detkit {
 // unbounded ceil of a huge size overflows int64). The float64 reference in
 // detkit/ops/reference.py applies the same cap.
 constexpr int64_t kMaxAdaptiveGrid = 1024;
+
+// input [B, C, H, W], rois [K, 5], offset [K, 2, ph, pw], mask [K, 1, ph, pw],
+// output [K, C, ph, pw].
+struct RoiPoolShape {
+  int64_t batch, channels, height, width, rois, pooled_h, pooled_w;
+  double spatial_scale, gamma;
+  int64_t sampling_ratio;
+
+  C10_HOST_DEVICE int64_t bins() const { return pooled_h * pooled_w; }
+};
+
+// The shape of a call whose input is 4-d and rois 2-d (checked by the caller).
+inline RoiPoolShape roi_pool_shape(const at::Tensor& input, const at::Tensor& rois,
+                                   int64_t pooled_h, int64_t pooled_w, double spatial_scale,
+                                   int64_t sampling_ratio, double gamma) {
+  return {input.size(0), input.size(1), input.size(2), input.size(3), rois.size(0),
+          pooled_h,      pooled_w,      spatial_scale, gamma,         sampling_ratio};
+}
 
 // Samples per bin side: sampling_ratio if > 0, else ceil(bin_size) clamped to
 // [0, kMaxAdaptiveGrid] (NaN gives 0). Written for host and device code.

@@ -37,6 +37,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../dcn_shapes.h"
+
 // The vector helpers below are always inlined, so the ABI note about returning
 // wide vectors from the baseline clone does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -56,18 +58,6 @@
 
 namespace detkit {
 namespace cpu {
-
-// Shapes and geometry of one call.
-struct DcnGeometry {
-  int64_t batch, height, width, channels, out_h, out_w;
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t group, group_channels, points;  // points K = kh*kw, minus 1 with remove_center
-  bool remove_center;
-  double offset_scale;
-
-  int64_t out_plane() const { return out_h * out_w; }
-  int64_t pixels() const { return batch * out_h * out_w; }
-};
 
 // Where the offsets and weights of (pixel p, group g) are: point k's (x, y)
 // offset at offset[p*offset_pixel + g*offset_group + 2k + {0, 1}], its weight
@@ -487,94 +477,17 @@ DETKIT_DCN_ENTRY_POINTS(double)
 
 namespace {
 
-enum class Packing { kSeparate, kPacked };
-
-const char* op_name(Packing packing) {
-  return packing == Packing::kSeparate ? "dcnv3_core" : "dcnv4_core";
-}
-
-// Checks (the Python wrappers check the same with ValueErrors; these guard
-// direct torch.ops calls) and the geometry of a call.
-DcnGeometry describe(Packing packing, const at::Tensor& input, const at::Tensor& offset,
-                     const at::Tensor* mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
-                     int64_t group_channels, double offset_scale, bool remove_center) {
-  const char* name = op_name(packing);
-  TORCH_CHECK(input.dim() == 4, name, ": input must be [N, H, W, group*group_channels], got shape ",
-              input.sizes());
-  TORCH_CHECK(input.is_cpu(), name, " (CPU kernel): input must be a CPU tensor");
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, name,
-              " (CPU kernel): float32 or float64 only, got ", input.scalar_type());
-  auto check_same = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.device() == input.device(), name, ": ", what, " is on ", t.device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, ": ", what, " has dtype ",
-                t.scalar_type(), " but input has dtype ", input.scalar_type());
-    TORCH_CHECK(t.dim() == 4, name, ": ", what, " must be 4-d, got shape ", t.sizes());
-  };
-  check_same(offset, packing == Packing::kSeparate ? "offset" : "offset_mask");
-  if (mask) check_same(*mask, "mask");
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              name, ": kernel_size, stride, padding and dilation must have 2 entries");
-  DcnGeometry s{};
-  s.batch = input.size(0);
-  s.height = input.size(1);
-  s.width = input.size(2);
-  s.channels = input.size(3);
-  s.kernel_h = kernel_size[0];
-  s.kernel_w = kernel_size[1];
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
-  s.group = group;
-  s.group_channels = group_channels;
-  s.remove_center = remove_center;
-  s.offset_scale = offset_scale;
-  TORCH_CHECK(s.kernel_h > 0 && s.kernel_w > 0 && s.stride_h > 0 && s.stride_w > 0 && s.dil_h > 0 &&
-                  s.dil_w > 0 && s.pad_h >= 0 && s.pad_w >= 0,
-              name, ": kernel_size, stride and dilation must be positive, padding non-negative");
-  TORCH_CHECK(group > 0 && group_channels > 0, name, ": group and group_channels must be positive");
-  TORCH_CHECK(s.channels == group * group_channels, name, ": input has ", s.channels,
-              " channels but group * group_channels = ", group * group_channels);
-  s.points = s.kernel_h * s.kernel_w - (remove_center ? 1 : 0);
-  TORCH_CHECK(s.points > 0, name, ": remove_center leaves no point of a 1x1 kernel");
-  const int64_t span_h = s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1);
-  const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, name, ": input of size ", s.height, "x", s.width,
-              " is smaller than the dilated kernel with padding");
-  TORCH_CHECK(s.height * s.width * s.channels < (int64_t{1} << 31), name,
-              ": an image of the input must have fewer than 2^31 elements");
-  s.out_h = span_h / s.stride_h + 1;
-  s.out_w = span_w / s.stride_w + 1;
-  if (packing == Packing::kSeparate) {
-    TORCH_CHECK(offset.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, group * s.points * 2}),
-                name, ": offset must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ",
-                group * s.points * 2, "], got ", offset.sizes());
-    TORCH_CHECK(mask->sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, group * s.points}), name,
-                ": mask must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ", group * s.points,
-                "], got ", mask->sizes());
-  } else {
-    const int64_t packed = (group * s.points * 3 + 7) / 8 * 8;
-    TORCH_CHECK(offset.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, packed}), name,
-                ": offset_mask must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ", packed,
-                "] (group*K*3 rounded up to a multiple of 8), got ", offset.sizes());
-  }
-  return s;
-}
+// Float32 and float64, on the CPU; the sample tables index an image's
+// elements with int32.
+constexpr DcnBackend kCpu{at::kCPU, "CPU", /*reduced_precision=*/false, /*int32_images=*/true};
 
 template <typename T>
-Sampling<T> sampling_of(Packing packing, const DcnGeometry& s, const at::Tensor& offset,
+Sampling<T> sampling_of(DcnPacking packing, const DcnGeometry& s, const at::Tensor& offset,
                         const at::Tensor& mask) {
-  if (packing == Packing::kSeparate) {
-    return {offset.data_ptr<T>(), mask.data_ptr<T>(), s.group * s.points * 2, s.points * 2,
-            s.group * s.points, s.points};
-  }
-  const int64_t packed = offset.size(3);
-  const T* base = offset.data_ptr<T>();
-  return {base, base + 2 * s.points, packed, 3 * s.points, packed, 3 * s.points};
+  const DcnLayout lay = dcn_layout(packing, s);
+  const T* weights = packing == DcnPacking::kSeparate ? mask.data_ptr<T>() : offset.data_ptr<T>();
+  return {offset.data_ptr<T>(), weights + dcn_weights_first(packing, s), lay.offset_pixel,
+          lay.offset_group, lay.mask_pixel, lay.mask_group};
 }
 
 // dst[e] += src[e], e < n.
@@ -588,12 +501,12 @@ inline int64_t pixel_grain(const DcnGeometry& s) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.group * s.points * std::max<int64_t>(s.group_channels, 8)));
 }
 
-at::Tensor dcn_forward(Packing packing, const at::Tensor& input_any, const at::Tensor& offset_any,
+at::Tensor dcn_forward(DcnPacking packing, const at::Tensor& input_any, const at::Tensor& offset_any,
                        const at::Tensor* mask_any, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
                        int64_t group_channels, double offset_scale, bool remove_center) {
-  const DcnGeometry s = describe(packing, input_any, offset_any, mask_any, kernel_size, stride, padding,
-                                 dilation, group, group_channels, offset_scale, remove_center);
+  const DcnGeometry s = describe_dcn(kCpu, packing, input_any, offset_any, mask_any, kernel_size, stride,
+                                     padding, dilation, group, group_channels, offset_scale, remove_center);
   const at::Tensor input = input_any.contiguous(), offset = offset_any.contiguous();
   const at::Tensor mask = mask_any ? mask_any->contiguous() : at::Tensor();
   at::Tensor output = at::empty({s.batch, s.out_h, s.out_w, s.channels}, input.options());
@@ -613,21 +526,15 @@ at::Tensor dcn_forward(Packing packing, const at::Tensor& input_any, const at::T
 
 // Returns grad_input and the gradient of the sampling tensor(s) (grad_offset
 // and grad_mask, or grad_offset_mask whose padding stays zero).
-std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_output_any,
+std::vector<at::Tensor> dcn_backward(DcnPacking packing, const at::Tensor& grad_output_any,
                                      const at::Tensor& input_any, const at::Tensor& offset_any,
                                      const at::Tensor* mask_any, at::IntArrayRef kernel_size,
                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t group, int64_t group_channels,
                                      double offset_scale, bool remove_center) {
-  const DcnGeometry s = describe(packing, input_any, offset_any, mask_any, kernel_size, stride, padding,
-                                 dilation, group, group_channels, offset_scale, remove_center);
-  const char* name = op_name(packing);
-  TORCH_CHECK(grad_output_any.device() == input_any.device() &&
-                  grad_output_any.scalar_type() == input_any.scalar_type(),
-              name, "_backward: grad_output must have input's device and dtype");
-  TORCH_CHECK(grad_output_any.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, s.channels}), name,
-              "_backward: grad_output must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ", s.channels,
-              "], got ", grad_output_any.sizes());
+  const DcnGeometry s = describe_dcn(kCpu, packing, input_any, offset_any, mask_any, kernel_size, stride,
+                                     padding, dilation, group, group_channels, offset_scale, remove_center);
+  check_dcn_grad_output(packing, grad_output_any, input_any, s);
   const at::Tensor input = input_any.contiguous(), offset = offset_any.contiguous();
   const at::Tensor mask = mask_any ? mask_any->contiguous() : at::Tensor();
   const at::Tensor grad_output = grad_output_any.contiguous();
@@ -635,7 +542,7 @@ std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_out
   at::Tensor grad_offset = at::zeros(offset.sizes(), offset.options());
   at::Tensor grad_mask = mask.defined() ? at::zeros(mask.sizes(), mask.options()) : at::Tensor();
   auto result = [&]() -> std::vector<at::Tensor> {
-    if (packing == Packing::kSeparate) return {grad_input, grad_offset, grad_mask};
+    if (packing == DcnPacking::kSeparate) return {grad_input, grad_offset, grad_mask};
     return {grad_input, grad_offset};
   };
   if (s.pixels() == 0 || s.channels == 0) return result();
@@ -646,7 +553,7 @@ std::vector<at::Tensor> dcn_backward(Packing packing, const at::Tensor& grad_out
     const Sampling<T> sp = sampling_of<T>(packing, s, offset, mask);
     const SampleTable<T> tab(s, point_table<T>(s), sp);
     SamplingGrad<T> gp{grad_offset.data_ptr<T>(), nullptr};
-    gp.mask = packing == Packing::kSeparate ? grad_mask.data_ptr<T>() : gp.offset + 2 * s.points;
+    gp.mask = packing == DcnPacking::kSeparate ? grad_mask.data_ptr<T>() : gp.offset + 2 * s.points;
     const T* in = input.data_ptr<T>();
     const T* gout = grad_output.data_ptr<T>();
     T* gin = grad_input.data_ptr<T>();
@@ -697,7 +604,7 @@ at::Tensor dcnv3_core_cpu(const at::Tensor& input, const at::Tensor& offset, con
                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t group, int64_t group_channels,
                           double offset_scale, bool remove_center) {
-  return dcn_forward(Packing::kSeparate, input, offset, &mask, kernel_size, stride, padding, dilation,
+  return dcn_forward(DcnPacking::kSeparate, input, offset, &mask, kernel_size, stride, padding, dilation,
                      group, group_channels, offset_scale, remove_center);
 }
 
@@ -706,7 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_core_backward_cpu(
     const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t group, int64_t group_channels, double offset_scale,
     bool remove_center) {
-  auto grads = dcn_backward(Packing::kSeparate, grad_output, input, offset, &mask, kernel_size, stride,
+  auto grads = dcn_backward(DcnPacking::kSeparate, grad_output, input, offset, &mask, kernel_size, stride,
                             padding, dilation, group, group_channels, offset_scale, remove_center);
   return {grads[0], grads[1], grads[2]};
 }
@@ -715,7 +622,7 @@ at::Tensor dcnv4_core_cpu(const at::Tensor& input, const at::Tensor& offset_mask
                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t group, int64_t group_channels,
                           double offset_scale, bool remove_center) {
-  return dcn_forward(Packing::kPacked, input, offset_mask, nullptr, kernel_size, stride, padding, dilation,
+  return dcn_forward(DcnPacking::kPacked, input, offset_mask, nullptr, kernel_size, stride, padding, dilation,
                      group, group_channels, offset_scale, remove_center);
 }
 
@@ -723,7 +630,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_core_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset_mask,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t group, int64_t group_channels, double offset_scale, bool remove_center) {
-  auto grads = dcn_backward(Packing::kPacked, grad_output, input, offset_mask, nullptr, kernel_size, stride,
+  auto grads = dcn_backward(DcnPacking::kPacked, grad_output, input, offset_mask, nullptr, kernel_size, stride,
                             padding, dilation, group, group_channels, offset_scale, remove_center);
   return {grads[0], grads[1]};
 }

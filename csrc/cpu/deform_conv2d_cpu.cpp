@@ -34,24 +34,11 @@
 #include <immintrin.h>
 #endif
 
+#include "../dcn_shapes.h"
+
 namespace detkit {
 namespace cpu {
 namespace {
-
-struct DeformConvShape {
-  int64_t batch, in_channels, height, width;
-  int64_t out_channels, kernel_h, kernel_w, out_h, out_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t groups, offset_groups;
-
-  int64_t taps() const { return kernel_h * kernel_w; }
-  int64_t positions() const { return out_h * out_w; }
-  int64_t group_in() const { return in_channels / groups; }
-  int64_t group_out() const { return out_channels / groups; }
-  int64_t offset_group_in() const { return in_channels / offset_groups; }
-  int64_t padded_width() const { return width + 2; }
-  int64_t padded_plane() const { return (height + 2) * (width + 2); }
-};
 
 void check_same(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "deform_conv2d: ", name, " is on ", t.device(),
@@ -75,20 +62,7 @@ DeformConvShape describe(const at::Tensor& input, const at::Tensor& offset,
   check_same(weight, input, "weight");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "deform_conv2d: stride, padding and dilation must have 2 entries");
-  DeformConvShape s{};
-  s.batch = input.size(0);
-  s.in_channels = input.size(1);
-  s.height = input.size(2);
-  s.width = input.size(3);
-  s.out_channels = weight.size(0);
-  s.kernel_h = weight.size(2);
-  s.kernel_w = weight.size(3);
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
+  DeformConvShape s = deform_conv_sizes(input, weight, stride, padding, dilation);
   TORCH_CHECK(s.stride_h > 0 && s.stride_w > 0, "deform_conv2d: stride must be positive");
   TORCH_CHECK(s.pad_h >= 0 && s.pad_w >= 0, "deform_conv2d: padding must be non-negative");
   TORCH_CHECK(s.dil_h > 0 && s.dil_w > 0, "deform_conv2d: dilation must be positive");
@@ -105,14 +79,9 @@ DeformConvShape describe(const at::Tensor& input, const at::Tensor& offset,
   s.offset_groups = offset.size(1) / (2 * taps);
   TORCH_CHECK(s.in_channels % s.offset_groups == 0, "deform_conv2d: input channels (",
               s.in_channels, ") must be a multiple of the offset groups (", s.offset_groups, ")");
-  // Checked before dividing: C++ division truncates toward zero, so a negative
-  // span would otherwise give one output row.
-  const int64_t span_h = s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1);
-  const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "deform_conv2d: input of size ", s.height, "x",
-              s.width, " is smaller than the dilated kernel with padding");
-  s.out_h = span_h / s.stride_h + 1;
-  s.out_w = span_w / s.stride_w + 1;
+  TORCH_CHECK(s.kernel_fits(), "deform_conv2d: input of size ", s.height, "x", s.width,
+              " is smaller than the dilated kernel with padding");
+  s.set_output_size();
   TORCH_CHECK(offset.size(0) == s.batch && offset.size(2) == s.out_h && offset.size(3) == s.out_w,
               "deform_conv2d: offset must be [", s.batch, ", ", offset.size(1), ", ", s.out_h, ", ",
               s.out_w, "], got ", offset.sizes());

@@ -20,13 +20,6 @@ namespace detkit {
 namespace cpu {
 namespace {
 
-struct RoiPoolShape {
-  int64_t batch, channels, height, width, rois, pooled_h, pooled_w;
-  double spatial_scale, gamma;
-  int64_t sampling_ratio;
-  int64_t bins() const { return pooled_h * pooled_w; }
-};
-
 void check_same(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "deform_roi_pool: ", name, " is on ", t.device(),
               " but input is on ", input.device());
@@ -46,8 +39,8 @@ RoiPoolShape describe(const at::Tensor& input, const at::Tensor& rois,
               "deform_roi_pool: rois must be [K, 5] = (batch_index, x1, y1, x2, y2), got ",
               rois.sizes());
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, "deform_roi_pool: output_size must be positive");
-  RoiPoolShape s{input.size(0), input.size(1), input.size(2), input.size(3), rois.size(0),
-                 pooled_h,      pooled_w,      spatial_scale, gamma,         sampling_ratio};
+  const RoiPoolShape s =
+      roi_pool_shape(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma);
   if (offset.has_value()) {
     check_same(*offset, input, "offset");
     TORCH_CHECK(offset->dim() == 4 && offset->size(0) == s.rois && offset->size(1) == 2 &&

@@ -1,12 +1,15 @@
-// Helpers shared by detkit's CUDA kernels: argument checks, launch sizes and
-// the two bilinear sampling rules (deformable convolution's and RoIAlign's).
+// Helpers shared by detkit's CUDA kernels: argument checks, kernel launches
+// and the two bilinear sampling rules (deformable convolution's and RoIAlign's).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 namespace detkit {
 namespace cuda {
@@ -21,6 +24,17 @@ constexpr int kWarpSize = 32;
 inline int blocks_for(int64_t work_items) {
   const int64_t blocks = (work_items + kThreadsPerBlock - 1) / kThreadsPerBlock;
   return static_cast<int>(std::min<int64_t>(blocks, int64_t{1} << 20));
+}
+
+// Runs `kernel`, whose threads loop grid-stride over `work_items` items (see
+// first_item), on the current stream, and checks the launch; launches nothing
+// when there is no work.
+template <typename... Params, typename... Args>
+void launch_grid_stride(void (*kernel)(Params...), int64_t work_items, Args&&... args) {
+  if (work_items == 0) return;
+  kernel<<<blocks_for(work_items), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+      std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // `t` is a CUDA tensor on the same device and of the same dtype as `ref`.
@@ -46,6 +60,13 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
 }
 
 // -------------------------------------------------------------- device side
+
+// The grid-stride loop of the kernels launch_grid_stride runs:
+//   for (int64_t idx = first_item(); idx < total; idx += item_stride())
+__device__ __forceinline__ int64_t first_item() {
+  return blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+}
+__device__ __forceinline__ int64_t item_stride() { return int64_t{gridDim.x} * blockDim.x; }
 
 // A bilinear sampling point in an [H, W] plane: the four corners (y0, x0),
 // (y0, x1), (y1, x0), (y1, x1) and their weights hy*hx, hy*lx, ly*hx, ly*lx.

@@ -18,7 +18,7 @@
 //        (dx, dy) pairs then the K weights; P = G*3K rounded up to a multiple
 //        of 8, the tail is padding (its gradient is 0).
 // Both ops run the same two kernels, told where the offsets and weights of a
-// (pixel, group) are by a Layout.
+// (pixel, group) are by a DcnLayout (csrc/dcn_shapes.h).
 //
 // Threads. Forward: one thread per (n, pixel, group, vector of V channels),
 // V the widest of 16/8/4/2/1 bytes that divides D and the pointers' alignment,
@@ -39,149 +39,21 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
+#include "../dcn_shapes.h"
 #include "common.cuh"
 
 namespace detkit {
 namespace cuda {
 namespace {
 
-// Sizes and geometry, derived and checked on the host.
-struct Geometry {
-  int64_t batch, height, width, channels;
-  int64_t group, group_channels;
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t out_h, out_w;
-  int64_t points;  // K = kh*kw, minus 1 with remove_center
-  bool remove_center;
-  double offset_scale;
-
-  C10_HOST_DEVICE int64_t out_pixels() const { return out_h * out_w; }
-};
-
-// Where the offsets and weights of (pixel q, group g) are, in elements:
-//   dx of point k at offset[q*offset_pixel + g*offset_group + 2k], dy at +1,
-//   weight of point k at mask[q*mask_pixel + g*mask_group + k],
-// with q = n*Ho*Wo + ho*Wo + wo. The gradients share the layout.
-struct Layout {
-  int64_t offset_pixel, offset_group, mask_pixel, mask_group;
-};
-
-// ---------------------------------------------------------------- checks
-//
-// The same checks, in the same order and with the same messages, as the CPU
-// kernels' (csrc/cpu/dcnv3_cpu.cpp, `describe`), but for the device and dtype
-// lines; the Python wrappers check the same with ValueErrors first, so these
-// guard direct torch.ops calls.
-
-enum class Packing { kSeparate, kPacked };
-
-const char* op_name(Packing packing) {
-  return packing == Packing::kSeparate ? "dcnv3_core" : "dcnv4_core";
-}
-
-// Width of DCNv4's packed offset_mask: 3K per group, rounded up to a multiple of 8.
-int64_t packed_width(int64_t group, int64_t points) { return (group * points * 3 + 7) / 8 * 8; }
-
-// `mask` is nullptr for DCNv4 (`offset` is then offset_mask).
-Geometry describe(Packing packing, const at::Tensor& input, const at::Tensor& offset,
-                  const at::Tensor* mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
-                  int64_t group_channels, double offset_scale, bool remove_center) {
-  const char* name = op_name(packing);
-  TORCH_CHECK(input.dim() == 4, name, ": input must be [N, H, W, group*group_channels], got shape ",
-              input.sizes());
-  TORCH_CHECK(input.is_cuda(), name, " (CUDA kernel): input must be a CUDA tensor");
-  const at::ScalarType dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              name, " (CUDA kernel): float32, float64, float16 or bfloat16 only, got ", dtype);
-  auto check_same = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.device() == input.device(), name, ": ", what, " is on ", t.device(),
-                " but input is on ", input.device());
-    TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, ": ", what, " has dtype ",
-                t.scalar_type(), " but input has dtype ", input.scalar_type());
-    TORCH_CHECK(t.dim() == 4, name, ": ", what, " must be 4-d, got shape ", t.sizes());
-  };
-  check_same(offset, packing == Packing::kSeparate ? "offset" : "offset_mask");
-  if (mask != nullptr) check_same(*mask, "mask");
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
-                  dilation.size() == 2,
-              name, ": kernel_size, stride, padding and dilation must have 2 entries");
-  Geometry s{};
-  s.batch = input.size(0);
-  s.height = input.size(1);
-  s.width = input.size(2);
-  s.channels = input.size(3);
-  s.kernel_h = kernel_size[0];
-  s.kernel_w = kernel_size[1];
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
-  s.group = group;
-  s.group_channels = group_channels;
-  s.remove_center = remove_center;
-  s.offset_scale = offset_scale;
-  TORCH_CHECK(s.kernel_h > 0 && s.kernel_w > 0 && s.stride_h > 0 && s.stride_w > 0 &&
-                  s.dil_h > 0 && s.dil_w > 0 && s.pad_h >= 0 && s.pad_w >= 0,
-              name, ": kernel_size, stride and dilation must be positive, padding non-negative");
-  TORCH_CHECK(group > 0 && group_channels > 0, name,
-              ": group and group_channels must be positive");
-  TORCH_CHECK(s.channels == group * group_channels, name, ": input has ", s.channels,
-              " channels but group * group_channels = ", group * group_channels);
-  s.points = s.kernel_h * s.kernel_w - (remove_center ? 1 : 0);
-  TORCH_CHECK(s.points > 0, name, ": remove_center leaves no point of a 1x1 kernel");
-  // The padded input must hold one dilated kernel (checked before dividing:
-  // C++ division truncates negative numerators towards zero).
-  const int64_t span_h = s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1);
-  const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, name, ": input of size ", s.height, "x", s.width,
-              " is smaller than the dilated kernel with padding");
-  s.out_h = span_h / s.stride_h + 1;
-  s.out_w = span_w / s.stride_w + 1;
-  if (packing == Packing::kSeparate) {
-    TORCH_CHECK(
-        offset.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, group * s.points * 2}),
-        name, ": offset must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ",
-        group * s.points * 2, "], got ", offset.sizes());
-    TORCH_CHECK(mask->sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, group * s.points}),
-                name, ": mask must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ",
-                group * s.points, "], got ", mask->sizes());
-  } else {
-    const int64_t packed = packed_width(group, s.points);
-    TORCH_CHECK(offset.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, packed}), name,
-                ": offset_mask must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ", packed,
-                "] (group*K*3 rounded up to a multiple of 8), got ", offset.sizes());
-  }
-  return s;
-}
-
-void check_grad_output(Packing packing, const at::Tensor& grad_output, const at::Tensor& input,
-                       const Geometry& s) {
-  const char* name = op_name(packing);
-  TORCH_CHECK(grad_output.device() == input.device() &&
-                  grad_output.scalar_type() == input.scalar_type(),
-              name, "_backward: grad_output must have input's device and dtype");
-  TORCH_CHECK(
-      grad_output.sizes() == at::IntArrayRef({s.batch, s.out_h, s.out_w, s.channels}), name,
-      "_backward: grad_output must be [", s.batch, ", ", s.out_h, ", ", s.out_w, ", ",
-      s.channels, "], got ", grad_output.sizes());
-}
-
-Layout dcnv3_layout(const Geometry& s) {
-  return {s.group * s.points * 2, s.points * 2, s.group * s.points, s.points};
-}
-
-// The weights are read through a pointer advanced by 2K (see launch_*).
-Layout dcnv4_layout(const Geometry& s) {
-  const int64_t P = packed_width(s.group, s.points);
-  return {P, 3 * s.points, P, 3 * s.points};
-}
+// The checks (csrc/dcn_shapes.h) are the CPU kernels', but for the device and
+// the dtypes.
+constexpr DcnBackend kCuda{at::kCUDA, "CUDA", /*reduced_precision=*/true, /*int32_images=*/false};
 
 // ---------------------------------------------------------------- device side
 
@@ -198,7 +70,7 @@ __device__ __forceinline__ Vec<scalar_t, V> load_vec(const scalar_t* p) {
 
 // The sampling point k of output pixel (ho, wo) for the offsets (dx, dy).
 template <typename T>
-__device__ __forceinline__ BilinearPoint<T> sample_point(const Geometry& s, int64_t ho,
+__device__ __forceinline__ BilinearPoint<T> sample_point(const DcnGeometry& s, int64_t ho,
                                                          int64_t wo, int64_t i, int64_t j, T dx,
                                                          T dy) {
   const int64_t ch = s.dil_h * (s.kernel_h - 1) / 2;
@@ -212,22 +84,21 @@ __device__ __forceinline__ BilinearPoint<T> sample_point(const Geometry& s, int6
 }
 
 // Offset (elements) of pixel (y, x) in a channels-last image.
-__device__ __forceinline__ int64_t corner_index(const Geometry& s, int64_t y, int64_t x) {
+__device__ __forceinline__ int64_t corner_index(const DcnGeometry& s, int64_t y, int64_t x) {
   return (y * s.width + x) * s.channels;
 }
 
-// output [N, Ho, Wo, C] from input [N, H, W, C] and offsets / weights (Layout).
+// output [N, Ho, Wo, C] from input [N, H, W, C] and offsets / weights (DcnLayout).
 template <typename scalar_t, int V>
 __global__ void dcn_forward_kernel(const scalar_t* __restrict__ input,
                                    const scalar_t* __restrict__ offset,
-                                   const scalar_t* __restrict__ mask, Geometry s, Layout lay,
+                                   const scalar_t* __restrict__ mask, DcnGeometry s, DcnLayout lay,
                                    scalar_t* __restrict__ output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t vectors = s.group_channels / V;
-  const int64_t Q = s.out_pixels();
+  const int64_t Q = s.out_plane();
   const int64_t total = s.batch * Q * s.group * vectors;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t g = idx / vectors % s.group;
     const int64_t c = g * s.group_channels + idx % vectors * V;  // first channel in C
     const int64_t q = idx / (vectors * s.group);  // n*Q + pixel
@@ -292,27 +163,26 @@ __device__ __forceinline__ T segment_sum(T value, int lanes) {
 }
 
 // grad_input [N, H, W, C] (accumulation dtype, pre-zeroed) += the bilinear
-// scatter of grad_output times the weights; grad_offset / grad_mask (Layout,
+// scatter of grad_output times the weights; grad_offset / grad_mask (DcnLayout,
 // scalar_t) = the offset and weight gradients, every element of the layout
 // written. One segment of `lanes` lanes per (n, pixel, group).
 template <typename scalar_t, int V>
 __global__ void dcn_backward_kernel(const scalar_t* __restrict__ grad_output,
                                     const scalar_t* __restrict__ input,
                                     const scalar_t* __restrict__ offset,
-                                    const scalar_t* __restrict__ mask, Geometry s, Layout lay,
+                                    const scalar_t* __restrict__ mask, DcnGeometry s, DcnLayout lay,
                                     int lanes, at::opmath_type<scalar_t>* __restrict__ grad_input,
                                     scalar_t* __restrict__ grad_offset,
                                     scalar_t* __restrict__ grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Q = s.out_pixels();
+  const int64_t Q = s.out_plane();
   const int64_t total = s.batch * Q * s.group * lanes;
   const acc_t scale = static_cast<acc_t>(s.offset_scale);
   const int warp_lane = threadIdx.x % kWarpSize;
   // The loop runs while the warp's first thread has work, so that whole warps
   // iterate together and every lane reaches the shuffles; segments never
   // straddle warps (lanes divides 32, total is a multiple of lanes).
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx - warp_lane < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx - warp_lane < total; idx += item_stride()) {
     const bool active = idx < total;
     const int64_t lane = idx % lanes;
     const int64_t g = idx / lanes % s.group;
@@ -394,7 +264,8 @@ bool aligned_to(const void* p, int64_t bytes) {
 
 // Channels per vector access: the widest V (at most 16 bytes) dividing
 // group_channels with every pointer aligned to V elements.
-int vector_width(const Geometry& s, int64_t element_size, std::initializer_list<const void*> ptrs) {
+int vector_width(const DcnGeometry& s, int64_t element_size,
+                 std::initializer_list<const void*> ptrs) {
   for (int v = 8; v > 1; v /= 2) {
     if (v * element_size > 16 || s.group_channels % v != 0) continue;
     bool ok = true;
@@ -425,72 +296,54 @@ int segment_lanes(int64_t vectors) {
   return lanes;
 }
 
-template <typename scalar_t, int V>
-void launch_forward_v(const at::Tensor& input, const scalar_t* offset, const scalar_t* mask,
-                      const Geometry& s, const Layout& lay, at::Tensor& output) {
-  const int64_t total = s.batch * s.out_pixels() * s.group * (s.group_channels / V);
-  dcn_forward_kernel<scalar_t, V>
-      <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-          input.const_data_ptr<scalar_t>(), offset, mask, s, lay,
-          output.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// output [N, Ho, Wo, C]; `offset_mask` holds the offsets at its start and the
-// weights from `mask_first` on (DCNv3 passes two tensors through this with
-// `offset` and `mask` distinct).
+// output [N, Ho, Wo, C]; `weights` holds the weights from `weights_first` on
+// (DCNv4 passes offset_mask as `offset` and as `weights`).
 at::Tensor launch_forward(const at::Tensor& input, const at::Tensor& offset,
-                          const at::Tensor& mask, int64_t mask_first, const Geometry& s,
-                          const Layout& lay) {
+                          const at::Tensor& weights, int64_t weights_first, const DcnGeometry& s,
+                          const DcnLayout& lay) {
   at::Tensor output = at::empty({s.batch, s.out_h, s.out_w, s.channels}, input.options());
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dcn_forward_cuda", [&] {
     const scalar_t* off = offset.const_data_ptr<scalar_t>();
-    const scalar_t* msk = mask.const_data_ptr<scalar_t>() + mask_first;
+    const scalar_t* msk = weights.const_data_ptr<scalar_t>() + weights_first;
     const int v = vector_width(s, sizeof(scalar_t), {input.const_data_ptr(), output.const_data_ptr()});
     with_vector_width<scalar_t>(v, [&](auto width) {
-      launch_forward_v<scalar_t, decltype(width)::value>(input, off, msk, s, lay, output);
+      constexpr int V = decltype(width)::value;
+      launch_grid_stride(dcn_forward_kernel<scalar_t, V>,
+                         s.pixels() * s.group * (s.group_channels / V),
+                         input.const_data_ptr<scalar_t>(), off, msk, s, lay,
+                         output.mutable_data_ptr<scalar_t>());
     });
   });
   return output;
 }
 
-template <typename scalar_t, int V>
-void launch_backward_v(const at::Tensor& grad_output, const at::Tensor& input,
-                       const scalar_t* offset, const scalar_t* mask, const Geometry& s,
-                       const Layout& lay, at::Tensor& grad_input_acc, scalar_t* grad_offset,
-                       scalar_t* grad_mask) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int lanes = segment_lanes(s.group_channels / V);
-  const int64_t total = s.batch * s.out_pixels() * s.group * lanes;
-  dcn_backward_kernel<scalar_t, V>
-      <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-          grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), offset,
-          mask, s, lay, lanes, grad_input_acc.mutable_data_ptr<acc_t>(), grad_offset, grad_mask);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// grad_input [N, H, W, C]; fills grad_offset_t / grad_mask_t (same layout as
-// offset / mask; the weights of grad_mask_t from `mask_first` on).
+// grad_input [N, H, W, C]; fills grad_offset and grad_weights (the layouts of
+// offset and weights; DCNv4 passes grad_offset_mask as both).
 at::Tensor launch_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                           const at::Tensor& offset, const at::Tensor& mask, int64_t mask_first,
-                           const Geometry& s, const Layout& lay, at::Tensor& grad_offset_t,
-                           at::Tensor& grad_mask_t) {
+                           const at::Tensor& offset, const at::Tensor& weights,
+                           int64_t weights_first, const DcnGeometry& s, const DcnLayout& lay,
+                           at::Tensor& grad_offset, at::Tensor& grad_weights) {
   const auto acc_type = accumulate_type(input.scalar_type());
   at::Tensor grad_input_acc = at::zeros(input.sizes(), input.options().dtype(acc_type));
-  if (s.batch * s.out_pixels() == 0) return grad_input_acc.to(input.scalar_type());
+  if (s.pixels() == 0) return grad_input_acc.to(input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dcn_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* off = offset.const_data_ptr<scalar_t>();
-    const scalar_t* msk = mask.const_data_ptr<scalar_t>() + mask_first;
-    scalar_t* goff = grad_offset_t.mutable_data_ptr<scalar_t>();
-    scalar_t* gmsk = grad_mask_t.mutable_data_ptr<scalar_t>() + mask_first;
+    const scalar_t* msk = weights.const_data_ptr<scalar_t>() + weights_first;
+    scalar_t* goff = grad_offset.mutable_data_ptr<scalar_t>();
+    scalar_t* gmsk = grad_weights.mutable_data_ptr<scalar_t>() + weights_first;
     const int v = vector_width(s, sizeof(scalar_t),
                                {input.const_data_ptr(), grad_output.const_data_ptr()});
     with_vector_width<scalar_t>(v, [&](auto width) {
-      launch_backward_v<scalar_t, decltype(width)::value>(grad_output, input, off, msk, s, lay,
-                                                          grad_input_acc, goff, gmsk);
+      constexpr int V = decltype(width)::value;
+      const int lanes = segment_lanes(s.group_channels / V);
+      launch_grid_stride(dcn_backward_kernel<scalar_t, V>, s.pixels() * s.group * lanes,
+                         grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                         off, msk, s, lay, lanes, grad_input_acc.mutable_data_ptr<acc_t>(), goff,
+                         gmsk);
     });
   });
   return grad_input_acc.scalar_type() == input.scalar_type()
@@ -499,78 +352,94 @@ at::Tensor launch_backward(const at::Tensor& grad_output, const at::Tensor& inpu
 }
 
 // ---------------------------------------------------------------- the ops
+//
+// One forward and one backward for both ops; `mask_` is nullptr for DCNv4,
+// whose `offset_` is then offset_mask.
 
-at::Tensor dcnv3_core_cuda(const at::Tensor& input_, const at::Tensor& offset_,
-                           const at::Tensor& mask_, at::IntArrayRef kernel_size,
+at::Tensor dcn_forward(DcnPacking packing, const at::Tensor& input_, const at::Tensor& offset_,
+                       const at::Tensor* mask_, at::IntArrayRef kernel_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t group, int64_t group_channels, double offset_scale,
+                       bool remove_center) {
+  const DcnGeometry s = describe_dcn(kCuda, packing, input_, offset_, mask_, kernel_size, stride,
+                                     padding, dilation, group, group_channels, offset_scale,
+                                     remove_center);
+  c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor weights = mask_ != nullptr ? mask_->contiguous() : offset;
+  return launch_forward(input, offset, weights, dcn_weights_first(packing, s), s,
+                        dcn_layout(packing, s));
+}
+
+// (grad_input, grad_offset, grad_mask) for DCNv3, (grad_input, grad_offset_mask) for DCNv4.
+std::vector<at::Tensor> dcn_backward(DcnPacking packing, const at::Tensor& grad_output_,
+                                     const at::Tensor& input_, const at::Tensor& offset_,
+                                     const at::Tensor* mask_, at::IntArrayRef kernel_size,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t group,
+                                     int64_t group_channels, double offset_scale,
+                                     bool remove_center) {
+  const DcnGeometry s = describe_dcn(kCuda, packing, input_, offset_, mask_, kernel_size, stride,
+                                     padding, dilation, group, group_channels, offset_scale,
+                                     remove_center);
+  check_dcn_grad_output(packing, grad_output_, input_, s);
+  at::globalContext().alertNotDeterministic(std::string("detkit::") + dcn_op_name(packing) +
+                                            "_backward (CUDA)");
+  c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor weights = mask_ != nullptr ? mask_->contiguous() : offset;
+  // The kernel writes every element of grad_offset and grad_mask but for
+  // offset_mask's padding (DCNv4), which stays 0.
+  at::Tensor grad_offset =
+      packing == DcnPacking::kSeparate ? at::empty_like(offset) : at::zeros_like(offset);
+  at::Tensor grad_weights = mask_ != nullptr ? at::empty_like(weights) : grad_offset;
+  at::Tensor grad_input =
+      launch_backward(grad_output, input, offset, weights, dcn_weights_first(packing, s), s,
+                      dcn_layout(packing, s), grad_offset, grad_weights);
+  if (packing == DcnPacking::kSeparate) return {grad_input, grad_offset, grad_weights};
+  return {grad_input, grad_offset};
+}
+
+at::Tensor dcnv3_core_cuda(const at::Tensor& input, const at::Tensor& offset,
+                           const at::Tensor& mask, at::IntArrayRef kernel_size,
                            at::IntArrayRef stride, at::IntArrayRef padding,
                            at::IntArrayRef dilation, int64_t group, int64_t group_channels,
                            double offset_scale, bool remove_center) {
-  const Geometry s = describe(Packing::kSeparate, input_, offset_, &mask_, kernel_size, stride,
-                              padding, dilation, group, group_channels, offset_scale,
-                              remove_center);
-  c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
-  return launch_forward(input, offset, mask, 0, s, dcnv3_layout(s));
+  return dcn_forward(DcnPacking::kSeparate, input, offset, &mask, kernel_size, stride, padding,
+                     dilation, group, group_channels, offset_scale, remove_center);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_core_backward_cuda(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
-    const at::Tensor& mask_, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group, int64_t group_channels,
     double offset_scale, bool remove_center) {
-  const Geometry s = describe(Packing::kSeparate, input_, offset_, &mask_, kernel_size, stride,
-                              padding, dilation, group, group_channels, offset_scale,
-                              remove_center);
-  check_grad_output(Packing::kSeparate, grad_output_, input_, s);
-  at::globalContext().alertNotDeterministic("detkit::dcnv3_core_backward (CUDA)");
-  c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor grad_output = grad_output_.contiguous();
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
-  // Every element of both is written by the kernel.
-  at::Tensor grad_offset = at::empty_like(offset);
-  at::Tensor grad_mask = at::empty_like(mask);
-  at::Tensor grad_input = launch_backward(grad_output, input, offset, mask, 0, s,
-                                          dcnv3_layout(s), grad_offset, grad_mask);
-  return {grad_input, grad_offset, grad_mask};
+  auto grads = dcn_backward(DcnPacking::kSeparate, grad_output, input, offset, &mask,
+                            kernel_size, stride, padding, dilation, group, group_channels,
+                            offset_scale, remove_center);
+  return {grads[0], grads[1], grads[2]};
 }
 
-at::Tensor dcnv4_core_cuda(const at::Tensor& input_, const at::Tensor& offset_mask_,
+at::Tensor dcnv4_core_cuda(const at::Tensor& input, const at::Tensor& offset_mask,
                            at::IntArrayRef kernel_size, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
                            int64_t group_channels, double offset_scale, bool remove_center) {
-  const Geometry s = describe(Packing::kPacked, input_, offset_mask_, nullptr, kernel_size,
-                              stride, padding, dilation, group, group_channels, offset_scale,
-                              remove_center);
-  c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor offset_mask = offset_mask_.contiguous();
-  return launch_forward(input, offset_mask, offset_mask, 2 * s.points, s, dcnv4_layout(s));
+  return dcn_forward(DcnPacking::kPacked, input, offset_mask, nullptr, kernel_size, stride,
+                     padding, dilation, group, group_channels, offset_scale, remove_center);
 }
 
 std::tuple<at::Tensor, at::Tensor> dcnv4_core_backward_cuda(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_mask_,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset_mask,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t group, int64_t group_channels, double offset_scale,
     bool remove_center) {
-  const Geometry s = describe(Packing::kPacked, input_, offset_mask_, nullptr, kernel_size,
-                              stride, padding, dilation, group, group_channels, offset_scale,
-                              remove_center);
-  check_grad_output(Packing::kPacked, grad_output_, input_, s);
-  at::globalContext().alertNotDeterministic("detkit::dcnv4_core_backward (CUDA)");
-  c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor grad_output = grad_output_.contiguous();
-  const at::Tensor input = input_.contiguous();
-  const at::Tensor offset_mask = offset_mask_.contiguous();
-  // Zeros: the kernel writes the 3K entries of each group, not the padding.
-  at::Tensor grad_offset_mask = at::zeros_like(offset_mask);
-  at::Tensor grad_input =
-      launch_backward(grad_output, input, offset_mask, offset_mask, 2 * s.points, s,
-                      dcnv4_layout(s), grad_offset_mask, grad_offset_mask);
-  return {grad_input, grad_offset_mask};
+  auto grads = dcn_backward(DcnPacking::kPacked, grad_output, input, offset_mask, nullptr,
+                            kernel_size, stride, padding, dilation, group, group_channels,
+                            offset_scale, remove_center);
+  return {grads[0], grads[1]};
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../dcn_shapes.h"
 #include "../tuning.h"
 #include "common.cuh"
 
@@ -31,32 +32,14 @@ namespace {
 
 constexpr const char* kOp = "detkit::deform_conv2d (CUDA)";
 
-// Sizes the kernels need, all derived and checked on the host.
-struct ConvShape {
-  int64_t batch, in_channels, height, width;
-  int64_t out_channels, groups, offset_groups;
-  int64_t kernel_h, kernel_w, out_h, out_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-
-  C10_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w; }
-  C10_HOST_DEVICE int64_t out_pixels() const { return out_h * out_w; }
-  C10_HOST_DEVICE int64_t channels_per_offset_group() const { return in_channels / offset_groups; }
-  // Rows of the column matrix belonging to one conv group: Cin/groups * K.
-  int64_t group_rows() const { return in_channels / groups * taps(); }
-  // Elements per image of input, offset and mask.
-  int64_t input_numel_per_image() const { return in_channels * height * width; }
-  int64_t offset_numel_per_image() const { return 2 * mask_numel_per_image(); }
-  int64_t mask_numel_per_image() const { return offset_groups * taps() * out_pixels(); }
-};
-
 // Checks the arguments of both ops against each other and derives the sizes.
 //   input  [B, Cin, H, W]            offset [B, 2*G*K, Ho, Wo]
 //   weight [Cout, Cin/groups, kh, kw] mask  [B, G*K, Ho, Wo] or None
 //   bias   [Cout] or None
-ConvShape check_conv_args(const at::Tensor& input, const at::Tensor& offset,
-                          const at::Tensor& weight, const std::optional<at::Tensor>& mask,
-                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+DeformConvShape check_conv_args(const at::Tensor& input, const at::Tensor& offset,
+                                const at::Tensor& weight, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor");
   check_like(offset, input, kOp, "offset");
   check_like(weight, input, kOp, "weight");
@@ -72,20 +55,7 @@ ConvShape check_conv_args(const at::Tensor& input, const at::Tensor& offset,
               dilation);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, kOp, ": padding must be >= 0, got ", padding);
 
-  ConvShape s{};
-  s.batch = input.size(0);
-  s.in_channels = input.size(1);
-  s.height = input.size(2);
-  s.width = input.size(3);
-  s.out_channels = weight.size(0);
-  s.kernel_h = weight.size(2);
-  s.kernel_w = weight.size(3);
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
+  DeformConvShape s = deform_conv_sizes(input, weight, stride, padding, dilation);
   TORCH_CHECK(s.kernel_h > 0 && s.kernel_w > 0, kOp, ": empty kernel ", weight.sizes());
   TORCH_CHECK(s.in_channels > 0 && weight.size(1) > 0 && s.in_channels % weight.size(1) == 0,
               kOp, ": input channels ", s.in_channels,
@@ -93,14 +63,9 @@ ConvShape check_conv_args(const at::Tensor& input, const at::Tensor& offset,
   s.groups = s.in_channels / weight.size(1);
   TORCH_CHECK(s.out_channels % s.groups == 0, kOp, ": output channels ", s.out_channels,
               " must be divisible by groups = ", s.groups);
-  // The padded input must hold one dilated kernel (checked before dividing:
-  // C++ division truncates negative numerators towards zero).
-  const int64_t span_h = s.height + 2 * s.pad_h - (s.dil_h * (s.kernel_h - 1) + 1);
-  const int64_t span_w = s.width + 2 * s.pad_w - (s.dil_w * (s.kernel_w - 1) + 1);
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, ": the padded input ", input.sizes(),
+  TORCH_CHECK(s.kernel_fits(), kOp, ": the padded input ", input.sizes(),
               " is smaller than the dilated kernel ", weight.sizes());
-  s.out_h = span_h / s.stride_h + 1;
-  s.out_w = span_w / s.stride_w + 1;
+  s.set_output_size();
 
   const int64_t K = s.taps();
   TORCH_CHECK(offset.size(1) > 0 && offset.size(1) % (2 * K) == 0, kOp,
@@ -129,8 +94,8 @@ int64_t images_per_chunk(int64_t batch, int64_t bytes_per_image) {
 
 // The deformed sampling position of tap (i, j) at output pixel (ho, wo).
 template <typename T>
-__device__ __forceinline__ void tap_position(const ConvShape& s, int64_t ho, int64_t wo, int64_t i,
-                                             int64_t j, T dy, T dx, T& y, T& x) {
+__device__ __forceinline__ void tap_position(const DeformConvShape& s, int64_t ho, int64_t wo,
+                                             int64_t i, int64_t j, T dy, T dx, T& y, T& x) {
   y = static_cast<T>(ho * s.stride_h - s.pad_h + i * s.dil_h) + dy;
   x = static_cast<T>(wo * s.stride_w - s.pad_w + j * s.dil_w) + dx;
 }
@@ -141,23 +106,23 @@ __device__ __forceinline__ void tap_position(const ConvShape& s, int64_t ho, int
 template <typename scalar_t>
 __global__ void deform_im2col_kernel(const scalar_t* __restrict__ input,
                                      const scalar_t* __restrict__ offset,
-                                     const scalar_t* __restrict__ mask, ConvShape s, int64_t n,
+                                     const scalar_t* __restrict__ mask, DeformConvShape s,
+                                     int64_t n,
                                      scalar_t* __restrict__ columns) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = s.taps();
-  const int64_t P = s.out_pixels();
+  const int64_t P = s.positions();
   const int64_t N = n * P;
   const int64_t G = s.offset_groups;
   const int64_t total = s.in_channels * N;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t col = idx % N;
     const int64_t c = idx / N;
     const int64_t b = col / P;
     const int64_t p = col % P;
     const int64_t ho = p / s.out_w;
     const int64_t wo = p % s.out_w;
-    const int64_t g = c / s.channels_per_offset_group();
+    const int64_t g = c / s.offset_group_in();
     const scalar_t* plane = input + (b * s.in_channels + c) * s.height * s.width;
     const scalar_t* off = offset + (b * 2 * G + 2 * g) * K * P + p;
     const scalar_t* msk = mask == nullptr ? nullptr : mask + (b * G + g) * K * P + p;
@@ -183,22 +148,22 @@ __global__ void deform_im2col_kernel(const scalar_t* __restrict__ input,
 template <typename scalar_t, typename acc_t>
 __global__ void deform_col2im_kernel(const scalar_t* __restrict__ grad_columns,
                                      const scalar_t* __restrict__ offset,
-                                     const scalar_t* __restrict__ mask, ConvShape s, int64_t n,
+                                     const scalar_t* __restrict__ mask, DeformConvShape s,
+                                     int64_t n,
                                      acc_t* __restrict__ grad_input) {
   const int64_t K = s.taps();
-  const int64_t P = s.out_pixels();
+  const int64_t P = s.positions();
   const int64_t N = n * P;
   const int64_t G = s.offset_groups;
   const int64_t total = s.in_channels * K * N;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t col = idx % N;
     const int64_t row = idx / N;
     const int64_t k = row % K;
     const int64_t c = row / K;
     const int64_t b = col / P;
     const int64_t p = col % P;
-    const int64_t g = c / s.channels_per_offset_group();
+    const int64_t g = c / s.offset_group_in();
     const int64_t tap = (b * G + g) * K + k;  // (b, g, k) in mask's channel numbering
     acc_t y, x;
     tap_position(s, p / s.out_w, p % s.out_w, k / s.kernel_w, k % s.kernel_w,
@@ -220,18 +185,17 @@ template <typename scalar_t>
 __global__ void deform_offset_mask_grad_kernel(const scalar_t* __restrict__ grad_columns,
                                                const scalar_t* __restrict__ input,
                                                const scalar_t* __restrict__ offset,
-                                               const scalar_t* __restrict__ mask, ConvShape s,
+                                               const scalar_t* __restrict__ mask, DeformConvShape s,
                                                int64_t n, scalar_t* __restrict__ grad_offset,
                                                scalar_t* __restrict__ grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = s.taps();
-  const int64_t P = s.out_pixels();
+  const int64_t P = s.positions();
   const int64_t N = n * P;
   const int64_t G = s.offset_groups;
-  const int64_t cpg = s.channels_per_offset_group();
+  const int64_t cpg = s.offset_group_in();
   const int64_t total = n * G * K * P;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t p = idx % P;
     const int64_t tap = idx / P;  // (b * G + g) * K + k
     const int64_t k = tap % K;
@@ -263,18 +227,16 @@ __global__ void deform_offset_mask_grad_kernel(const scalar_t* __restrict__ grad
 // Fills `columns` [Cin*K, n*Ho*Wo] for the n images starting at `first` of
 // input [B, Cin, H, W], offset [B, 2*G*K, Ho, Wo], mask [B, G*K, Ho, Wo] (or undefined).
 void launch_im2col(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
-                   const ConvShape& s, int64_t first, int64_t n, at::Tensor& columns) {
-  const int64_t total = s.in_channels * n * s.out_pixels();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+                   const DeformConvShape& s, int64_t first, int64_t n, at::Tensor& columns) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_im2col_cuda", [&] {
-    deform_im2col_kernel<scalar_t><<<blocks_for(total), kThreadsPerBlock, 0, stream>>>(
+    launch_grid_stride(
+        deform_im2col_kernel<scalar_t>, s.in_channels * n * s.positions(),
         input.const_data_ptr<scalar_t>() + first * s.input_numel_per_image(),
         offset.const_data_ptr<scalar_t>() + first * s.offset_numel_per_image(),
         mask.defined() ? mask.const_data_ptr<scalar_t>() + first * s.mask_numel_per_image()
                        : nullptr,
         s, n, columns.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -285,7 +247,7 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input_, const at::Tensor
                                       const std::optional<at::Tensor>& bias_,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation) {
-  const ConvShape s =
+  const DeformConvShape s =
       check_conv_args(input_, offset_, weight_, mask_, bias_, stride, padding, dilation);
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
@@ -293,7 +255,7 @@ at::Tensor deform_conv2d_forward_cuda(const at::Tensor& input_, const at::Tensor
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
 
-  const int64_t P = s.out_pixels();
+  const int64_t P = s.positions();
   at::Tensor output = at::empty({s.batch, s.out_channels, s.out_h, s.out_w}, input.options());
   if (output.numel() == 0) return output;
 
@@ -325,7 +287,7 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& in
                             const std::optional<at::Tensor>& mask_,
                             const std::optional<at::Tensor>& bias_, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const ConvShape s =
+  const DeformConvShape s =
       check_conv_args(input_, offset_, weight_, mask_, bias_, stride, padding, dilation);
   check_like(grad_output_, input_, kOp, "grad_output");
   check_sizes(grad_output_, {s.batch, s.out_channels, s.out_h, s.out_w}, kOp, "grad_output");
@@ -339,7 +301,7 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& in
 
   const auto acc_options = input.options().dtype(accumulate_type(input.scalar_type()));
   const int64_t K = s.taps();
-  const int64_t P = s.out_pixels();
+  const int64_t P = s.positions();
   const int64_t cout_g = s.out_channels / s.groups;
   at::Tensor grad_input_acc = at::zeros(input.sizes(), acc_options);
   at::Tensor grad_offset = at::empty_like(offset);
@@ -353,7 +315,6 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& in
       images_per_chunk(s.batch, (rows + s.out_channels) * P * input.element_size());
   at::Tensor columns_buffer = at::empty({rows * chunk * P}, input.options());
   const at::Tensor weight_g = weight.view({s.groups, cout_g, s.group_rows()});
-  const auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t first = 0; first < s.batch; first += chunk) {
     const int64_t n = std::min(chunk, s.batch - first);
     const int64_t N = n * P;
@@ -378,18 +339,14 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output_, const at::Tensor& in
       const scalar_t* offset_ptr = offset.const_data_ptr<scalar_t>() + offset_first;
       const scalar_t* mask_ptr =
           mask.defined() ? mask.const_data_ptr<scalar_t>() + mask_first : nullptr;
-      deform_col2im_kernel<scalar_t, acc_t>
-          <<<blocks_for(rows * N), kThreadsPerBlock, 0, stream>>>(
-              columns.const_data_ptr<scalar_t>(), offset_ptr, mask_ptr, s, n,
-              grad_input_acc.mutable_data_ptr<acc_t>() + input_first);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      deform_offset_mask_grad_kernel<scalar_t>
-          <<<blocks_for(n * s.offset_groups * K * P), kThreadsPerBlock, 0, stream>>>(
-              columns.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>() + input_first,
-              offset_ptr, mask_ptr, s, n,
-              grad_offset.mutable_data_ptr<scalar_t>() + offset_first,
-              mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() + mask_first : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_grid_stride(deform_col2im_kernel<scalar_t, acc_t>, rows * N,
+                         columns.const_data_ptr<scalar_t>(), offset_ptr, mask_ptr, s, n,
+                         grad_input_acc.mutable_data_ptr<acc_t>() + input_first);
+      launch_grid_stride(
+          deform_offset_mask_grad_kernel<scalar_t>, n * s.offset_groups * K * P,
+          columns.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>() + input_first,
+          offset_ptr, mask_ptr, s, n, grad_offset.mutable_data_ptr<scalar_t>() + offset_first,
+          mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() + mask_first : nullptr);
     });
 
     launch_im2col(input, offset, mask, s, first, n, columns);

@@ -34,23 +34,13 @@ namespace {
 
 constexpr const char* kOp = "detkit::deform_roi_pool (CUDA)";
 
-// Sizes and scalar arguments shared by the kernels.
-struct PoolShape {
-  int64_t batch, channels, height, width;
-  int64_t rois, pooled_h, pooled_w;
-  int64_t sampling_ratio;
-  double spatial_scale, gamma;
-
-  C10_HOST_DEVICE int64_t bins() const { return pooled_h * pooled_w; }
-};
-
 // Checks the arguments of both ops and derives the sizes.
 //   input [B, C, H, W], rois [K, 5], offset [K, 2, ph, pw] or None, mask [K, 1, ph, pw] or None
-PoolShape check_pool_args(const at::Tensor& input, const at::Tensor& rois,
-                          const std::optional<at::Tensor>& offset,
-                          const std::optional<at::Tensor>& mask, int64_t pooled_h,
-                          int64_t pooled_w, double spatial_scale, int64_t sampling_ratio,
-                          double gamma) {
+RoiPoolShape check_pool_args(const at::Tensor& input, const at::Tensor& rois,
+                             const std::optional<at::Tensor>& offset,
+                             const std::optional<at::Tensor>& mask, int64_t pooled_h,
+                             int64_t pooled_w, double spatial_scale, int64_t sampling_ratio,
+                             double gamma) {
   TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor");
   TORCH_CHECK(rois.is_cuda() && rois.device() == input.device(), kOp, ": rois is on ",
               rois.device(), " but input is on ", input.device());
@@ -60,17 +50,8 @@ PoolShape check_pool_args(const at::Tensor& input, const at::Tensor& rois,
               ": rois must be [K, 5] = (batch_index, x1, y1, x2, y2), got ", rois.sizes());
   TORCH_CHECK(pooled_h > 0 && pooled_w > 0, kOp, ": pooled size must be positive, got ",
               pooled_h, "x", pooled_w);
-  PoolShape s{};
-  s.batch = input.size(0);
-  s.channels = input.size(1);
-  s.height = input.size(2);
-  s.width = input.size(3);
-  s.rois = rois.size(0);
-  s.pooled_h = pooled_h;
-  s.pooled_w = pooled_w;
-  s.sampling_ratio = sampling_ratio;
-  s.spatial_scale = spatial_scale;
-  s.gamma = gamma;
+  const RoiPoolShape s =
+      roi_pool_shape(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma);
   if (offset.has_value()) {
     check_like(*offset, input, kOp, "offset");
     check_sizes(*offset, {s.rois, 2, pooled_h, pooled_w}, kOp, "offset");
@@ -111,7 +92,7 @@ struct RoiBins {
 // values never become an index or a loop bound.
 template <typename T, typename scalar_t>
 __device__ __forceinline__ RoiBins<T> roi_bins(const scalar_t* __restrict__ roi,
-                                               const PoolShape& s) {
+                                               const RoiPoolShape& s) {
   RoiBins<T> r{};
   const T index = static_cast<T>(roi[0]);
   const T x1 = static_cast<T>(roi[1]);
@@ -138,9 +119,9 @@ __device__ __forceinline__ RoiBins<T> roi_bins(const scalar_t* __restrict__ roi,
 // The bin shift (shift_y, shift_x) of bin `bin` = i*pw + j of roi k, from
 // offset [K, 2, ph, pw] (nullptr: no shift).
 template <typename T, typename scalar_t>
-__device__ __forceinline__ void bin_shift(const scalar_t* __restrict__ offset, const PoolShape& s,
-                                          const RoiBins<T>& r, int64_t k, int64_t bin,
-                                          T& shift_y, T& shift_x) {
+__device__ __forceinline__ void bin_shift(const scalar_t* __restrict__ offset,
+                                          const RoiPoolShape& s, const RoiBins<T>& r, int64_t k,
+                                          int64_t bin, T& shift_y, T& shift_x) {
   if (offset == nullptr) {
     shift_y = shift_x = T(0);
     return;
@@ -156,12 +137,11 @@ template <typename scalar_t>
 __global__ void deform_roi_pool_forward_kernel(const scalar_t* __restrict__ input,
                                                const at::opmath_type<scalar_t>* __restrict__ rois,
                                                const scalar_t* __restrict__ offset,
-                                               const scalar_t* __restrict__ mask, PoolShape s,
+                                               const scalar_t* __restrict__ mask, RoiPoolShape s,
                                                scalar_t* __restrict__ output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t total = s.rois * s.channels * s.bins();
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t bin = idx % s.bins();
     const int64_t c = (idx / s.bins()) % s.channels;
     const int64_t k = idx / (s.bins() * s.channels);
@@ -197,11 +177,10 @@ template <typename scalar_t, typename acc_t>
 __global__ void deform_roi_pool_input_grad_kernel(const scalar_t* __restrict__ grad_output,
                                                   const acc_t* __restrict__ rois,
                                                   const scalar_t* __restrict__ offset,
-                                                  const scalar_t* __restrict__ mask, PoolShape s,
+                                                  const scalar_t* __restrict__ mask, RoiPoolShape s,
                                                   acc_t* __restrict__ grad_input) {
   const int64_t total = s.rois * s.channels * s.bins();
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t idx = first_item(); idx < total; idx += item_stride()) {
     const int64_t bin = idx % s.bins();
     const int64_t c = (idx / s.bins()) % s.channels;
     const int64_t k = idx / (s.bins() * s.channels);
@@ -241,14 +220,13 @@ template <typename scalar_t>
 __global__ void deform_roi_pool_offset_mask_grad_kernel(
     const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
     const at::opmath_type<scalar_t>* __restrict__ rois, const scalar_t* __restrict__ offset,
-    const scalar_t* __restrict__ mask, PoolShape s, scalar_t* __restrict__ grad_offset,
+    const scalar_t* __restrict__ mask, RoiPoolShape s, scalar_t* __restrict__ grad_offset,
     scalar_t* __restrict__ grad_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t total = s.rois * s.bins();
   const int lane = threadIdx.x % kWarpSize;
   // All lanes of a warp share `item`, so the loops below are warp-uniform.
-  for (int64_t item = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarpSize; item < total;
-       item += int64_t{gridDim.x} * blockDim.x / kWarpSize) {
+  for (int64_t item = first_item() / kWarpSize; item < total; item += item_stride() / kWarpSize) {
     const int64_t bin = item % s.bins();
     const int64_t k = item / s.bins();
     const RoiBins<acc_t> r = roi_bins<acc_t>(rois + 5 * k, s);
@@ -305,8 +283,8 @@ at::Tensor deform_roi_pool_forward_cuda(const at::Tensor& input_, const at::Tens
                                         int64_t pooled_height, int64_t pooled_width,
                                         double spatial_scale, int64_t sampling_ratio,
                                         double gamma) {
-  const PoolShape s = check_pool_args(input_, rois_, offset_, mask_, pooled_height, pooled_width,
-                                      spatial_scale, sampling_ratio, gamma);
+  const RoiPoolShape s = check_pool_args(input_, rois_, offset_, mask_, pooled_height,
+                                         pooled_width, spatial_scale, sampling_ratio, gamma);
   c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous();
   // In the accumulation type (float32 for float16 / bfloat16 inputs): batch indices stay exact.
@@ -316,16 +294,14 @@ at::Tensor deform_roi_pool_forward_cuda(const at::Tensor& input_, const at::Tens
 
   at::Tensor output = at::empty({s.rois, s.channels, s.pooled_h, s.pooled_w}, input.options());
   if (output.numel() == 0) return output;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_roi_pool_forward_cuda", [&] {
-    deform_roi_pool_forward_kernel<scalar_t>
-        <<<blocks_for(output.numel()), kThreadsPerBlock, 0, stream>>>(
-            input.const_data_ptr<scalar_t>(), rois.const_data_ptr<at::opmath_type<scalar_t>>(),
-            offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr,
-            mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr, s,
-            output.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_grid_stride(deform_roi_pool_forward_kernel<scalar_t>, output.numel(),
+                       input.const_data_ptr<scalar_t>(),
+                       rois.const_data_ptr<at::opmath_type<scalar_t>>(),
+                       offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr,
+                       mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr, s,
+                       output.mutable_data_ptr<scalar_t>());
   });
   return output;
 }
@@ -337,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
     const std::optional<at::Tensor>& offset_, const std::optional<at::Tensor>& mask_,
     int64_t pooled_height, int64_t pooled_width, double spatial_scale, int64_t sampling_ratio,
     double gamma) {
-  const PoolShape s = check_pool_args(input_, rois_, offset_, mask_, pooled_height, pooled_width,
-                                      spatial_scale, sampling_ratio, gamma);
+  const RoiPoolShape s = check_pool_args(input_, rois_, offset_, mask_, pooled_height,
+                                         pooled_width, spatial_scale, sampling_ratio, gamma);
   check_like(grad_output_, input_, kOp, "grad_output");
   check_sizes(grad_output_, {s.rois, s.channels, s.pooled_h, s.pooled_w}, kOp, "grad_output");
   at::globalContext().alertNotDeterministic("detkit::deform_roi_pool_backward (CUDA)");
@@ -355,27 +331,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
   at::Tensor grad_offset =
       offset.defined() ? at::empty_like(offset) : at::empty({0}, input.options());
   at::Tensor grad_mask = mask.defined() ? at::empty_like(mask) : at::empty({0}, input.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_roi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* offset_ptr = offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* mask_ptr = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
-    if (grad_output.numel() > 0) {
-      deform_roi_pool_input_grad_kernel<scalar_t, acc_t>
-          <<<blocks_for(grad_output.numel()), kThreadsPerBlock, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), offset_ptr,
-              mask_ptr, s, grad_input_acc.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if ((offset.defined() || mask.defined()) && s.rois * s.bins() > 0) {
-      deform_roi_pool_offset_mask_grad_kernel<scalar_t>
-          <<<blocks_for(s.rois * s.bins() * kWarpSize), kThreadsPerBlock, 0, stream>>>(
-              grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-              rois.const_data_ptr<at::opmath_type<scalar_t>>(), offset_ptr, mask_ptr, s,
-              offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
-              mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_grid_stride(deform_roi_pool_input_grad_kernel<scalar_t, acc_t>, grad_output.numel(),
+                       grad_output.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(),
+                       offset_ptr, mask_ptr, s, grad_input_acc.mutable_data_ptr<acc_t>());
+    if (offset.defined() || mask.defined()) {
+      // One warp per (k, bin).
+      launch_grid_stride(deform_roi_pool_offset_mask_grad_kernel<scalar_t>,
+                         s.rois * s.bins() * kWarpSize, grad_output.const_data_ptr<scalar_t>(),
+                         input.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(),
+                         offset_ptr, mask_ptr, s,
+                         offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
+                         mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
     }
   });
   return {grad_input_acc.to(input.scalar_type()), grad_offset, grad_mask};
