@@ -66,6 +66,9 @@ DeformConvShape describe(const at::Tensor& input, const at::Tensor& offset,
   TORCH_CHECK(s.stride_h > 0 && s.stride_w > 0, "deform_conv2d: stride must be positive");
   TORCH_CHECK(s.pad_h >= 0 && s.pad_w >= 0, "deform_conv2d: padding must be non-negative");
   TORCH_CHECK(s.dil_h > 0 && s.dil_w > 0, "deform_conv2d: dilation must be positive");
+  TORCH_CHECK(s.kernel_h > 0 && s.kernel_w > 0, "deform_conv2d: weight's kernel must not be empty, got weight ",
+              weight.sizes());
+  TORCH_CHECK(s.in_channels > 0, "deform_conv2d: input must have at least one channel, got shape ", input.sizes());
   TORCH_CHECK(weight.size(1) > 0 && s.in_channels % weight.size(1) == 0,
               "deform_conv2d: input channels (", s.in_channels,
               ") must be a multiple of weight.size(1) (", weight.size(1), ")");

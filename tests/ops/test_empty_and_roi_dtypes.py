@@ -258,3 +258,17 @@ def test_reference_agrees_on_exact_indices_with_mixed_dtypes():
     got = deform_roi_pool(x, rois, output_size=2, spatial_scale=0.5, sampling_ratio=2)
     want = deform_roi_pool_reference(x, rois.double(), output_size=2, spatial_scale=0.5, sampling_ratio=2)
     assert_close_scaled(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("input_shape, weight_shape, offset_channels, message", [
+    ((1, 0, 5, 5), (4, 1, 3, 3), 18, r"input must have at least one channel, got shape \[1, 0, 5, 5\]"),
+    ((1, 4, 5, 5), (4, 4, 0, 0), 18, r"weight's kernel must not be empty, got weight \[4, 4, 0, 0\]"),
+    ((1, 4, 5, 5), (4, 4, 0, 3), 18, r"weight's kernel must not be empty"),
+])
+def test_deform_conv2d_op_refuses_no_channels_and_empty_kernels(input_shape, weight_shape, offset_channels, message):
+    """Called directly (past the Python checks), the CPU kernel divided by the conv groups and
+    by the kernel's taps, both zero here, and died of SIGFPE; it now refuses, as CUDA's does."""
+    x, w = torch.randn(input_shape), torch.randn(weight_shape)
+    offset = torch.zeros(input_shape[0], offset_channels, 5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.detkit.deform_conv2d(x, offset, w, None, None, [1, 1], [1, 1], [1, 1])
