@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_ops import CONV_SHAPES, forward_backward, timer  # noqa: E402
-from detkit.ops import deform_conv2d  # noqa: E402
+from benchmarks.bench_ops import CONV_SHAPES, conv_contenders, timer  # noqa: E402
 
 
 def inputs(b: int, c: int, h: int, w: int):
@@ -52,20 +50,8 @@ def bench(threads: int, repeats: int, tv_repeats: int, with_ort: bool) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for b, c, h, w in CONV_SHAPES:
         x, weight, offset, mask, grad = inputs(b, c, h, w)
-        leaves = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
-        xl, wl, ol, ml = leaves
-
-        def clear() -> None:
-            for t in leaves:
-                t.grad = None
-
-        fns = {
-            "dense": lambda: F.conv2d(x, weight, padding=1),
-            "ours": lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask),
-            "dense_fb": lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()),
-            "ours_fb": lambda: (clear(), forward_backward(
-                lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()),
-        }
+        fns = conv_contenders(x, weight, offset, mask, grad, with_torchvision=bool(tv_repeats))
+        tv_fns = {k: fns.pop(k) for k in ("tv", "tv_fb") if k in fns}   # timed apart, fewer rounds
         if with_ort:
             from benchmarks.bench_onnx import _DeformOp, _session
             session = _session(_DeformOp(), (x, offset, weight, mask), ["x", "offset", "weight", "mask"], threads)
@@ -75,11 +61,7 @@ def bench(threads: int, repeats: int, tv_repeats: int, with_ort: bool) -> None:
         t = measure({k: (f if k.endswith("_fb") else torch.no_grad()(f)) for k, f in fns.items()})
         tv = {"tv": float("nan"), "tv_fb": float("nan")}
         if tv_repeats:
-            tv = timer(torch.device("cpu"), tv_repeats)({
-                "tv": torch.no_grad()(lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)),
-                "tv_fb": lambda: (clear(), forward_backward(
-                    lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()),
-            })
+            tv = timer(torch.device("cpu"), tv_repeats)({"tv": torch.no_grad()(tv_fns["tv"]), "tv_fb": tv_fns["tv_fb"]})
         ort = t.get("ort", float("nan"))
         print(f"| {b}x{c}x{h}x{w} | {t['dense']:.1f} | {t['ours']:.1f} | {t['ours'] / t['dense']:.2f}x "
               f"| {ort:.1f} | {ort / t['dense']:.2f}x | {t['ours'] / ort:.2f}x "

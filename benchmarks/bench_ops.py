@@ -61,6 +61,32 @@ def forward_backward(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Call
     return run
 
 
+def conv_contenders(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
+                    grad: torch.Tensor, with_torchvision: bool = False) -> dict[str, Callable[[], object]]:
+    """The timed calls of one deform_conv2d row (3x3, padding 1, with mask): the dense conv and
+    detkit's op forward ("dense", "ours") and forward+backward ("dense_fb", "ours_fb", on leaf
+    copies of the inputs whose grads each call clears), and torchvision's ("tv", "tv_fb")."""
+    leaves = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
+    xl, wl, ol, ml = leaves
+
+    def clear() -> None:
+        for t in leaves:
+            t.grad = None
+
+    fns = {
+        "dense": lambda: F.conv2d(x, weight, padding=1),
+        "ours": lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask),
+        "dense_fb": lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()),
+        "ours_fb": lambda: (clear(), forward_backward(
+            lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()),
+    }
+    if with_torchvision:
+        fns["tv"] = lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
+        fns["tv_fb"] = lambda: (clear(), forward_backward(
+            lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)())
+    return fns
+
+
 def bench_conv(measure, device, dtype, with_torchvision: bool) -> None:
     print("\n### deform_conv2d, 3x3, padding 1, with mask (DCNv2), C_in = C_out\n")
     head = "| shape | dense fwd | detkit fwd | ratio | dense fwd+bwd | detkit fwd+bwd | ratio |"
@@ -76,24 +102,7 @@ def bench_conv(measure, device, dtype, with_torchvision: bool) -> None:
         x, weight = make(b, c, h, w), make(c, c, 3, 3, scale=0.02)
         offset, mask = make(b, 18, h, w, scale=2.0), torch.rand(b, 9, h, w, generator=g).to(device, dtype)
         grad = make(b, c, h, w)
-        leaves = [t.clone().requires_grad_() for t in (x, weight, offset, mask)]
-        xl, wl, ol, ml = leaves
-
-        def clear() -> None:
-            for t in leaves:
-                t.grad = None
-
-        fns = {
-            "dense": lambda: F.conv2d(x, weight, padding=1),
-            "ours": lambda: deform_conv2d(x, offset, weight, padding=1, mask=mask),
-            "dense_fb": lambda: (clear(), forward_backward(lambda: F.conv2d(xl, wl, padding=1), grad)()),
-            "ours_fb": lambda: (clear(), forward_backward(
-                lambda: deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)()),
-        }
-        if with_torchvision:
-            fns["tv"] = lambda: torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)
-            fns["tv_fb"] = lambda: (clear(), forward_backward(
-                lambda: torchvision.ops.deform_conv2d(xl, ol, wl, padding=1, mask=ml), grad)())
+        fns = conv_contenders(x, weight, offset, mask, grad, with_torchvision)
         t = measure(fns)
         row = (f"| {b}x{c}x{h}x{w} | {t['dense']:.1f} | {t['ours']:.1f} | {t['ours'] / t['dense']:.2f}x "
                f"| {t['dense_fb']:.1f} | {t['ours_fb']:.1f} | {t['ours_fb'] / t['dense_fb']:.2f}x |")
